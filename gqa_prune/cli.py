@@ -1,0 +1,279 @@
+"""``gqa-prune <stage> ...``: one sub-command per workflow rule, usable without Snakemake.
+
+Every sub-command validates its input first, writes its output atomically (temporary path, then rename)
+and reports bad input as one line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import GqaPruneError
+
+logger = logging.getLogger("gqa_prune")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is a single line (the value, and what is allowed)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _ratio(text: str) -> float:
+    from .allocation import check_rate_bounds
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ratio {text!r} is not a number") from None
+    try:
+        check_rate_bounds(value, "ratio")
+    except GqaPruneError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def parse_layer_list(text: str) -> tuple[int, ...]:
+    """'0,1,28-29' -> (0, 1, 28, 29); '' -> ()."""
+    layers: set[int] = set()
+    for part in filter(None, (piece.strip() for piece in text.split(","))):
+        try:
+            if "-" in part:
+                first, last = (int(value) for value in part.split("-", 1))
+                layers.update(range(first, last + 1))
+            else:
+                layers.add(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"layer list {text!r} must look like '0,1,28-29'") from None
+    return tuple(sorted(layers))
+
+
+def _csv(choices: Sequence[str]):
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(filter(None, (name.strip() for name in text.split(","))))
+        for name in names:
+            if name not in choices:
+                raise argparse.ArgumentTypeError(f"{name!r} is not one of {', '.join(choices)}")
+        return names
+
+    return parse
+
+
+# ----------------------------------------------------------------------------------------------- commands
+def cmd_stage(args: argparse.Namespace) -> None:
+    from .sources import stage
+
+    stage(args.source, args.out, dtype=args.dtype)
+    print(f"staged {args.source} -> {args.out}")
+
+
+def cmd_calib(args: argparse.Namespace) -> None:
+    from .data import calibration_blocks, read_documents, save_calibration
+    from .sources import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    documents = read_documents(args.source, text_field=args.text_field, split=args.split, dataset_config=args.dataset_config)
+    blocks = calibration_blocks(tokenizer, documents, args.n_samples, args.seq_len, args.seed)
+    metadata = {"source": args.source, "n_samples": args.n_samples, "seq_len": args.seq_len, "seed": args.seed,
+                "documents_available": len(documents), "vocab_size": len(tokenizer)}
+    save_calibration(args.out, blocks, metadata)
+    print(f"calibration: {args.n_samples} blocks x {args.seq_len} tokens from {args.source} -> {args.out}")
+
+
+def cmd_importance(args: argparse.Namespace) -> None:
+    from . import importance
+    from .data import load_calibration
+    from .sources import load_model
+
+    blocks, calibration = load_calibration(args.calib)
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    result = importance.score(
+        model, blocks, args.criterion, layer_criteria=args.layer_criteria, batch_size=args.batch_size,
+        seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
+    )
+    result.info.update(calibration=calibration, parameters=sum(p.numel() for p in model.parameters()))
+    importance.save(result, args.out)
+    print(f"importance ({args.criterion}; layers: {', '.join(result.layer_scores)}) -> {args.out}")
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from . import importance
+    from .plan import PlanSettings, build_plan
+    from .plotting import plot_plan
+
+    scores = importance.load(args.importance)
+    settings = PlanSettings(
+        attn_ratio=args.ratio if args.attn_ratio is None else args.attn_ratio,
+        mlp_ratio=args.ratio if args.mlp_ratio is None else args.mlp_ratio,
+        strategy=args.strategy, alpha=args.alpha, min_rate=args.min_rate, max_rate=args.max_rate,
+        protected_layers=args.protect, channel_multiple=args.channel_multiple,
+        layer_criterion=args.layer_criterion, criterion=scores.criterion,
+    )
+    plan = build_plan(scores, settings, params_before=int(scores.info["parameters"]))
+    plan.save(args.out)
+    if args.plot:
+        plot_plan(plan, args.plot)
+    summary = plan.param_summary()
+    print(f"plan: remove {summary['achieved_ratio']:.2%} of attention+MLP parameters "
+          f"({summary['params_before']:,} -> {summary['params_after']:,}) -> {args.out}")
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    from .checkpoint import save_pruned
+    from .plan import PruningPlan
+    from .sources import load_model, load_tokenizer, read_provenance
+    from .surgery import apply_plan
+
+    plan = PruningPlan.load(args.plan)
+    model = load_model(args.model, dtype=args.dtype, device="cpu")
+    tokenizer = load_tokenizer(args.model)
+    apply_plan(model, plan)
+    source = read_provenance(args.model).get("source", str(args.model))
+    save_pruned(model, tokenizer, plan, args.out, source=source)
+    print(f"pruned: {plan.params_before:,} -> {plan.params_after:,} parameters -> {args.out}")
+
+
+def cmd_ppl(args: argparse.Namespace) -> None:
+    from .atomic import write_json
+    from .data import WIKITEXT_CONSTRUCTION, wikitext2_test_text
+    from .perplexity import default_window, perplexity
+    from .sources import load_model, load_tokenizer
+
+    text = wikitext2_test_text(args.data_dir)  # read before loading the model: a bad data_dir fails fast
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    tokenizer = load_tokenizer(args.model)
+    token_ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
+    window = args.window or default_window(model)
+    result = perplexity(model, token_ids, window, WIKITEXT_CONSTRUCTION, max_tokens=args.max_tokens, batch_size=args.batch_size)
+    record = {"model": str(args.model), "dataset": "wikitext-2-raw test", **result.to_dict()}
+    if args.out:
+        write_json(args.out, record)
+    print(f"{args.model}: WikiText-2 {result.describe()}")
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from .plan import PruningPlan
+    from .plotting import plot_plan
+
+    plot_plan(PruningPlan.load(args.plan), args.out)
+    print(f"plot -> {args.out}")
+
+
+# ----------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from .allocation import STRATEGIES
+    from .importance import LAYER_CRITERIA, UNIT_CRITERIA
+    from .sources import DEVICES, DTYPES
+
+    parser = _OneLineParser(prog="gqa-prune", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+
+    def device_options(command: argparse.ArgumentParser, device: bool = True) -> None:
+        command.add_argument("--dtype", default="auto", choices=list(DTYPES), help="weight dtype (default: as saved)")
+        if device:
+            command.add_argument("--device", default="auto", choices=list(DEVICES), help="default: cuda if available")
+
+    stage = commands.add_parser("stage", help="turn a model source into a local HF folder (safetensors)")
+    stage.add_argument("--source", required=True, help="hub id, local HF folder, or embedded:smollm2-135m")
+    stage.add_argument("--out", required=True, type=Path)
+    device_options(stage, device=False)
+    stage.set_defaults(run=cmd_stage)
+
+    calib = commands.add_parser("calib", help="sample calibration token blocks from a text source")
+    calib.add_argument("--model", required=True, type=Path, help="model folder (its tokenizer is used)")
+    calib.add_argument("--source", required=True, help="a .jsonl/.json/.txt file, or hf:<dataset name or folder>")
+    calib.add_argument("--text-field", default="text")
+    calib.add_argument("--split", default="train", help="split of an hf: dataset")
+    calib.add_argument("--dataset-config", default=None, help="config name of an hf: dataset")
+    calib.add_argument("--n-samples", type=_positive_int, default=32)
+    calib.add_argument("--seq-len", type=_positive_int, default=256)
+    calib.add_argument("--seed", type=int, default=0)
+    calib.add_argument("--out", required=True, type=Path, help="output .safetensors")
+    calib.set_defaults(run=cmd_calib)
+
+    score = commands.add_parser("importance", help="score GQA groups, MLP channels and layers")
+    score.add_argument("--model", required=True, type=Path)
+    score.add_argument("--calib", required=True, type=Path, help="blocks written by `calib`")
+    score.add_argument("--criterion", default="taylor", choices=UNIT_CRITERIA)
+    score.add_argument("--layer-criteria", type=_csv(LAYER_CRITERIA), default=("block_influence", "activation"),
+                       help=f"comma-separated, from {', '.join(LAYER_CRITERIA)} (removal costs a forward per layer)")
+    score.add_argument("--batch-size", type=_positive_int, default=4)
+    score.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
+    score.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory (large models)")
+    score.add_argument("--out", required=True, type=Path, help="output folder")
+    device_options(score)
+    score.set_defaults(run=cmd_importance)
+
+    plan = commands.add_parser("plan", help="build a pruning plan from importance scores")
+    plan.add_argument("--importance", required=True, type=Path, help="folder written by `importance`")
+    plan.add_argument("--ratio", type=_ratio, required=True, help="fraction of attention+MLP parameters to remove, in [0, 1)")
+    plan.add_argument("--attn-ratio", type=_ratio, default=None, help="attention only (default: --ratio); 0 keeps attention")
+    plan.add_argument("--mlp-ratio", type=_ratio, default=None, help="MLP only (default: --ratio); 0 keeps the MLP")
+    plan.add_argument("--strategy", default="inverse", choices=STRATEGIES)
+    plan.add_argument("--alpha", type=float, default=1.0, help="contrast between layers (0 = uniform)")
+    plan.add_argument("--min-rate", type=float, default=0.0)
+    plan.add_argument("--max-rate", type=float, default=0.8)
+    plan.add_argument("--protect", type=parse_layer_list, default=(), help="layers never pruned, e.g. '0,1,28-29'")
+    plan.add_argument("--channel-multiple", type=_positive_int, default=128, help="kept MLP widths are multiples of this")
+    plan.add_argument("--layer-criterion", default="block_influence", choices=LAYER_CRITERIA)
+    plan.add_argument("--out", required=True, type=Path, help="output plan .json")
+    plan.add_argument("--plot", type=Path, default=None, help="also draw the plan as PNG")
+    plan.set_defaults(run=cmd_plan)
+
+    prune = commands.add_parser("prune", help="apply a plan: physically smaller HF checkpoint")
+    prune.add_argument("--model", required=True, type=Path)
+    prune.add_argument("--plan", required=True, type=Path)
+    prune.add_argument("--out", required=True, type=Path)
+    device_options(prune, device=False)
+    prune.set_defaults(run=cmd_prune)
+
+    ppl = commands.add_parser("ppl", help="WikiText-2 perplexity over non-overlapping windows")
+    ppl.add_argument("--model", required=True, type=Path)
+    ppl.add_argument("--data-dir", type=Path, default=None, help="offline data laid out like ../shared/data (default: hub)")
+    ppl.add_argument("--window", type=_positive_int, default=None, help="tokens per window (default: min(2048, model max))")
+    ppl.add_argument("--max-tokens", type=_positive_int, default=None, help="score only the first N tokens (CPU)")
+    ppl.add_argument("--batch-size", type=_positive_int, default=1)
+    ppl.add_argument("--out", type=Path, default=None, help="write the result as JSON")
+    device_options(ppl)
+    ppl.set_defaults(run=cmd_ppl)
+
+    plot = commands.add_parser("plot", help="draw a plan: kept groups/channels against layer importance (PNG)")
+    plot.add_argument("--plan", required=True, type=Path)
+    plot.add_argument("--out", required=True, type=Path)
+    plot.set_defaults(run=cmd_plot)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        args.run(args)
+    except GqaPruneError as error:
+        print(f"gqa-prune {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

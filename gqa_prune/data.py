@@ -1,0 +1,144 @@
+"""Text sources -> token blocks: calibration blocks (seeded sample) and the WikiText-2 evaluation text."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedTokenizerBase
+
+from .atomic import atomic_file
+from .errors import GqaPruneError
+
+logger = logging.getLogger(__name__)
+
+HF_PREFIX = "hf:"
+WIKITEXT2_TEST = Path("wikitext-2-raw") / "wiki.test.raw"
+WIKITEXT_CONSTRUCTION = (
+    'WikiText-2 raw test, GPTQ-style text: "\\n\\n".join(rows), a row being "" for a blank line, else the line + "\\n"'
+)
+_TOKENIZE_BATCH = 64
+
+
+def read_documents(
+    source: str, text_field: str = "text", split: str = "train", dataset_config: str | None = None
+) -> list[str]:
+    """Documents from a local .jsonl/.json/.txt file, or ``hf:<dataset or folder>`` via ``datasets``.
+
+    A text file is split into documents at blank lines; JSON rows contribute their ``text_field``.
+    """
+    if source.startswith(HF_PREFIX):
+        return _read_hf_dataset(source[len(HF_PREFIX) :], text_field, split, dataset_config)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise GqaPruneError(
+            f"text source {source!r} is not a file; give a .jsonl/.json/.txt file or hf:<dataset name or folder>"
+        )
+    if path.suffix in (".jsonl", ".json"):
+        return _read_json_rows(path, text_field)
+    paragraphs = path.read_text(encoding="utf-8").split("\n\n")
+    return [paragraph.strip() for paragraph in paragraphs if paragraph.strip()]
+
+
+def _read_json_rows(path: Path, text_field: str) -> list[str]:
+    raw = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and raw.lstrip().startswith("["):
+        rows = json.loads(raw)
+    else:
+        rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
+    if rows and text_field not in rows[0]:
+        raise GqaPruneError(f"{path}: rows have no field {text_field!r} (fields: {', '.join(sorted(rows[0]))})")
+    return [row[text_field] for row in rows if row[text_field].strip()]
+
+
+def _read_hf_dataset(name: str, text_field: str, split: str, dataset_config: str | None) -> list[str]:
+    import datasets  # heavy import, only needed here
+
+    try:
+        dataset = datasets.load_dataset(name, dataset_config, split=split)
+    except Exception as error:  # datasets raises many types (hub, offline, missing split)
+        raise GqaPruneError(f"cannot load dataset {name!r} split {split!r}: {str(error).splitlines()[0]}") from error
+    if text_field not in dataset.column_names:
+        raise GqaPruneError(f"dataset {name!r} has no column {text_field!r} (columns: {', '.join(dataset.column_names)})")
+    return [text for text in dataset[text_field] if text.strip()]
+
+
+def _token_stream(
+    tokenizer: PreTrainedTokenizerBase, documents: Sequence[str], order: np.ndarray, needed: int
+) -> Iterator[list[int]]:
+    """Token ids of documents in the given order, each followed by EOS, until ``needed`` tokens were yielded."""
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    produced = 0
+    for start in range(0, len(order), _TOKENIZE_BATCH):
+        batch = [documents[i] for i in order[start : start + _TOKENIZE_BATCH]]
+        for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
+            yield ids + separator
+            produced += len(ids) + len(separator)
+            if produced >= needed:
+                return
+
+
+def calibration_blocks(
+    tokenizer: PreTrainedTokenizerBase, documents: Sequence[str], n_blocks: int, block_len: int, seed: int
+) -> torch.Tensor:
+    """``n_blocks`` x ``block_len`` token ids: documents in a seeded random order, joined by EOS, cut in blocks.
+
+    Blocks do not overlap, and the same documents, tokenizer and seed always give the same blocks.
+    """
+    if n_blocks < 1 or block_len < 2:
+        raise GqaPruneError(f"need n_samples >= 1 and seq_len >= 2, got n_samples={n_blocks}, seq_len={block_len}")
+    needed = n_blocks * block_len
+    order = np.random.default_rng(seed).permutation(len(documents))
+    stream: list[int] = []
+    for ids in _token_stream(tokenizer, documents, order, needed):
+        stream.extend(ids)
+    if len(stream) < needed:
+        raise GqaPruneError(
+            f"calibration text has {len(stream):,} tokens but {n_blocks} blocks x {block_len} tokens need "
+            f"{needed:,}: lower n_samples or seq_len, or give more text"
+        )
+    return torch.tensor(stream[:needed], dtype=torch.long).view(n_blocks, block_len)
+
+
+def save_calibration(path: str | os.PathLike, blocks: torch.Tensor, metadata: dict) -> None:
+    with atomic_file(path) as temporary:
+        save_file({"input_ids": blocks.contiguous()}, str(temporary), metadata={"gqa_prune": json.dumps(metadata)})
+
+
+def load_calibration(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
+    """Blocks and their metadata from a file written by ``save_calibration``."""
+    path = Path(path)
+    if not path.is_file():
+        raise GqaPruneError(f"calibration file {str(path)!r} does not exist (write it with `gqa-prune calib`)")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = json.loads((handle.metadata() or {}).get("gqa_prune", "{}"))
+    return load_file(str(path))["input_ids"], metadata
+
+
+def wikitext2_test_text(data_dir: str | os.PathLike | None) -> str:
+    """The WikiText-2 raw test split as one string, built exactly as GPTQ builds it from the HF rows.
+
+    With ``data_dir`` the file ``<data_dir>/wikitext-2-raw/wiki.test.raw`` is read (blank lines there are a
+    single space; the HF rows make them ""); without it the hub dataset ``wikitext-2-raw-v1`` is used.
+    """
+    if data_dir is None:
+        import datasets
+
+        rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
+    else:
+        path = Path(data_dir) / WIKITEXT2_TEST
+        if not path.is_file():
+            raise GqaPruneError(f"WikiText-2 test file not found at {str(path)!r} (data_dir laid out like ../shared/data)")
+        lines = path.read_text(encoding="utf-8").split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        rows = ["" if not line.strip() else line + "\n" for line in lines]
+    return "\n\n".join(rows)

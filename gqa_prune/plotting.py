@@ -1,0 +1,48 @@
+"""Plot a plan: per layer, kept KV groups and MLP channels against the layer importance it was built from."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .atomic import atomic_file  # noqa: E402
+from .plan import PruningPlan  # noqa: E402
+
+
+def plot_plan(plan: PruningPlan, out_png: str | os.PathLike, title: str | None = None) -> None:
+    layers = list(range(plan.geometry.num_layers))
+    pruned = plan.pruned_geometry()
+    importance = [layer.importance for layer in plan.layers]
+    settings = plan.settings
+    summary = plan.param_summary()
+
+    figure, (attention_axis, mlp_axis) = plt.subplots(2, 1, figsize=(max(6.0, 0.28 * len(layers) + 2), 6.5), sharex=True)
+    panels = (
+        (attention_axis, plan.geometry.kv_groups, pruned.kv_groups, "KV groups kept", "tab:blue"),
+        (mlp_axis, plan.geometry.intermediate_sizes, pruned.intermediate_sizes, "MLP channels kept", "tab:green"),
+    )
+    for axis, dense, kept, label, colour in panels:
+        axis.bar(layers, dense, color="lightgrey", label="dense")
+        axis.bar(layers, kept, color=colour, label="kept")
+        axis.set_ylabel(label)
+        importance_axis = axis.twinx()
+        importance_axis.plot(layers, importance, color="tab:red", marker=".", linewidth=1)
+        importance_axis.set_ylabel(f"layer importance\n({settings.layer_criterion})", color="tab:red")
+        for index in settings.protected_layers:
+            axis.axvspan(index - 0.5, index + 0.5, color="gold", alpha=0.25, linewidth=0)
+        axis.legend(loc="lower left", fontsize="small")
+    mlp_axis.set_xlabel("decoder layer" + (" (shaded: protected)" if settings.protected_layers else ""))
+    attention_axis.set_title(
+        title
+        or f"{settings.criterion} / {settings.strategy}: removed {summary['achieved_ratio']:.1%} of attention+MLP "
+        f"(attn {summary['achieved_attn_ratio']:.1%}, MLP {summary['achieved_mlp_ratio']:.1%})",
+        fontsize="medium",
+    )
+    figure.tight_layout()
+    with atomic_file(out_png) as temporary:
+        figure.savefig(temporary, format="png", dpi=110)
+    plt.close(figure)

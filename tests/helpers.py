@@ -1,0 +1,77 @@
+"""Plain helpers for tests: tiny random models of every supported family, plans built from them."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from gqa_prune import importance
+from gqa_prune.plan import PlanSettings, PruningPlan, build_plan
+
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+}
+HEADS_PER_GROUP = (1, 3, 4)  # MHA, SmolLM2, Llama-3
+LAYOUTS = [(family, ratio) for family in FAMILIES for ratio in HEADS_PER_GROUP]
+
+
+def tiny_config(family: str, heads_per_group: int, vocab_size: int = 96, kv_groups: int = 4, layers: int = 3):
+    """A tiny random config: 4 KV groups of head_dim 8, hidden 48 (divisible by 4, 12 and 16 heads)."""
+    config_class, _ = FAMILIES[family]
+    extra = {"attention_bias": True} if family == "llama" else {}  # exercises per-unit biases (qwen2 has them always)
+    return config_class(
+        vocab_size=vocab_size,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=kv_groups * heads_per_group,
+        num_key_value_heads=kv_groups,
+        head_dim=8,
+        max_position_embeddings=128,
+        tie_word_embeddings=family == "qwen3",
+        **extra,
+    )
+
+
+def tiny_model(family: str, heads_per_group: int, seed: int = 0, **kwargs):
+    torch.manual_seed(seed)
+    _, model_class = FAMILIES[family]
+    model = model_class(tiny_config(family, heads_per_group, **kwargs)).eval()
+    with torch.no_grad():  # random biases and norms, so that every parameter matters in equivalence tests
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return model
+
+
+def calibration_ids(vocab_size: int = 96, blocks: int = 4, length: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (blocks, length), generator=torch.Generator().manual_seed(seed))
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def plan_for(model, criterion: str = "taylor", attn_ratio: float = 0.5, mlp_ratio: float = 0.4, **settings) -> PruningPlan:
+    """A plan from real scores of ``model`` (random calibration ids); small channel_multiple for tiny MLPs."""
+    settings.setdefault("channel_multiple", 8)
+    vocab_size = model.get_input_embeddings().num_embeddings
+    scores = importance.score(copy.deepcopy(model), calibration_ids(vocab_size), criterion, batch_size=2)
+    return build_plan(
+        scores, PlanSettings(attn_ratio=attn_ratio, mlp_ratio=mlp_ratio, criterion=criterion, **settings),
+        params_before=parameter_count(model),
+    )
