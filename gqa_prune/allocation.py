@@ -83,7 +83,9 @@ def continuous_rates(
 def removal_options(units: int, step: int, max_removed: float, min_kept: int) -> list[int]:
     """Allowed amounts to remove from a layer of ``units``: kept sizes are multiples of ``step`` (or all)."""
     kept_sizes = [units] + [k * step for k in range(units // step, 0, -1) if k * step < units]
-    options = [units - kept for kept in kept_sizes if kept >= min(min_kept, units) and units - kept <= max_removed + 1e-9]
+    options = [
+        units - kept for kept in kept_sizes if kept >= min(min_kept, units) and units - kept <= max_removed + 1e-9
+    ]
     return sorted(set(options))
 
 
@@ -91,8 +93,10 @@ def discretize(desired: Sequence[float], options: Sequence[Sequence[int]], goal:
     """Pick one allowed amount per layer so the total is as close to ``goal`` as the options allow."""
     if uniform:
         return [min(layer_options, key=lambda o, d=d: (abs(o - d), o)) for layer_options, d in zip(options, desired)]
-    choice = [max((o for o in layer_options if o <= d + 1e-9), default=layer_options[0])
-              for layer_options, d in zip(options, desired)]
+    choice = [
+        max((o for o in layer_options if o <= d + 1e-9), default=layer_options[0])
+        for layer_options, d in zip(options, desired)
+    ]
     total = sum(choice)
     while True:
         best, best_key = None, None

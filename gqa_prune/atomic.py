@@ -46,28 +46,27 @@ def _replace(temporary: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory that becomes ``target`` when the block finishes without error."""
+def _atomic(target: str | os.PathLike, is_dir: bool) -> Iterator[Path]:
     target = Path(target)
-    temporary = _temporary_sibling(target, is_dir=True)
+    temporary = _temporary_sibling(target, is_dir=is_dir)
     try:
         yield temporary
         _replace(temporary, target)
     finally:
-        if temporary.exists():
+        if is_dir and temporary.exists():
             shutil.rmtree(temporary, ignore_errors=True)
+        elif not is_dir:
+            temporary.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary file path that becomes ``target`` when the block finishes without error."""
-    target = Path(target)
-    temporary = _temporary_sibling(target, is_dir=False)
-    try:
-        yield temporary
-        _replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
+def atomic_dir(target: str | os.PathLike) -> contextlib.AbstractContextManager[Path]:
+    """A temporary directory that becomes ``target`` when the block finishes without error."""
+    return _atomic(target, is_dir=True)
+
+
+def atomic_file(target: str | os.PathLike) -> contextlib.AbstractContextManager[Path]:
+    """A temporary file path that becomes ``target`` when the block finishes without error."""
+    return _atomic(target, is_dir=False)
 
 
 def write_json(target: str | os.PathLike, data: object) -> None:

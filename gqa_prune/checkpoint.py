@@ -50,7 +50,9 @@ def to_export_form(model: PreTrainedModel) -> str:
             stock_config = _rebuilt_config(adapter.model_class.config_class, model.config)
         except StrictDataclassError as refusal:  # the stock config's own validation
             reason = str(refusal).strip().splitlines()[-1].strip()
-            logger.info("stock %s config refuses this shape (%s); saving with the gqa-prune class", adapter.family, reason)
+            logger.info(
+                "stock %s config refuses this shape (%s); saving with the gqa-prune class", adapter.family, reason
+            )
         else:
             model.config, model.__class__ = stock_config, adapter.model_class
             return "stock"
@@ -65,6 +67,11 @@ def model_card(plan: PruningPlan, source: str, config_kind: str, model_name: str
     summary = plan.param_summary()
     settings = plan.settings
     pruned = plan.pruned_geometry()
+    config_description = (
+        "stock (every layer has the same shape)"
+        if config_kind == "stock"
+        else "per-layer shapes in `per_layer_config`, model class in `modeling_gqa_prune.py`"
+    )
     load_line = (
         "AutoModelForCausalLM.from_pretrained(path)  # stock config, any tool"
         if config_kind == "stock"
@@ -87,20 +94,20 @@ whole channels. Weights are not fine-tuned after pruning.
 
 | | before | after |
 |---|---:|---:|
-| parameters | {summary['params_before']:,} | {summary['params_after']:,} |
-| attention parameters | {summary['attention_params_before']:,} | {summary['attention_params_after']:,} |
-| MLP parameters | {summary['mlp_params_before']:,} | {summary['mlp_params_after']:,} |
+| parameters | {summary["params_before"]:,} | {summary["params_after"]:,} |
+| attention parameters | {summary["attention_params_before"]:,} | {summary["attention_params_after"]:,} |
+| MLP parameters | {summary["mlp_params_before"]:,} | {summary["mlp_params_after"]:,} |
 | KV groups per layer | {_span(plan.geometry.kv_groups)} | {_span(pruned.kv_groups)} |
 | MLP channels per layer | {_span(plan.geometry.intermediate_sizes)} | {_span(pruned.intermediate_sizes)} |
 
-Removed {summary['achieved_ratio']:.2%} of attention+MLP parameters (attention {summary['achieved_attn_ratio']:.2%},
-MLP {summary['achieved_mlp_ratio']:.2%}); asked for attention {settings.attn_ratio}, MLP {settings.mlp_ratio}.
+Removed {summary["achieved_ratio"]:.2%} of attention+MLP parameters (attention {summary["achieved_attn_ratio"]:.2%},
+MLP {summary["achieved_mlp_ratio"]:.2%}); asked for attention {settings.attn_ratio}, MLP {settings.mlp_ratio}.
 
 Plan: unit criterion `{settings.criterion}`, layer criterion `{settings.layer_criterion}`, strategy
 `{settings.strategy}` (alpha {settings.alpha}, rates {settings.min_rate}..{settings.max_rate}), protected layers
 {protected}, MLP widths in multiples of {settings.channel_multiple}. The full plan is in `{PLAN_FILE}`.
 
-Config: {"stock (every layer has the same shape)" if config_kind == "stock" else "per-layer shapes in `per_layer_config`, model class in `modeling_gqa_prune.py`"}.
+Config: {config_description}.
 
 ```python
 from transformers import AutoModelForCausalLM

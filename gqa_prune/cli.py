@@ -7,7 +7,6 @@ and reports bad input as one line on stderr with exit status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -88,10 +87,18 @@ def cmd_calib(args: argparse.Namespace) -> None:
     from .sources import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
-    documents = read_documents(args.source, text_field=args.text_field, split=args.split, dataset_config=args.dataset_config)
+    documents = read_documents(
+        args.source, text_field=args.text_field, split=args.split, dataset_config=args.dataset_config
+    )
     blocks = calibration_blocks(tokenizer, documents, args.n_samples, args.seq_len, args.seed)
-    metadata = {"source": args.source, "n_samples": args.n_samples, "seq_len": args.seq_len, "seed": args.seed,
-                "documents_available": len(documents), "vocab_size": len(tokenizer)}
+    metadata = {
+        "source": args.source,
+        "n_samples": args.n_samples,
+        "seq_len": args.seq_len,
+        "seed": args.seed,
+        "documents_available": len(documents),
+        "vocab_size": len(tokenizer),
+    }
     save_calibration(args.out, blocks, metadata)
     print(f"calibration: {args.n_samples} blocks x {args.seq_len} tokens from {args.source} -> {args.out}")
 
@@ -104,8 +111,13 @@ def cmd_importance(args: argparse.Namespace) -> None:
     blocks, calibration = load_calibration(args.calib)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     result = importance.score(
-        model, blocks, args.criterion, layer_criteria=args.layer_criteria, batch_size=args.batch_size,
-        seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
+        model,
+        blocks,
+        args.criterion,
+        layer_criteria=args.layer_criteria,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     result.info.update(calibration=calibration, parameters=sum(p.numel() for p in model.parameters()))
     importance.save(result, args.out)
@@ -121,17 +133,24 @@ def cmd_plan(args: argparse.Namespace) -> None:
     settings = PlanSettings(
         attn_ratio=args.ratio if args.attn_ratio is None else args.attn_ratio,
         mlp_ratio=args.ratio if args.mlp_ratio is None else args.mlp_ratio,
-        strategy=args.strategy, alpha=args.alpha, min_rate=args.min_rate, max_rate=args.max_rate,
-        protected_layers=args.protect, channel_multiple=args.channel_multiple,
-        layer_criterion=args.layer_criterion, criterion=scores.criterion,
+        strategy=args.strategy,
+        alpha=args.alpha,
+        min_rate=args.min_rate,
+        max_rate=args.max_rate,
+        protected_layers=args.protect,
+        channel_multiple=args.channel_multiple,
+        layer_criterion=args.layer_criterion,
+        criterion=scores.criterion,
     )
     plan = build_plan(scores, settings, params_before=int(scores.info["parameters"]))
     plan.save(args.out)
     if args.plot:
         plot_plan(plan, args.plot)
     summary = plan.param_summary()
-    print(f"plan: remove {summary['achieved_ratio']:.2%} of attention+MLP parameters "
-          f"({summary['params_before']:,} -> {summary['params_after']:,}) -> {args.out}")
+    print(
+        f"plan: remove {summary['achieved_ratio']:.2%} of attention+MLP parameters "
+        f"({summary['params_before']:,} -> {summary['params_after']:,}) -> {args.out}"
+    )
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
@@ -160,7 +179,9 @@ def cmd_ppl(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(args.model)
     token_ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
     window = args.window or default_window(model)
-    result = perplexity(model, token_ids, window, WIKITEXT_CONSTRUCTION, max_tokens=args.max_tokens, batch_size=args.batch_size)
+    result = perplexity(
+        model, token_ids, window, WIKITEXT_CONSTRUCTION, max_tokens=args.max_tokens, batch_size=args.batch_size
+    )
     record = {"model": str(args.model), "dataset": "wikitext-2-raw test", **result.to_dict()}
     if args.out:
         write_json(args.out, record)
@@ -212,8 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--model", required=True, type=Path)
     score.add_argument("--calib", required=True, type=Path, help="blocks written by `calib`")
     score.add_argument("--criterion", default="taylor", choices=UNIT_CRITERIA)
-    score.add_argument("--layer-criteria", type=_csv(LAYER_CRITERIA), default=("block_influence", "activation"),
-                       help=f"comma-separated, from {', '.join(LAYER_CRITERIA)} (removal costs a forward per layer)")
+    score.add_argument(
+        "--layer-criteria",
+        type=_csv(LAYER_CRITERIA),
+        default=("block_influence", "activation"),
+        help=f"comma-separated, from {', '.join(LAYER_CRITERIA)} (removal costs a forward per layer)",
+    )
     score.add_argument("--batch-size", type=_positive_int, default=4)
     score.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
     score.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory (large models)")
@@ -223,15 +248,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = commands.add_parser("plan", help="build a pruning plan from importance scores")
     plan.add_argument("--importance", required=True, type=Path, help="folder written by `importance`")
-    plan.add_argument("--ratio", type=_ratio, required=True, help="fraction of attention+MLP parameters to remove, in [0, 1)")
-    plan.add_argument("--attn-ratio", type=_ratio, default=None, help="attention only (default: --ratio); 0 keeps attention")
+    plan.add_argument(
+        "--ratio", type=_ratio, required=True, help="fraction of attention+MLP parameters to remove, in [0, 1)"
+    )
+    plan.add_argument(
+        "--attn-ratio", type=_ratio, default=None, help="attention only (default: --ratio); 0 keeps attention"
+    )
     plan.add_argument("--mlp-ratio", type=_ratio, default=None, help="MLP only (default: --ratio); 0 keeps the MLP")
     plan.add_argument("--strategy", default="inverse", choices=STRATEGIES)
     plan.add_argument("--alpha", type=float, default=1.0, help="contrast between layers (0 = uniform)")
     plan.add_argument("--min-rate", type=float, default=0.0)
     plan.add_argument("--max-rate", type=float, default=0.8)
     plan.add_argument("--protect", type=parse_layer_list, default=(), help="layers never pruned, e.g. '0,1,28-29'")
-    plan.add_argument("--channel-multiple", type=_positive_int, default=128, help="kept MLP widths are multiples of this")
+    plan.add_argument(
+        "--channel-multiple", type=_positive_int, default=128, help="kept MLP widths are multiples of this"
+    )
     plan.add_argument("--layer-criterion", default="block_influence", choices=LAYER_CRITERIA)
     plan.add_argument("--out", required=True, type=Path, help="output plan .json")
     plan.add_argument("--plot", type=Path, default=None, help="also draw the plan as PNG")
@@ -246,8 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ppl = commands.add_parser("ppl", help="WikiText-2 perplexity over non-overlapping windows")
     ppl.add_argument("--model", required=True, type=Path)
-    ppl.add_argument("--data-dir", type=Path, default=None, help="offline data laid out like ../shared/data (default: hub)")
-    ppl.add_argument("--window", type=_positive_int, default=None, help="tokens per window (default: min(2048, model max))")
+    ppl.add_argument(
+        "--data-dir", type=Path, default=None, help="offline data laid out like ../shared/data (default: hub)"
+    )
+    ppl.add_argument(
+        "--window", type=_positive_int, default=None, help="tokens per window (default: min(2048, model max))"
+    )
     ppl.add_argument("--max-tokens", type=_positive_int, default=None, help="score only the first N tokens (CPU)")
     ppl.add_argument("--batch-size", type=_positive_int, default=1)
     ppl.add_argument("--out", type=Path, default=None, help="write the result as JSON")
@@ -265,7 +300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
     try:
         args.run(args)

@@ -65,7 +65,9 @@ def _read_hf_dataset(name: str, text_field: str, split: str, dataset_config: str
     except Exception as error:  # datasets raises many types (hub, offline, missing split)
         raise GqaPruneError(f"cannot load dataset {name!r} split {split!r}: {str(error).splitlines()[0]}") from error
     if text_field not in dataset.column_names:
-        raise GqaPruneError(f"dataset {name!r} has no column {text_field!r} (columns: {', '.join(dataset.column_names)})")
+        raise GqaPruneError(
+            f"dataset {name!r} has no column {text_field!r} (columns: {', '.join(dataset.column_names)})"
+        )
     return [text for text in dataset[text_field] if text.strip()]
 
 
@@ -136,7 +138,9 @@ def wikitext2_test_text(data_dir: str | os.PathLike | None) -> str:
     else:
         path = Path(data_dir) / WIKITEXT2_TEST
         if not path.is_file():
-            raise GqaPruneError(f"WikiText-2 test file not found at {str(path)!r} (data_dir laid out like ../shared/data)")
+            raise GqaPruneError(
+                f"WikiText-2 test file not found at {str(path)!r} (data_dir laid out like ../shared/data)"
+            )
         lines = path.read_text(encoding="utf-8").split("\n")
         if lines and lines[-1] == "":
             lines.pop()

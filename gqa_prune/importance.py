@@ -86,7 +86,10 @@ def check_finite(result: ImportanceResult, where: str) -> None:
     """Refuse NaN/Inf anywhere in the scores: a plan built on them would be arbitrary."""
     for name, tensor in result.units.to_tensors().items():
         if not torch.isfinite(tensor).all():
-            raise GqaPruneError(f"{where}: unit scores {name} contain NaN/Inf (criterion {result.criterion}); check weights and calibration data")
+            raise GqaPruneError(
+                f"{where}: unit scores {name} contain NaN/Inf (criterion {result.criterion}); "
+                "check weights and calibration data"
+            )
     for name, values in result.layer_scores.items():
         if not all(math.isfinite(value) for value in values):
             raise GqaPruneError(f"{where}: layer scores {name!r} contain NaN/Inf; check weights and calibration data")
@@ -105,11 +108,19 @@ class _TaylorCollector:
                 projection = adapter.projection(layer, role)
                 width = geometry.indices_per_unit(role)
                 target = units.of(role.unit)[layer_index]
-                self._watch(projection.weight, lambda p, role=role, width=width, target=target: target.add_(
-                    weight_to_units(taylor_salience(p, p.grad), role, width).cpu()))
+                self._watch(
+                    projection.weight,
+                    lambda p, role=role, width=width, target=target: target.add_(
+                        weight_to_units(taylor_salience(p, p.grad), role, width).cpu()
+                    ),
+                )
                 if role.axis == "out" and projection.bias is not None:
-                    self._watch(projection.bias, lambda p, width=width, target=target: target.add_(
-                        bias_to_units(taylor_salience(p, p.grad), width).cpu()))
+                    self._watch(
+                        projection.bias,
+                        lambda p, width=width, target=target: target.add_(
+                            bias_to_units(taylor_salience(p, p.grad), width).cpu()
+                        ),
+                    )
 
     def _watch(self, parameter: nn.Parameter, fold) -> None:
         def hook(param: torch.Tensor) -> None:
@@ -133,8 +144,11 @@ class _InputNormCollector:
         for layer_index, layer in enumerate(adapter.decoder_layers(model)):
             for role in ALL_ROLES:
                 key = (layer_index, role.module)
-                self.handles.append(adapter.projection(layer, role).register_forward_pre_hook(
-                    lambda module, args, key=key: self._add(key, args[0])))
+                self.handles.append(
+                    adapter.projection(layer, role).register_forward_pre_hook(
+                        lambda module, args, key=key: self._add(key, args[0])
+                    )
+                )
 
     def _add(self, key: tuple[int, str], inputs: torch.Tensor) -> None:
         squares = inputs.detach().float().pow(2).flatten(0, -2).sum(dim=0)
@@ -159,10 +173,14 @@ class _LayerStatsCollector:
         self._inputs: dict[int, torch.Tensor] = {}
         self.handles = []
         for index, layer in enumerate(layers):
-            self.handles.append(layer.register_forward_pre_hook(
-                lambda module, args, kwargs, index=index: self._remember(index, args, kwargs), with_kwargs=True))
-            self.handles.append(layer.register_forward_hook(
-                lambda module, args, output, index=index: self._measure(index, output)))
+            self.handles.append(
+                layer.register_forward_pre_hook(
+                    lambda module, args, kwargs, index=index: self._remember(index, args, kwargs), with_kwargs=True
+                )
+            )
+            self.handles.append(
+                layer.register_forward_hook(lambda module, args, output, index=index: self._measure(index, output))
+            )
 
     def _remember(self, index: int, args: tuple, kwargs: dict) -> None:
         self._inputs[index] = args[0] if args else kwargs["hidden_states"]
@@ -199,7 +217,9 @@ def _batches(blocks: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return list(blocks.split(batch_size))
 
 
-def _mean_loss(model: nn.Module, batches: Sequence[torch.Tensor], device: torch.device, desc: str | None = None) -> float:
+def _mean_loss(
+    model: nn.Module, batches: Sequence[torch.Tensor], device: torch.device, desc: str | None = None
+) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=desc is None):
@@ -225,7 +245,9 @@ def _frozen(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def removal_scores(model: nn.Module, batches: Sequence[torch.Tensor], device: torch.device, base_loss: float) -> list[float]:
+def removal_scores(
+    model: nn.Module, batches: Sequence[torch.Tensor], device: torch.device, base_loss: float
+) -> list[float]:
     """Loss increase on the calibration blocks when each decoder layer in turn is bypassed."""
     layers = adapter_for(model.config).decoder_layers(model)
     increases = []
@@ -258,7 +280,10 @@ def score(
         raise GqaPruneError(f"batch_size must be >= 1, got {batch_size}")
     vocab_size = model.get_input_embeddings().num_embeddings
     if blocks.numel() and int(blocks.max()) >= vocab_size:
-        raise GqaPruneError(f"calibration token id {int(blocks.max())} >= vocab size {vocab_size}: blocks were made with another tokenizer")
+        raise GqaPruneError(
+            f"calibration token id {int(blocks.max())} >= vocab size {vocab_size}: "
+            "blocks were made with another tokenizer"
+        )
 
     adapter, geometry = adapter_for(model.config), geometry_of(model)
     device = next(model.parameters()).device
@@ -281,21 +306,42 @@ def score(
             layer_scores["removal"] = removal_scores(model, batches, device, loss)
 
     if criterion == "magnitude":
-        _fold_static(model, adapter, geometry, units,
-                     lambda role, projection, layer: projection.weight.detach().float().abs(),
-                     bias_salience=lambda bias: bias.detach().float().abs())
+        _fold_static(
+            model,
+            adapter,
+            geometry,
+            units,
+            lambda role, projection, layer: projection.weight.detach().float().abs(),
+            bias_salience=lambda bias: bias.detach().float().abs(),
+        )
     elif criterion == "activation":
-        _fold_static(model, adapter, geometry, units,
-                     lambda role, projection, layer: activation_salience(projection.weight, input_norms.norm(layer, role)))
+        _fold_static(
+            model,
+            adapter,
+            geometry,
+            units,
+            lambda role, projection, layer: activation_salience(projection.weight, input_norms.norm(layer, role)),
+        )
     elif criterion == "random":
         generator = torch.Generator().manual_seed(seed)
-        units = UnitScores([torch.rand(len(s), generator=generator) for s in units.attn_groups],
-                           [torch.rand(len(s), generator=generator) for s in units.mlp_channels])
+        units = UnitScores(
+            [torch.rand(len(s), generator=generator) for s in units.attn_groups],
+            [torch.rand(len(s), generator=generator) for s in units.mlp_channels],
+        )
 
     result = ImportanceResult(
-        criterion=criterion, geometry=geometry, units=units, layer_scores=layer_scores, calibration_loss=loss,
-        info={"blocks": int(blocks.shape[0]), "block_len": int(blocks.shape[1]), "batch_size": batch_size,
-              "seed": seed, "forward_backward_passes": len(batches) if criterion == "taylor" else 0},
+        criterion=criterion,
+        geometry=geometry,
+        units=units,
+        layer_scores=layer_scores,
+        calibration_loss=loss,
+        info={
+            "blocks": int(blocks.shape[0]),
+            "block_len": int(blocks.shape[1]),
+            "batch_size": batch_size,
+            "seed": seed,
+            "forward_backward_passes": len(batches) if criterion == "taylor" else 0,
+        },
     )
     check_finite(result, "importance")
     return result
@@ -361,7 +407,10 @@ def load(in_dir: str | os.PathLike) -> ImportanceResult:
     in_dir = Path(in_dir)
     groups_file, layers_file = in_dir / GROUPS_FILE, in_dir / LAYERS_FILE
     if not groups_file.is_file() or not layers_file.is_file():
-        raise GqaPruneError(f"importance folder {str(in_dir)!r} lacks {GROUPS_FILE} or {LAYERS_FILE} (write it with `gqa-prune importance`)")
+        raise GqaPruneError(
+            f"importance folder {str(in_dir)!r} lacks {GROUPS_FILE} or {LAYERS_FILE} "
+            "(write it with `gqa-prune importance`)"
+        )
     layers = json.loads(layers_file.read_text())
     geometry = Geometry.from_dict(layers["geometry"])
     with safe_open(str(groups_file), framework="pt") as handle:

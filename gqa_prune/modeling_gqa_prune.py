@@ -71,6 +71,13 @@ def _build_layers_from_per_layer_config(decoder: nn.Module, config, decoder_laye
         decoder.layers[layer_index] = layer
 
 
+class _HeadLayoutValidationMixin:
+    """Validate whole GQA groups per layer instead of hidden_size % num_attention_heads (head_dim is explicit)."""
+
+    def validate_architecture(self):
+        _validate_head_layout(self)
+
+
 class _PerLayerShapesMixin:
     """Build each decoder layer from ``config.per_layer_config`` after the stock constructor ran."""
 
@@ -85,36 +92,24 @@ class _PerLayerShapesMixin:
             self.post_init()
 
 
-@strict  # re-collects class validators, so the override below replaces the stock one
-class GQAPrunedLlamaConfig(LlamaConfig):
+@strict  # re-collects class validators, so the mixin's validate_architecture replaces the stock one
+class GQAPrunedLlamaConfig(_HeadLayoutValidationMixin, LlamaConfig):
     model_type = "gqa_pruned_llama"
 
-    def validate_architecture(self):
-        _validate_head_layout(self)
 
-
-@strict  # re-collects class validators, so the override below replaces the stock one
-class GQAPrunedMistralConfig(MistralConfig):
+@strict  # re-collects class validators, so the mixin's validate_architecture replaces the stock one
+class GQAPrunedMistralConfig(_HeadLayoutValidationMixin, MistralConfig):
     model_type = "gqa_pruned_mistral"
 
-    def validate_architecture(self):
-        _validate_head_layout(self)
 
-
-@strict  # re-collects class validators, so the override below replaces the stock one
-class GQAPrunedQwen2Config(Qwen2Config):
+@strict  # re-collects class validators, so the mixin's validate_architecture replaces the stock one
+class GQAPrunedQwen2Config(_HeadLayoutValidationMixin, Qwen2Config):
     model_type = "gqa_pruned_qwen2"
 
-    def validate_architecture(self):
-        _validate_head_layout(self)
 
-
-@strict  # re-collects class validators, so the override below replaces the stock one
-class GQAPrunedQwen3Config(Qwen3Config):
+@strict  # re-collects class validators, so the mixin's validate_architecture replaces the stock one
+class GQAPrunedQwen3Config(_HeadLayoutValidationMixin, Qwen3Config):
     model_type = "gqa_pruned_qwen3"
-
-    def validate_architecture(self):
-        _validate_head_layout(self)
 
 
 class GQAPrunedLlamaForCausalLM(_PerLayerShapesMixin, LlamaForCausalLM):

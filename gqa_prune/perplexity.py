@@ -29,8 +29,10 @@ class PerplexityResult:
         return asdict(self)
 
     def describe(self) -> str:
-        return (f"PPL {self.perplexity:.3f} ({self.windows} windows x {self.window} tokens, "
-                f"{self.tokens_scored:,} tokens scored)")
+        return (
+            f"PPL {self.perplexity:.3f} ({self.windows} windows x {self.window} tokens, "
+            f"{self.tokens_scored:,} tokens scored)"
+        )
 
 
 def default_window(model: nn.Module) -> int:
@@ -71,6 +73,12 @@ def perplexity(
     scored = windows * (window - 1)
     mean_nll = total_nll / scored
     return PerplexityResult(
-        perplexity=math.exp(mean_nll), mean_nll=mean_nll, window=window, windows=windows, tokens_scored=scored,
-        tokens_available=available, max_tokens=max_tokens, text=text,
+        perplexity=math.exp(mean_nll),
+        mean_nll=mean_nll,
+        window=window,
+        windows=windows,
+        tokens_scored=scored,
+        tokens_available=available,
+        max_tokens=max_tokens,
+        text=text,
     )

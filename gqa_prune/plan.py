@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .allocation import check_rate_bounds, continuous_rates, discretize, layer_pressure, removal_options, STRATEGIES
+from .allocation import STRATEGIES, check_rate_bounds, continuous_rates, discretize, layer_pressure, removal_options
 from .arch import Geometry
 from .atomic import write_text
 from .errors import GqaPruneError
@@ -46,7 +46,9 @@ class PlanSettings:
         if self.strategy not in STRATEGIES:
             raise GqaPruneError(f"strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         if not (0.0 <= self.min_rate <= self.max_rate < 1.0):
-            raise GqaPruneError(f"need 0 <= min_rate <= max_rate < 1, got min_rate={self.min_rate}, max_rate={self.max_rate}")
+            raise GqaPruneError(
+                f"need 0 <= min_rate <= max_rate < 1, got min_rate={self.min_rate}, max_rate={self.max_rate}"
+            )
         if not (self.alpha >= 0.0):
             raise GqaPruneError(f"alpha {self.alpha} must be >= 0 (0 = no contrast between layers)")
         if self.channel_multiple < 1:
@@ -86,7 +88,12 @@ class PruningPlan:
             if layer.layer != index:
                 raise GqaPruneError(f"plan layer entries must be in order: entry {index} is layer {layer.layer}")
             _check_kept(layer.kept_kv_groups, geometry.kv_groups[index], f"layer {index}: kept_kv_groups", "KV group")
-            _check_kept(layer.kept_mlp_channels, geometry.intermediate_sizes[index], f"layer {index}: kept_mlp_channels", "MLP channel")
+            _check_kept(
+                layer.kept_mlp_channels,
+                geometry.intermediate_sizes[index],
+                f"layer {index}: kept_mlp_channels",
+                "MLP channel",
+            )
 
     # ------------------------------------------------------------------------------------------ derived
     def pruned_geometry(self) -> Geometry:
@@ -137,7 +144,11 @@ class PruningPlan:
             "params_before": self.params_before,
             "summary": self.param_summary(),  # derived; checked against the layers on load
             "layers": [
-                {**asdict(layer), "kept_kv_groups": list(layer.kept_kv_groups), "kept_mlp_channels": list(layer.kept_mlp_channels)}
+                {
+                    **asdict(layer),
+                    "kept_kv_groups": list(layer.kept_kv_groups),
+                    "kept_mlp_channels": list(layer.kept_mlp_channels),
+                }
                 for layer in self.layers
             ],
         }
@@ -153,20 +164,31 @@ class PruningPlan:
     @classmethod
     def from_dict(cls, data: dict) -> PruningPlan:
         if data.get("format") != PLAN_FORMAT or data.get("version") != PLAN_VERSION:
-            raise GqaPruneError(f"not a gqa-prune plan (format {data.get('format')!r}, version {data.get('version')!r}; expected {PLAN_FORMAT!r} {PLAN_VERSION})")
+            raise GqaPruneError(
+                f"not a gqa-prune plan (format {data.get('format')!r}, version {data.get('version')!r}; "
+                f"expected {PLAN_FORMAT!r} {PLAN_VERSION})"
+            )
         settings = dict(data["settings"])
         settings["protected_layers"] = tuple(settings["protected_layers"])
         plan = cls(
             geometry=Geometry.from_dict(data["geometry"]),
             settings=PlanSettings(**settings),
             layers=tuple(
-                LayerPlan(**{**layer, "kept_kv_groups": tuple(layer["kept_kv_groups"]), "kept_mlp_channels": tuple(layer["kept_mlp_channels"])})
+                LayerPlan(
+                    **{
+                        **layer,
+                        "kept_kv_groups": tuple(layer["kept_kv_groups"]),
+                        "kept_mlp_channels": tuple(layer["kept_mlp_channels"]),
+                    }
+                )
                 for layer in data["layers"]
             ),
             params_before=data["params_before"],
         )
         if "summary" in data and data["summary"] != plan.param_summary():
-            raise GqaPruneError("plan summary does not match its kept indices (was the file edited?); rebuild it with `gqa-prune plan`")
+            raise GqaPruneError(
+                "plan summary does not match its kept indices (was the file edited?); rebuild it with `gqa-prune plan`"
+            )
         return plan
 
     @classmethod
@@ -216,7 +238,9 @@ def build_plan(importance: ImportanceResult, settings: PlanSettings, params_befo
     prunable = [layer not in settings.protected_layers for layer in range(geometry.num_layers)]
     uniform = settings.strategy == "uniform"
 
-    def allocate(units: tuple[int, ...], target: float, step: int, min_kept: int, what: str) -> tuple[list[float], list[int]]:
+    def allocate(
+        units: tuple[int, ...], target: float, step: int, min_kept: int, what: str
+    ) -> tuple[list[float], list[int]]:
         rates = continuous_rates(pressure, units, prunable, target, settings.min_rate, settings.max_rate, what)
         options = [
             removal_options(n, step, settings.max_rate * n if ok and target > 0 else 0, min_kept)
@@ -235,7 +259,9 @@ def build_plan(importance: ImportanceResult, settings: PlanSettings, params_befo
             importance=float(layer_importance[index]),
             attn_rate=attn_rates[index],
             mlp_rate=mlp_rates[index],
-            kept_kv_groups=top_units(importance.units.attn_groups[index], geometry.kv_groups[index] - groups_removed[index]),
+            kept_kv_groups=top_units(
+                importance.units.attn_groups[index], geometry.kv_groups[index] - groups_removed[index]
+            ),
             kept_mlp_channels=top_units(
                 importance.units.mlp_channels[index], geometry.intermediate_sizes[index] - channels_removed[index]
             ),

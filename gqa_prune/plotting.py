@@ -20,7 +20,9 @@ def plot_plan(plan: PruningPlan, out_png: str | os.PathLike, title: str | None =
     settings = plan.settings
     summary = plan.param_summary()
 
-    figure, (attention_axis, mlp_axis) = plt.subplots(2, 1, figsize=(max(6.0, 0.28 * len(layers) + 2), 6.5), sharex=True)
+    figure, (attention_axis, mlp_axis) = plt.subplots(
+        2, 1, figsize=(max(6.0, 0.28 * len(layers) + 2), 6.5), sharex=True
+    )
     panels = (
         (attention_axis, plan.geometry.kv_groups, pruned.kv_groups, "KV groups kept", "tab:blue"),
         (mlp_axis, plan.geometry.intermediate_sizes, pruned.intermediate_sizes, "MLP channels kept", "tab:green"),

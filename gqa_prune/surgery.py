@@ -30,10 +30,14 @@ def _slice_linear(linear: nn.Linear, axis: str, indices: torch.Tensor) -> None:
     indices = indices.to(linear.weight.device)
     dim = 0 if axis == "out" else 1
     requires_grad = linear.weight.requires_grad
-    linear.weight = nn.Parameter(linear.weight.detach().index_select(dim, indices).contiguous(), requires_grad=requires_grad)
+    linear.weight = nn.Parameter(
+        linear.weight.detach().index_select(dim, indices).contiguous(), requires_grad=requires_grad
+    )
     if axis == "out":
         if linear.bias is not None:
-            linear.bias = nn.Parameter(linear.bias.detach().index_select(0, indices).contiguous(), requires_grad=requires_grad)
+            linear.bias = nn.Parameter(
+                linear.bias.detach().index_select(0, indices).contiguous(), requires_grad=requires_grad
+            )
         linear.out_features = len(indices)
     else:
         linear.in_features = len(indices)
@@ -45,7 +49,8 @@ def check_plan_fits(plan: PruningPlan, model: nn.Module) -> Geometry:
     for name in _SHAPE_FIELDS:
         if getattr(geometry, name) != getattr(plan.geometry, name):
             raise GqaPruneError(
-                f"plan does not fit this model: plan {name}={getattr(plan.geometry, name)}, model {name}={getattr(geometry, name)}"
+                f"plan does not fit this model: plan {name}={getattr(plan.geometry, name)}, "
+                f"model {name}={getattr(geometry, name)}"
             )
     return geometry
 
@@ -69,9 +74,11 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
 
 def _sync_attention_attributes(attention: nn.Module, kv_groups: int, geometry: Geometry) -> None:
     """Some transformers versions cache head counts on the module; keep whichever exist truthful."""
-    for name, value in (("num_heads", kv_groups * geometry.heads_per_group),
-                        ("num_attention_heads", kv_groups * geometry.heads_per_group),
-                        ("num_key_value_heads", kv_groups)):
+    for name, value in (
+        ("num_heads", kv_groups * geometry.heads_per_group),
+        ("num_attention_heads", kv_groups * geometry.heads_per_group),
+        ("num_key_value_heads", kv_groups),
+    ):
         if hasattr(attention, name):
             setattr(attention, name, value)
     if getattr(attention, "num_key_value_groups", geometry.heads_per_group) != geometry.heads_per_group:
@@ -88,7 +95,7 @@ def set_config_shapes(config, geometry: Geometry) -> None:
     config.head_dim = geometry.head_dim  # explicit: hidden_size // num_attention_heads no longer holds
     shapes = set(zip(geometry.kv_groups, geometry.intermediate_sizes))
     if len(shapes) == 1:
-        (kv_groups, intermediate_size), = shapes
+        ((kv_groups, intermediate_size),) = shapes
         config.per_layer_config = None
         config.num_attention_heads = kv_groups * geometry.heads_per_group
         config.num_key_value_heads = kv_groups
@@ -97,7 +104,11 @@ def set_config_shapes(config, geometry: Geometry) -> None:
     # global values stay those of the dense model; layers that differ are listed
     config.allow_global_per_layer_attribute_access = True
     config.per_layer_config = {
-        index: {"num_attention_heads": kv * geometry.heads_per_group, "num_key_value_heads": kv, "intermediate_size": channels}
+        index: {
+            "num_attention_heads": kv * geometry.heads_per_group,
+            "num_key_value_heads": kv,
+            "intermediate_size": channels,
+        }
         for index, (kv, channels) in enumerate(zip(geometry.kv_groups, geometry.intermediate_sizes))
     }
 

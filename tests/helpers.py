@@ -66,12 +66,15 @@ def parameter_count(model: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def plan_for(model, criterion: str = "taylor", attn_ratio: float = 0.5, mlp_ratio: float = 0.4, **settings) -> PruningPlan:
+def plan_for(
+    model, criterion: str = "taylor", attn_ratio: float = 0.5, mlp_ratio: float = 0.4, **settings
+) -> PruningPlan:
     """A plan from real scores of ``model`` (random calibration ids); small channel_multiple for tiny MLPs."""
     settings.setdefault("channel_multiple", 8)
     vocab_size = model.get_input_embeddings().num_embeddings
     scores = importance.score(copy.deepcopy(model), calibration_ids(vocab_size), criterion, batch_size=2)
     return build_plan(
-        scores, PlanSettings(attn_ratio=attn_ratio, mlp_ratio=mlp_ratio, criterion=criterion, **settings),
+        scores,
+        PlanSettings(attn_ratio=attn_ratio, mlp_ratio=mlp_ratio, criterion=criterion, **settings),
         params_before=parameter_count(model),
     )

@@ -45,7 +45,9 @@ def _logits_in_fresh_process(folder, tmp_path) -> torch.Tensor:
         print(type(model).__module__)
     """)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "modeling_gqa_prune" in done.stdout  # the class came from the file shipped in the checkpoint
     return load_file(str(tmp_path / "logits.safetensors"))["logits"]
@@ -80,8 +82,9 @@ def test_uniform_checkpoint_has_a_stock_config(tmp_path, tiny_tokenizer):
 
 def test_uniform_shape_refused_by_stock_llama_config_uses_project_class(tmp_path, tiny_tokenizer):
     # 4 -> 3 KV groups of 3 query heads: 9 heads do not divide hidden_size 48, which stock LlamaConfig rejects
-    folder, plan, expected = _pruned_checkpoint(tmp_path, tiny_tokenizer, "llama", 3, strategy="uniform",
-                                                attn_ratio=0.25, mlp_ratio=0.0)
+    folder, plan, expected = _pruned_checkpoint(
+        tmp_path, tiny_tokenizer, "llama", 3, strategy="uniform", attn_ratio=0.25, mlp_ratio=0.0
+    )
     assert plan.is_uniform and len(plan.layers[0].kept_kv_groups) == 3
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "gqa_pruned_llama" and config["num_attention_heads"] == 9

@@ -61,8 +61,14 @@ def test_every_kept_query_head_keeps_its_original_kv_head(family, heads_per_grou
             old_group = layer_plan.kept_kv_groups[new_group]
             old_head = old_group * heads_per_group + new_head % heads_per_group
             assert old_head // heads_per_group == old_group
-            assert torch.equal(q[new_head * head_dim:(new_head + 1) * head_dim], dense_q[old_head * head_dim:(old_head + 1) * head_dim])
-            assert torch.equal(k[new_group * head_dim:(new_group + 1) * head_dim], dense_k[old_group * head_dim:(old_group + 1) * head_dim])
+            assert torch.equal(
+                q[new_head * head_dim : (new_head + 1) * head_dim],
+                dense_q[old_head * head_dim : (old_head + 1) * head_dim],
+            )
+            assert torch.equal(
+                k[new_group * head_dim : (new_group + 1) * head_dim],
+                dense_k[old_group * head_dim : (old_group + 1) * head_dim],
+            )
 
 
 @pytest.mark.parametrize(("family", "heads_per_group"), [("llama", 3), ("qwen3", 4), ("mistral", 1), ("qwen2", 3)])
@@ -85,7 +91,9 @@ def test_generate_with_kv_cache_matches_reference(family, heads_per_group, imple
 
 def test_plan_for_a_different_model_is_refused():
     plan = plan_for(tiny_model("llama", 3))
-    with pytest.raises(GqaPruneError, match="plan does not fit this model: plan heads_per_group=3, model heads_per_group=4"):
+    with pytest.raises(
+        GqaPruneError, match="plan does not fit this model: plan heads_per_group=3, model heads_per_group=4"
+    ):
         apply_plan(tiny_model("llama", 4), plan)
 
 
