@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine: `make demo` (main job on the embedded default) and `make test`.
+# Two entry points for a fresh machine: `make demo` (the workflow on the embedded default) and `make test`.
 # Both create .venv on first use; later runs reuse it until pyproject.toml or the constraints change.
 PYTHON ?= python3
 VENV ?= .venv
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(OFFLINE) PATH=$(CURDIR)/$(BIN):$$PATH ./scripts/demo.sh
+	$(OFFLINE) $(BIN)/snakemake --cores $(CORES) $(SNAKEMAKE_ARGS)
 
 test: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m pytest $(PYTEST_ARGS)

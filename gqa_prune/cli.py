@@ -7,6 +7,7 @@ and reports bad input as one line on stderr with exit status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -83,16 +84,22 @@ def cmd_stage(args: argparse.Namespace) -> None:
 
 
 def cmd_calib(args: argparse.Namespace) -> None:
-    from .data import calibration_blocks, read_documents, save_calibration
+    from .data import calibration_blocks, read_source, resolve_text_source, save_calibration
     from .sources import load_tokenizer
 
-    tokenizer = load_tokenizer(args.model)
-    documents = read_documents(
-        args.source, text_field=args.text_field, split=args.split, dataset_config=args.dataset_config
+    text_source = resolve_text_source(
+        args.source,
+        args.data_dir,
+        text_field=args.text_field,
+        split=args.split,
+        dataset_config=args.dataset_config,
+        data_files=args.data_files,
     )
+    tokenizer = load_tokenizer(args.model)
+    documents = read_source(text_source)
     blocks = calibration_blocks(tokenizer, documents, args.n_samples, args.seq_len, args.seed)
     metadata = {
-        "source": args.source,
+        "source": text_source.source,
         "n_samples": args.n_samples,
         "seq_len": args.seq_len,
         "seed": args.seed,
@@ -100,7 +107,7 @@ def cmd_calib(args: argparse.Namespace) -> None:
         "vocab_size": len(tokenizer),
     }
     save_calibration(args.out, blocks, metadata)
-    print(f"calibration: {args.n_samples} blocks x {args.seq_len} tokens from {args.source} -> {args.out}")
+    print(f"calibration: {args.n_samples} blocks x {args.seq_len} tokens from {text_source.source} -> {args.out}")
 
 
 def cmd_importance(args: argparse.Namespace) -> None:
@@ -196,6 +203,25 @@ def cmd_plot(args: argparse.Namespace) -> None:
     print(f"plot -> {args.out}")
 
 
+def cmd_aggregate(args: argparse.Namespace) -> None:
+    from .report import write_tables
+
+    text = args.manifest if args.manifest.lstrip().startswith("{") else Path(args.manifest).read_text()
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise GqaPruneError(f"manifest is not valid JSON: {error}") from error
+    table = write_tables(manifest, args.csv, args.markdown)
+    print(f"tradeoff table ({len(table)} variants) -> {args.csv}, {args.markdown}")
+
+
+def cmd_profile_install(args: argparse.Namespace) -> None:
+    from .profile import install_slurm_profile
+
+    target = install_slurm_profile(args.partition, args.account, args.gpu_model, args.dest, force=args.force)
+    print(f"Slurm profile -> {target}; run the workflow with: snakemake --profile slurm")
+
+
 # ----------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from .allocation import STRATEGIES
@@ -204,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _OneLineParser(prog="gqa-prune", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's)")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
 
     def device_options(command: argparse.ArgumentParser, device: bool = True) -> None:
@@ -219,7 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     calib = commands.add_parser("calib", help="sample calibration token blocks from a text source")
     calib.add_argument("--model", required=True, type=Path, help="model folder (its tokenizer is used)")
-    calib.add_argument("--source", required=True, help="a .jsonl/.json/.txt file, or hf:<dataset name or folder>")
+    calib.add_argument(
+        "--source", required=True, help="c4 (from --data-dir, else the hub), a .jsonl/.json/.txt file, or hf:<dataset>"
+    )
+    calib.add_argument("--data-dir", type=Path, default=None, help="offline data laid out like ../shared/data")
+    calib.add_argument("--data-files", default=None, help="data_files of an hf: dataset (e.g. one shard)")
     calib.add_argument("--text-field", default="text")
     calib.add_argument("--split", default="train", help="split of an hf: dataset")
     calib.add_argument("--dataset-config", default=None, help="config name of an hf: dataset")
@@ -289,6 +320,24 @@ def build_parser() -> argparse.ArgumentParser:
     device_options(ppl)
     ppl.set_defaults(run=cmd_ppl)
 
+    aggregate = commands.add_parser("aggregate", help="tradeoff table (CSV + Markdown) from a manifest of artefacts")
+    aggregate.add_argument(
+        "--manifest", required=True, help="JSON file, or inline JSON, naming each variant's artefacts"
+    )
+    aggregate.add_argument("--csv", required=True, type=Path)
+    aggregate.add_argument("--markdown", required=True, type=Path)
+    aggregate.set_defaults(run=cmd_aggregate)
+
+    profile = commands.add_parser("profile", help="Snakemake profiles")
+    profile_commands = profile.add_subparsers(dest="profile_command", required=True, parser_class=_OneLineParser)
+    install = profile_commands.add_parser("install", help="write the Slurm profile to ~/.config/snakemake/slurm/")
+    install.add_argument("--partition", required=True)
+    install.add_argument("--account", required=True)
+    install.add_argument("--gpu-model", default=None, help="e.g. a100 (GPU rules then ask for --gpus=MODEL:1)")
+    install.add_argument("--dest", type=Path, default=Path("~/.config/snakemake/slurm"))
+    install.add_argument("--force", action="store_true", help="replace an existing profile")
+    install.set_defaults(run=cmd_profile_install)
+
     plot = commands.add_parser("plot", help="draw a plan: kept groups/channels against layer importance (PNG)")
     plot.add_argument("--plan", required=True, type=Path)
     plot.add_argument("--out", required=True, type=Path)
@@ -304,6 +353,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         args.run(args)
     except GqaPruneError as error:

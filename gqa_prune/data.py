@@ -6,6 +6,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,21 +21,80 @@ logger = logging.getLogger(__name__)
 
 HF_PREFIX = "hf:"
 WIKITEXT2_TEST = Path("wikitext-2-raw") / "wiki.test.raw"
+# folders of a data_dir that hold evaluation text: calibrating on them would leak the test into the model
+EVALUATION_FOLDERS = ("wikitext-2-raw", "arc", "hellaswag", "piqa", "winogrande")
 WIKITEXT_CONSTRUCTION = (
     'WikiText-2 raw test, GPTQ-style text: "\\n\\n".join(rows), a row being "" for a blank line, else the line + "\\n"'
 )
 _TOKENIZE_BATCH = 64
 
 
+@dataclass(frozen=True)
+class TextSource:
+    """Where calibration text comes from: a local file, or ``hf:<dataset>`` with its split/config/files."""
+
+    source: str
+    text_field: str = "text"
+    split: str = "train"
+    dataset_config: str | None = None
+    data_files: str | None = None
+
+
+# named sources: (file inside an offline data_dir, the same text on the hub)
+NAMED_TEXT_SOURCES = {
+    "c4": (
+        Path("c4") / "sample_c4-rp1.jsonl",
+        TextSource("hf:allenai/c4", data_files="en/c4-train.00000-of-01024.json.gz"),
+    ),
+}
+
+
+def resolve_text_source(name_or_path: str, data_dir: str | os.PathLike | None, **options) -> TextSource:
+    """A named source (``c4``) resolves to ``<data_dir>/...`` offline, or to the hub without a data_dir.
+
+    Anything else is a path or ``hf:`` spec taken as is. Evaluation text is refused.
+    """
+    if name_or_path in NAMED_TEXT_SOURCES:
+        offline_file, hub = NAMED_TEXT_SOURCES[name_or_path]
+        if data_dir is None:
+            return hub
+        resolved = TextSource(str(Path(data_dir) / offline_file), **options)
+    else:
+        resolved = TextSource(name_or_path, **options)
+    if data_dir is not None and not resolved.source.startswith(HF_PREFIX):
+        path = Path(resolved.source).resolve()
+        for folder in EVALUATION_FOLDERS:
+            if path.is_relative_to((Path(data_dir) / folder).resolve()):
+                raise GqaPruneError(
+                    f"calibration source {name_or_path!r} is evaluation text ({folder}); "
+                    "calibrate on other text, e.g. c4"
+                )
+    return resolved
+
+
+def read_source(text_source: TextSource) -> list[str]:
+    return read_documents(
+        text_source.source,
+        text_field=text_source.text_field,
+        split=text_source.split,
+        dataset_config=text_source.dataset_config,
+        data_files=text_source.data_files,
+    )
+
+
 def read_documents(
-    source: str, text_field: str = "text", split: str = "train", dataset_config: str | None = None
+    source: str,
+    text_field: str = "text",
+    split: str = "train",
+    dataset_config: str | None = None,
+    data_files: str | None = None,
 ) -> list[str]:
     """Documents from a local .jsonl/.json/.txt file, or ``hf:<dataset or folder>`` via ``datasets``.
 
     A text file is split into documents at blank lines; JSON rows contribute their ``text_field``.
     """
     if source.startswith(HF_PREFIX):
-        return _read_hf_dataset(source[len(HF_PREFIX) :], text_field, split, dataset_config)
+        return _read_hf_dataset(source[len(HF_PREFIX) :], text_field, split, dataset_config, data_files)
     path = Path(source).expanduser()
     if not path.is_file():
         raise GqaPruneError(
@@ -57,11 +117,14 @@ def _read_json_rows(path: Path, text_field: str) -> list[str]:
     return [row[text_field] for row in rows if row[text_field].strip()]
 
 
-def _read_hf_dataset(name: str, text_field: str, split: str, dataset_config: str | None) -> list[str]:
+def _read_hf_dataset(
+    name: str, text_field: str, split: str, dataset_config: str | None, data_files: str | None
+) -> list[str]:
     import datasets  # heavy import, only needed here
 
     try:
-        dataset = datasets.load_dataset(name, dataset_config, split=split)
+        files = {split: data_files} if data_files else None
+        dataset = datasets.load_dataset(name, dataset_config, split=split, data_files=files)
     except Exception as error:  # datasets raises many types (hub, offline, missing split)
         raise GqaPruneError(f"cannot load dataset {name!r} split {split!r}: {str(error).splitlines()[0]}") from error
     if text_field not in dataset.column_names:

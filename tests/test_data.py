@@ -75,3 +75,14 @@ def test_wikitext_text_is_built_like_gptq_from_hf_rows(data_dir):
     assert len(text) == sum(len(line) + 1 for line in raw_lines if line.strip()) + 2 * (4358 - 1)
     with pytest.raises(GqaPruneError, match="WikiText-2 test file not found"):
         wikitext2_test_text(data_dir / "nowhere")
+
+
+def test_named_sources_resolve_offline_or_to_the_hub_and_evaluation_text_is_refused(data_dir):
+    from gqa_prune.data import resolve_text_source
+
+    offline = resolve_text_source("c4", data_dir)
+    assert offline.source == str(data_dir / "c4" / "sample_c4-rp1.jsonl")
+    hub = resolve_text_source("c4", None)
+    assert (hub.source, hub.data_files) == ("hf:allenai/c4", "en/c4-train.00000-of-01024.json.gz")
+    with pytest.raises(GqaPruneError, match="is evaluation text \\(wikitext-2-raw\\); calibrate on other text"):
+        resolve_text_source(str(data_dir / "wikitext-2-raw" / "wiki.test.raw"), data_dir)

@@ -1,0 +1,35 @@
+# gqa-prune workflow: importance scores -> pruning plans -> pruned checkpoints -> perplexity -> tradeoff table.
+#   snakemake --cores 2                      the embedded default (config/config.yaml), offline, on CPU
+#   snakemake --profile slurm --configfile config/examples/llama-3.1-8b.yaml
+# Every stage setting reaches its rule through params:, so Snakemake re-runs exactly what a change touches.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"  # validates the config first, before any job
+include: "workflow/rules/stage.smk"
+include: "workflow/rules/calib.smk"
+include: "workflow/rules/importance.smk"
+include: "workflow/rules/plan.smk"
+include: "workflow/rules/prune.smk"
+include: "workflow/rules/ppl.smk"
+include: "workflow/rules/aggregate.smk"
+
+
+report: "workflow/report/workflow.rst"
+
+
+rule all:
+    input:
+        f"results/{MODEL}/tradeoff.md",
+    default_target: True
+
+
+onsuccess:
+    table = Path(f"results/{MODEL}/tradeoff.md")
+    if table.is_file():
+        print(f"\n{table.read_text()}\ntradeoff table: {table} (CSV: {table.with_suffix('.csv')})")

@@ -1,0 +1,238 @@
+"""The Snakemake workflow, run for real on a tiny random model: outputs, re-run logic, validation, kills."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import DATA_DIR, REPO
+
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+VARIANTS = ["random-inverse-r0.20", "taylor-inverse-r0.20", "taylor-inverse-r0.30"]
+
+
+def tiny_config(model_dir: Path, **overrides) -> dict:
+    config = {
+        "model": {"name": "tiny", "source": str(model_dir)},
+        "device": "cpu",
+        "data_dir": str(DATA_DIR),
+        "calibration": {"n_samples": 8, "seq_len": 32},
+        "plans": {
+            "ratios": [0.2, 0.3],
+            "criteria": ["taylor"],
+            "strategies": ["inverse"],
+            "baselines": [{"criterion": "random", "strategy": "inverse", "ratio": 0.2}],
+            "channel_multiple": 8,
+        },
+        "eval": {"ppl": {"window": 32, "max_tokens": 256}},
+        "resources": {"threads": 1, "model_mb": 1},
+    }
+    for dotted, value in overrides.items():
+        *parents, last = dotted.split(".")
+        node = config
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return config
+
+
+def snakemake(workdir: Path, config: dict, *args: str, snakefile: Path = REPO / "Snakefile", check: bool = True):
+    config_file = workdir / f"config-{time.monotonic_ns()}.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    command = [SNAKEMAKE, "-s", str(snakefile), "--directory", str(workdir), "--configfile", str(config_file), *args]
+    done = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=900)
+    if check:
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return done
+
+
+def planned_jobs(workdir: Path, config: dict, **kwargs) -> set[tuple[str, str]]:
+    """(rule, wildcards) of every job a dry run would execute."""
+    done = snakemake(workdir, config, "--dry-run", "--cores", "1", **kwargs)
+    jobs, current = [], None
+    for line in (done.stdout + done.stderr).splitlines():
+        stripped = line.strip()
+        if match := re.fullmatch(r"(?:local)?rule (\w+):", stripped):
+            current = [match[1], ""]
+            jobs.append(current)
+        elif current and stripped.startswith("wildcards:"):  # normalised to sorted "key=value, ..."
+            current[1] = ", ".join(sorted(part.strip() for part in stripped.removeprefix("wildcards:").split(",")))
+    return {(rule, wildcards) for rule, wildcards in jobs}
+
+
+def downstream_of_plan(variants) -> set[tuple[str, str]]:
+    jobs = {("aggregate", "model=tiny"), ("all", "")}
+    for variant in variants:
+        jobs |= {(rule, f"model=tiny, variant={variant}") for rule in ("plan", "prune", "ppl")}
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def workflow_run(tmp_path_factory, tiny_tokenizer):
+    """The workflow run once for real on a tiny Llama; later tests dry-run changes against it."""
+    from helpers import tiny_model
+
+    root = tmp_path_factory.mktemp("workflow")
+    model = tiny_model("llama", 3, vocab_size=len(tiny_tokenizer))
+    model.save_pretrained(root / "tiny-source")
+    tiny_tokenizer.save_pretrained(root / "tiny-source")
+    workdir = root / "work"
+    workdir.mkdir()
+    config = tiny_config(root / "tiny-source")
+    done = snakemake(workdir, config, "--cores", "2")
+    return workdir, config, done
+
+
+def test_real_run_writes_the_table_and_says_where(workflow_run):
+    workdir, _, done = workflow_run
+    table = workdir / "results/tiny/tradeoff.csv"
+    assert "tradeoff table: results/tiny/tradeoff.md" in done.stdout + done.stderr
+    rows = table.read_text().splitlines()
+    assert rows[0].startswith("model,variant,criterion,strategy,ratio")
+    assert [row.split(",")[1] for row in rows[1:]] == ["dense", *VARIANTS]
+    assert "importance_s" in rows[0] and "prune_max_rss_mb" in rows[0] and "ppl_window" in rows[0]
+    sources = json.loads((workdir / "results/tiny/tradeoff.sources.json").read_text())
+    for entry in sources["variants"]:  # every figure traces to an artefact that exists
+        assert (workdir / entry["ppl"]).is_file() and (workdir / entry["model"]).is_dir()
+        assert all((workdir / path).is_file() for path in entry["benchmarks"].values())
+    assert (workdir / "results/tiny/pruned/taylor-inverse-r0.30/config.json").is_file()
+
+
+def test_touching_nothing_reruns_nothing(workflow_run):
+    workdir, config, _ = workflow_run
+    assert planned_jobs(workdir, config) == set()
+    done = snakemake(workdir, config, "--cores", "1")
+    assert "Nothing to be done" in done.stdout + done.stderr
+
+
+def test_adding_a_ratio_runs_only_that_plan_and_aggregate(workflow_run):
+    workdir, config, _ = workflow_run
+    changed = tiny_config(Path(config["model"]["source"]), **{"plans.ratios": [0.2, 0.3, 0.4]})
+    assert planned_jobs(workdir, changed) == downstream_of_plan(["taylor-inverse-r0.40"])
+
+
+def test_changing_a_plan_setting_reruns_plans_and_downstream_not_importance(workflow_run):
+    workdir, config, _ = workflow_run
+    changed = tiny_config(Path(config["model"]["source"]), **{"plans.alpha": 2.0})
+    assert planned_jobs(workdir, changed) == downstream_of_plan(VARIANTS)
+
+
+def test_changing_calibration_reruns_importance_and_downstream_not_staging(workflow_run):
+    workdir, config, _ = workflow_run
+    changed = tiny_config(Path(config["model"]["source"]), **{"calibration.n_samples": 12})
+    expected = downstream_of_plan(VARIANTS) | {("calib", "calib=c4, model=tiny")}
+    expected |= {("importance", f"calib=c4, criterion={criterion}, model=tiny") for criterion in ("random", "taylor")}
+    assert planned_jobs(workdir, changed) == expected
+
+
+def test_editing_a_rules_shell_reruns_that_rule_and_downstream(workflow_run, tmp_path):
+    workdir, config, _ = workflow_run
+    copy = tmp_path / "workflow-copy"
+    copy.mkdir()
+    for part in ("Snakefile", "workflow", "profiles", "envs"):
+        source = REPO / part
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, copy / part)
+    prune_rule = copy / "workflow/rules/prune.smk"
+    text = prune_rule.read_text()
+    assert '" --out {output} > {log} 2>&1"' in text
+    prune_rule.write_text(text.replace('" --out {output} > {log} 2>&1"', '" --out {output} >> {log} 2>&1"'))
+    jobs = planned_jobs(workdir, config, snakefile=copy / "Snakefile")
+    expected = {("aggregate", "model=tiny"), ("all", "")}
+    expected |= {(rule, f"model=tiny, variant={v}") for v in VARIANTS for rule in ("prune", "ppl")}
+    assert jobs == expected
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            {"plans.criteria": ["taylor", "fisher"]},
+            "plans.criteria[1]: 'fisher' is not allowed; allowed: taylor, magnitude, activation, random",
+        ),
+        ({"plans.ratios": [0.2, 1.5]}, "plans.ratios[1]: 1.5 must be < 1"),
+        ({"model": {"name": "tiny"}}, "model: 'source' is a required property"),
+        ({"model.source": "/no/such/model"}, "model.source: '/no/such/model' is not a model folder"),
+        (
+            {"plans.strategies": ["greedy"]},
+            "plans.strategies[0]: 'greedy' is not allowed; allowed: inverse, proportional, uniform",
+        ),
+    ],
+)
+def test_invalid_config_fails_before_any_job(tmp_path, tiny_model_dir, override, expected):
+    config = tiny_config(tiny_model_dir)
+    for dotted, value in override.items():
+        *parents, last = dotted.split(".")
+        node = config
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    done = snakemake(tmp_path, config, "--cores", "1", check=False)
+    assert done.returncode != 0
+    assert expected in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()
+
+
+def test_gpu_stages_ask_for_a_gpu_and_memory_scales_with_the_model(tmp_path, tiny_model_dir):
+    config = tiny_config(tiny_model_dir, device="cuda", gpu_model="h100")
+    done = snakemake(tmp_path, config, "--dry-run", "--cores", "1")
+    blocks = {match[1]: match[2] for match in re.finditer(r"rule (\w+):\n(.*?)(?=\n\[|\nJob stats)", done.stdout, re.S)}
+    assert "gpu=1" in blocks["importance"] and "gpu_model=h100" in blocks["importance"]
+    assert "gpu=1" in blocks["ppl"] and "gpu" not in blocks["plan"] and "gpu" not in blocks["prune"]
+    assert "mem_mb=1504" in blocks["importance"]  # 1500 + 4 x model_mb (1 MB estimate before staging)
+    assert "runtime=360" in blocks["importance"]  # from profiles/default
+
+
+def test_report_renders_plots_and_table(workflow_run):
+    workdir, config, _ = workflow_run
+    snakemake(workdir, config, "--report", "report.html")
+    html = (workdir / "report.html").read_text(errors="replace")
+    assert "tradeoff.csv" in html and "taylor-inverse-r0.30.png" in html and "Pruning plan" in html
+
+
+def test_killed_run_leaves_nothing_a_rerun_accepts(tmp_path, tiny_model_dir):
+    # enough calibration blocks that importance runs for a while, then kill Snakemake and its job mid-stage
+    config = tiny_config(tiny_model_dir, **{"calibration.n_samples": 3000, "importance.batch_size": 1})
+    target = "results/tiny/importance/c4-taylor"
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    command = [
+        SNAKEMAKE,
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(tmp_path),
+        "--configfile",
+        str(config_file),
+        "--cores",
+        "1",
+        target,
+    ]
+    process = subprocess.Popen(
+        command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    log = tmp_path / "results/tiny/logs/importance/c4-taylor.log"
+    deadline = time.monotonic() + 300
+    while not (log.is_file() and "taylor forward+backward" in log.read_text(errors="replace")):
+        assert process.poll() is None and time.monotonic() < deadline, "importance never started"
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+    assert not (tmp_path / target).exists()
+    # a hard kill leaves Snakemake's lock behind: --unlock, then --rerun-incomplete redoes the cut-off job
+    snakemake(tmp_path, config, "--unlock")
+    assert ("importance", "calib=c4, criterion=taylor, model=tiny") in planned_jobs(tmp_path, config)
+    snakemake(tmp_path, config, "--cores", "1", "--rerun-incomplete", target)
+    assert (tmp_path / target / "groups.safetensors").is_file()
+    assert not [path for path in (tmp_path / "results").rglob("*") if ".tmp-" in path.name]

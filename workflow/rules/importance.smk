@@ -1,0 +1,31 @@
+# calibration blocks -> importance/<calib>-<criterion>/{groups.safetensors, layers.json}. The expensive
+# stage: plans of every ratio and strategy reuse it, so changing a plan setting never re-runs it.
+rule importance:
+    input:
+        model=STAGED,
+        calib=f"{RESULTS}/calib/{{calib}}.safetensors",
+    output:
+        directory(f"{RESULTS}/importance/{{calib}}-{{criterion}}"),
+    params:
+        layer_criteria=",".join(LAYER_CRITERIA),
+        batch_size=config["importance"]["batch_size"],
+        # the seed only matters to the random criterion; other criteria ignore a change of it
+        seed=lambda wildcards: config["importance"]["seed"] if wildcards.criterion == "random" else 0,
+        checkpointing="--gradient-checkpointing" if config["importance"]["gradient_checkpointing"] else "",
+        device=config["device"],
+        dtype=config["model"]["dtype"],
+    log:
+        f"{RESULTS}/logs/importance/{{calib}}-{{criterion}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/importance/{{calib}}-{{criterion}}.tsv"
+    threads: HEAVY_THREADS
+    resources:
+        mem_mb=mem_mb(factor=4.0),
+        **gpu_resources(),
+    conda:
+        "../../envs/core.yaml"
+    shell:
+        "{CLI} --threads {threads} importance --model {input.model} --calib {input.calib}"
+        " --criterion {wildcards.criterion} --layer-criteria {params.layer_criteria} --batch-size {params.batch_size}"
+        " --seed {params.seed} {params.checkpointing} --device {params.device} --dtype {params.dtype}"
+        " --out {output} > {log} 2>&1"

@@ -1,0 +1,23 @@
+# importance scores -> plans/<variant>.json (+ PNG): cheap; one per ratio x criterion x strategy.
+rule plan:
+    input:
+        importance=lambda wildcards: f"results/{wildcards.model}/importance/{CALIB}-{parse_variant(wildcards.variant)['criterion']}",
+    output:
+        plan=f"{RESULTS}/plans/{{variant}}.json",
+        plot=report(
+            f"{RESULTS}/plans/{{variant}}.png",
+            caption="../report/plan.rst",
+            category="Plans",
+            labels={"variant": "{variant}"},
+        ),
+    params:
+        settings=lambda wildcards: plan_args(wildcards.variant),
+    log:
+        f"{RESULTS}/logs/plan/{{variant}}.log",
+    resources:
+        mem_mb=1000,
+    conda:
+        "../../envs/core.yaml"
+    shell:
+        "{CLI} plan --importance {input.importance} {params.settings}"
+        " --out {output.plan} --plot {output.plot} > {log} 2>&1"
