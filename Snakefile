@@ -1,4 +1,5 @@
-# gqa-prune workflow: importance scores -> pruning plans -> pruned checkpoints -> perplexity -> tradeoff table.
+# gqa-prune workflow: importance scores -> pruning plans -> pruned checkpoints -> LoRA recovery -> INT4/INT8
+# quantization -> perplexity -> tradeoff table.
 #   snakemake --cores 2                      the embedded default (config/config.yaml), offline, on CPU
 #   snakemake --profile slurm --configfile config/examples/llama-3.1-8b.yaml
 # Every stage setting reaches its rule through params:, so Snakemake re-runs exactly what a change touches.
@@ -16,6 +17,8 @@ include: "workflow/rules/calib.smk"
 include: "workflow/rules/importance.smk"
 include: "workflow/rules/plan.smk"
 include: "workflow/rules/prune.smk"
+include: "workflow/rules/recover.smk"
+include: "workflow/rules/quantize.smk"
 include: "workflow/rules/ppl.smk"
 include: "workflow/rules/aggregate.smk"
 

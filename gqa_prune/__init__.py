@@ -4,9 +4,12 @@ Importing the package registers the pruned-model classes with transformers' Auto
 ``AutoModelForCausalLM.from_pretrained`` loads heterogeneous gqa-prune checkpoints in this process.
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from ._quiet import quiet_optional_imports
 
-from .modeling_gqa_prune import PRUNED_CLASSES
+with quiet_optional_imports():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .modeling_gqa_prune import PRUNED_CLASSES
 
 __version__ = "0.1.0"
 
@@ -20,4 +23,5 @@ def _register_pruned_classes() -> None:
         model_class.register_for_auto_class("AutoModelForCausalLM")
 
 
-_register_pruned_classes()
+with quiet_optional_imports():
+    _register_pruned_classes()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from huggingface_hub.errors import StrictDataclassError
@@ -127,8 +128,15 @@ def save_pruned(
     plan: PruningPlan,
     out_dir: str | os.PathLike,
     source: str,
+    provenance: dict | None = None,
+    card_sections: Sequence[str] = (),
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write the pruned model, tokenizer, plan, provenance and model card into ``out_dir`` atomically."""
+    """Write the pruned model, tokenizer, plan, provenance and model card into ``out_dir`` atomically.
+
+    ``provenance`` adds keys to gqa_prune.json (e.g. how the model was recovered), ``card_sections`` adds
+    Markdown to the model card, ``write_extra`` writes further files into the folder before it is renamed.
+    """
     if geometry_of(model) != plan.pruned_geometry():
         raise ValueError("model shape does not match the plan's pruned shape; apply the plan before saving")
     config_kind = to_export_form(model)
@@ -137,8 +145,11 @@ def save_pruned(
         model.save_pretrained(temporary)
         tokenizer.save_pretrained(temporary)
         plan.save(temporary / PLAN_FILE)
-        provenance = {"source": source, "config": config_kind, **plan.param_summary()}
-        (temporary / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
-        (temporary / "README.md").write_text(model_card(plan, source, config_kind, out_dir.name))
+        record = {"source": source, "config": config_kind, **plan.param_summary(), **(provenance or {})}
+        (temporary / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        card = model_card(plan, source, config_kind, out_dir.name)
+        (temporary / "README.md").write_text(card + "".join(f"\n{section}\n" for section in card_sections))
+        if write_extra is not None:
+            write_extra(temporary)
     logger.info("saved pruned model (%s config) -> %s", config_kind, out_dir)
     return out_dir

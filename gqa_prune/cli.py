@@ -203,6 +203,49 @@ def cmd_plot(args: argparse.Namespace) -> None:
     print(f"plot -> {args.out}")
 
 
+def cmd_recover(args: argparse.Namespace) -> None:
+    from .data import load_calibration
+    from .recover import RecoverySettings, recover_checkpoint
+
+    settings = RecoverySettings(
+        loss=args.loss, rank=args.rank, alpha=args.alpha, dropout=args.dropout, lr=args.lr, steps=args.steps,
+        batch_size=args.batch_size, warmup_steps=args.warmup_steps, temperature=args.temperature, seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )  # fmt: skip
+    settings.validate()
+    if settings.loss == "kd" and args.teacher is None:
+        raise GqaPruneError("--loss kd needs --teacher (the dense model folder)")
+    blocks, _ = load_calibration(args.train_blocks)
+    record = recover_checkpoint(
+        args.model, blocks, settings, args.out, args.teacher, dtype=args.dtype, device=args.device
+    )
+    print(f"recovered ({settings.loss}, {settings.steps} steps, final loss {record['final_loss']:.4f}) -> {args.out}")
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from .data import load_calibration
+    from .quantize import QuantSettings, quantize_checkpoint
+    from .sources import require_model_dir
+
+    settings = QuantSettings(
+        method=args.method,
+        bits=args.bits,
+        group_size=args.group_size,
+        desc_act=args.desc_act,
+        sym=not args.asym,
+        kernel=args.kernel,
+    )
+    require_model_dir(args.model)
+    calibration = None
+    if settings.method == "gptq":
+        if args.calib is None:
+            raise GqaPruneError("--method gptq needs --calib (calibration blocks from `gqa-prune calib`)")
+        calibration = load_calibration(args.calib)[0][: args.n_samples]
+    record = quantize_checkpoint(args.model, args.out, settings, calibration, batch_size=args.batch_size)
+    bits = record["quantization"]["bits_per_parameter"]
+    print(f"quantized ({settings.id}, {bits:.3f} bits per linear weight) -> {args.out}")
+
+
 def cmd_aggregate(args: argparse.Namespace) -> None:
     from .report import write_tables
 
@@ -319,6 +362,39 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--out", type=Path, default=None, help="write the result as JSON")
     device_options(ppl)
     ppl.set_defaults(run=cmd_ppl)
+
+    recover = commands.add_parser("recover", help="LoRA recovery of a pruned model (lm or kd loss), merged")
+    recover.add_argument("--model", required=True, type=Path, help="pruned checkpoint (from `prune`)")
+    recover.add_argument("--train-blocks", required=True, type=Path, help="training blocks (from `calib`)")
+    recover.add_argument("--loss", default="lm", choices=("lm", "kd"), help="lm: next-token CE; kd: KL to the teacher")
+    recover.add_argument("--teacher", type=Path, default=None, help="dense model folder (kd)")
+    recover.add_argument("--rank", type=_positive_int, default=8)
+    recover.add_argument("--alpha", type=float, default=16.0)
+    recover.add_argument("--dropout", type=float, default=0.05)
+    recover.add_argument("--lr", type=float, default=2e-4)
+    recover.add_argument("--steps", type=_positive_int, default=50)
+    recover.add_argument("--batch-size", type=_positive_int, default=2)
+    recover.add_argument("--warmup-steps", type=int, default=5)
+    recover.add_argument("--temperature", type=float, default=2.0, help="kd softmax temperature")
+    recover.add_argument("--seed", type=int, default=0)
+    recover.add_argument("--gradient-checkpointing", action="store_true")
+    recover.add_argument("--out", required=True, type=Path)
+    device_options(recover)
+    recover.set_defaults(run=cmd_recover)
+
+    quantize = commands.add_parser("quantize", help="INT4/INT8 GPTQ or round-to-nearest through GPTQModel")
+    quantize.add_argument("--model", required=True, type=Path)
+    quantize.add_argument("--method", default="gptq", choices=("gptq", "rtn"))
+    quantize.add_argument("--bits", type=int, default=4)
+    quantize.add_argument("--group-size", type=int, default=64, help="must divide every in_features for torch_aten")
+    quantize.add_argument("--desc-act", action="store_true", help="GPTQ act-order")
+    quantize.add_argument("--asym", action="store_true", help="asymmetric (default symmetric)")
+    quantize.add_argument("--kernel", default="auto", help="CPU kernel: auto, torch_aten, torch_int8, torch")
+    quantize.add_argument("--calib", type=Path, default=None, help="calibration blocks (gptq)")
+    quantize.add_argument("--n-samples", type=_positive_int, default=128, help="calibration blocks used (gptq)")
+    quantize.add_argument("--batch-size", type=_positive_int, default=1)
+    quantize.add_argument("--out", required=True, type=Path)
+    quantize.set_defaults(run=cmd_quantize)
 
     aggregate = commands.add_parser("aggregate", help="tradeoff table (CSV + Markdown) from a manifest of artefacts")
     aggregate.add_argument(

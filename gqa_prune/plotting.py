@@ -48,3 +48,24 @@ def plot_plan(plan: PruningPlan, out_png: str | os.PathLike, title: str | None =
     with atomic_file(out_png) as temporary:
         figure.savefig(temporary, format="png", dpi=110)
     plt.close(figure)
+
+
+def plot_loss_curve(steps: list[int], losses: list[float], out_png: str | os.PathLike, title: str) -> None:
+    """Training loss per step, with a moving average when there are enough steps."""
+    figure, axis = plt.subplots(figsize=(6.5, 3.8))
+    axis.plot(steps, losses, color="tab:blue", linewidth=0.8, alpha=0.5 if len(steps) > 20 else 1.0, label="loss")
+    window = max(1, len(steps) // 10)
+    if window > 1:
+        smoothed = [
+            sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+            for i in range(len(losses))
+        ]
+        axis.plot(steps, smoothed, color="tab:red", linewidth=1.5, label=f"mean of {window}")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.set_title(title, fontsize="medium")
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    with atomic_file(out_png) as temporary:
+        figure.savefig(temporary, format="png", dpi=110)
+    plt.close(figure)

@@ -16,6 +16,7 @@ import pandas as pd
 
 from .atomic import write_json, write_text
 from .errors import GqaPruneError
+from .quantize import linear_bits_per_parameter
 
 WEIGHT_SUFFIXES = (".safetensors",)
 
@@ -43,22 +44,27 @@ def _read_json(path: str | os.PathLike) -> dict:
 
 
 def variant_row(entry: dict) -> dict:
-    """One table row from a manifest entry: {variant, model, ppl, plan?, benchmarks?, dense_params?}."""
-    row: dict = {"variant": entry["variant"]}
+    """One table row from a manifest entry: {variant, model, ppl, plan?, ratio?, recovery?, quant?, benchmarks?}."""
     plan = _read_json(entry["plan"]) if entry.get("plan") else None
+    provenance = _read_json(Path(entry["model"]) / "gqa_prune.json")
+    ppl = _read_json(entry["ppl"])
     settings = plan["settings"] if plan else {}
     summary = plan["summary"] if plan else {}
-    row["criterion"] = settings.get("criterion", "-")
-    row["strategy"] = settings.get("strategy", "-")
-    row["ratio"] = entry.get("ratio", 0.0)
-    row["removed_attn_mlp"] = summary.get("achieved_ratio", 0.0)
-    provenance = _read_json(Path(entry["model"]) / "gqa_prune.json")
-    row["params"] = int(summary.get("params_after", provenance.get("parameters", 0)))
-    row["bytes"] = weight_bytes(entry["model"])
-    ppl = _read_json(entry["ppl"])
-    row["ppl"] = ppl["perplexity"]
-    row["ppl_window"] = ppl["window"]
-    row["ppl_tokens"] = ppl["tokens_scored"]
+    row = {
+        "variant": entry["variant"],
+        "criterion": settings.get("criterion", "-"),
+        "strategy": settings.get("strategy", "-"),
+        "ratio": entry.get("ratio", 0.0),
+        "recovery": entry.get("recovery", "none"),
+        "quant": entry.get("quant", "none"),
+        "removed_attn_mlp": summary.get("achieved_ratio", 0.0),
+        "params": int(summary.get("params_after", provenance.get("parameters", 0))),
+        "bytes": weight_bytes(entry["model"]),
+        "linear_bits": linear_bits_per_parameter(entry["model"]),
+        "ppl": ppl["perplexity"],
+        "ppl_window": ppl["window"],
+        "ppl_tokens": ppl["tokens_scored"],
+    }
     for stage, path in sorted(entry.get("benchmarks", {}).items()):
         figures = read_benchmark(path)
         row[f"{stage}_s"] = figures["s"]

@@ -147,8 +147,15 @@ def require_model_dir(path: str | os.PathLike) -> Path:
 def load_model(
     path: str | os.PathLike, dtype: str = "auto", device: str = "cpu", attn_implementation: str | None = None
 ) -> PreTrainedModel:
-    """Load a staged or pruned folder (pruned classes are registered by ``import gqa_prune``)."""
+    """Load a staged, pruned, recovered or quantized folder (pruned classes are registered by ``import gqa_prune``).
+
+    GPTQ-format checkpoints load through GPTQModel's kernels (transformers alone would need optimum).
+    """
     folder = require_model_dir(path)
+    from .quantize import is_quantized, load_quantized
+
+    if is_quantized(folder):
+        return load_quantized(folder, resolve_device(device))
     kwargs = {"dtype": resolve_dtype(dtype)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

@@ -78,3 +78,19 @@ def plan_for(
         PlanSettings(attn_ratio=attn_ratio, mlp_ratio=mlp_ratio, criterion=criterion, **settings),
         params_before=parameter_count(model),
     )
+
+
+def quantizable_model(vocab_size: int, seed: int = 0):
+    """A tiny Llama whose every in_features is a multiple of 32 (hidden 96, head_dim 32), for GPTQ kernels."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=96,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        head_dim=32,
+        max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(config).eval()

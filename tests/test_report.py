@@ -28,8 +28,16 @@ def test_markdown_rounds_for_reading_and_aligns_numbers():
     assert "| dense | 134,515,008 | 20.71 |" in text and "| taylor | 113,281,344 |  |" in text
 
 
-def test_missing_artefact_is_named(tmp_path):
+def test_missing_artefact_is_named(tmp_path, tiny_model_dir):
+    from gqa_prune.sources import stage
+
+    stage(str(tiny_model_dir), tmp_path / "model")
+    entry = {"variant": "dense", "model": str(tmp_path / "model"), "ppl": str(tmp_path / "ppl.json")}
     with pytest.raises(GqaPruneError, match="artefact '.*ppl.json' named in the manifest does not exist"):
-        (tmp_path / "model").mkdir()
-        (tmp_path / "model" / "gqa_prune.json").write_text('{"parameters": 10}')
-        variant_row({"variant": "dense", "model": str(tmp_path / "model"), "ppl": str(tmp_path / "ppl.json")})
+        variant_row(entry)
+    (tmp_path / "ppl.json").write_text('{"perplexity": 12.5, "window": 32, "tokens_scored": 310}')
+    row = variant_row(entry)
+    assert (row["ppl"], row["linear_bits"], row["criterion"]) == (12.5, 32.0, "-")
+    from transformers import AutoModelForCausalLM
+
+    assert row["params"] == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())

@@ -18,7 +18,12 @@ from conftest import DATA_DIR, REPO
 
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-VARIANTS = ["random-inverse-r0.20", "taylor-inverse-r0.20", "taylor-inverse-r0.30"]
+PRUNED = ["random-inverse-r0.20", "taylor-inverse-r0.20", "taylor-inverse-r0.30"]
+RECOVERED = ["taylor-inverse-r0.20-lora-lm", "taylor-inverse-r0.20-lora-kd"]
+QUANTIZED = [
+    f"{base}-{quant}" for base in ("dense", "taylor-inverse-r0.20-lora-kd") for quant in ("gptq-w4g32", "rtn-w8g32")
+]
+VARIANTS = ["dense", *PRUNED, *RECOVERED, *QUANTIZED]
 
 
 def tiny_config(model_dir: Path, **overrides) -> dict:
@@ -32,7 +37,22 @@ def tiny_config(model_dir: Path, **overrides) -> dict:
             "criteria": ["taylor"],
             "strategies": ["inverse"],
             "baselines": [{"criterion": "random", "strategy": "inverse", "ratio": 0.2}],
-            "channel_multiple": 8,
+            "channel_multiple": 32,
+        },
+        "recovery": {
+            "methods": ["lm", "kd"],
+            "apply_to": ["taylor-inverse-r0.20"],
+            "steps": 3,
+            "warmup_steps": 1,
+            "data": {"n_samples": 6, "seq_len": 32},
+        },
+        "quantization": {
+            "methods": [
+                {"method": "gptq", "bits": 4, "group_size": 32},
+                {"method": "rtn", "bits": 8, "group_size": 32},
+            ],
+            "apply_to": ["dense", "taylor-inverse-r0.20-lora-kd"],
+            "n_samples": 8,
         },
         "eval": {"ppl": {"window": 32, "max_tokens": 256}},
         "resources": {"threads": 1, "model_mb": 1},
@@ -70,20 +90,28 @@ def planned_jobs(workdir: Path, config: dict, **kwargs) -> set[tuple[str, str]]:
     return {(rule, wildcards) for rule, wildcards in jobs}
 
 
+def jobs_for(rule: str, variants) -> set[tuple[str, str]]:
+    return {(rule, f"model=tiny, variant={variant}") for variant in variants}
+
+
 def downstream_of_plan(variants) -> set[tuple[str, str]]:
+    """Jobs that follow new plans of these pruned variants: prune, recovery and quantization of what
+    derives from them, PPL of everything, and the table."""
+    recovered = [v for v in RECOVERED if any(v.startswith(p + "-") for p in variants)]
+    quantized = [v for v in QUANTIZED if any(v.startswith(r + "-") for r in recovered)]
     jobs = {("aggregate", "model=tiny"), ("all", "")}
-    for variant in variants:
-        jobs |= {(rule, f"model=tiny, variant={variant}") for rule in ("plan", "prune", "ppl")}
+    jobs |= jobs_for("plan", variants) | jobs_for("prune", variants) | jobs_for("recover", recovered)
+    jobs |= jobs_for("quantize", quantized) | jobs_for("ppl", [*variants, *recovered, *quantized])
     return jobs
 
 
 @pytest.fixture(scope="module")
 def workflow_run(tmp_path_factory, tiny_tokenizer):
     """The workflow run once for real on a tiny Llama; later tests dry-run changes against it."""
-    from helpers import tiny_model
+    from helpers import quantizable_model
 
     root = tmp_path_factory.mktemp("workflow")
-    model = tiny_model("llama", 3, vocab_size=len(tiny_tokenizer))
+    model = quantizable_model(len(tiny_tokenizer))
     model.save_pretrained(root / "tiny-source")
     tiny_tokenizer.save_pretrained(root / "tiny-source")
     workdir = root / "work"
@@ -99,8 +127,9 @@ def test_real_run_writes_the_table_and_says_where(workflow_run):
     assert "tradeoff table: results/tiny/tradeoff.md" in done.stdout + done.stderr
     rows = table.read_text().splitlines()
     assert rows[0].startswith("model,variant,criterion,strategy,ratio")
-    assert [row.split(",")[1] for row in rows[1:]] == ["dense", *VARIANTS]
-    assert "importance_s" in rows[0] and "prune_max_rss_mb" in rows[0] and "ppl_window" in rows[0]
+    assert [row.split(",")[1] for row in rows[1:]] == VARIANTS
+    for column in ("recovery", "quant", "linear_bits", "importance_s", "prune_max_rss_mb", "recover_s", "quantize_s"):
+        assert column in rows[0].split(",")
     sources = json.loads((workdir / "results/tiny/tradeoff.sources.json").read_text())
     for entry in sources["variants"]:  # every figure traces to an artefact that exists
         assert (workdir / entry["ppl"]).is_file() and (workdir / entry["model"]).is_dir()
@@ -124,14 +153,33 @@ def test_adding_a_ratio_runs_only_that_plan_and_aggregate(workflow_run):
 def test_changing_a_plan_setting_reruns_plans_and_downstream_not_importance(workflow_run):
     workdir, config, _ = workflow_run
     changed = tiny_config(Path(config["model"]["source"]), **{"plans.alpha": 2.0})
-    assert planned_jobs(workdir, changed) == downstream_of_plan(VARIANTS)
+    assert planned_jobs(workdir, changed) == downstream_of_plan(PRUNED)
+
+
+def test_changing_a_lora_setting_reruns_recovery_and_what_derives_from_it(workflow_run):
+    workdir, config, _ = workflow_run
+    changed = tiny_config(Path(config["model"]["source"]), **{"recovery.lr": 0.001})
+    derived = [v for v in QUANTIZED if v.startswith("taylor-inverse-r0.20-lora-kd-")]
+    expected = {("aggregate", "model=tiny"), ("all", "")} | jobs_for("recover", RECOVERED)
+    expected |= jobs_for("quantize", derived) | jobs_for("ppl", [*RECOVERED, *derived])
+    assert planned_jobs(workdir, changed) == expected
+
+
+def test_changing_gptq_calibration_reruns_only_gptq_jobs(workflow_run):
+    workdir, config, _ = workflow_run
+    changed = tiny_config(Path(config["model"]["source"]), **{"quantization.n_samples": 6})
+    gptq = [v for v in QUANTIZED if v.endswith("gptq-w4g32")]
+    assert planned_jobs(workdir, changed) == {("aggregate", "model=tiny"), ("all", "")} | jobs_for(
+        "quantize", gptq
+    ) | jobs_for("ppl", gptq)
 
 
 def test_changing_calibration_reruns_importance_and_downstream_not_staging(workflow_run):
     workdir, config, _ = workflow_run
     changed = tiny_config(Path(config["model"]["source"]), **{"calibration.n_samples": 12})
-    expected = downstream_of_plan(VARIANTS) | {("calib", "calib=c4, model=tiny")}
+    expected = downstream_of_plan(PRUNED) | {("calib", "calib=c4, model=tiny")}
     expected |= {("importance", f"calib=c4, criterion={criterion}, model=tiny") for criterion in ("random", "taylor")}
+    expected |= jobs_for("quantize", ["dense-gptq-w4g32"]) | jobs_for("ppl", ["dense-gptq-w4g32"])  # GPTQ calibrates
     assert planned_jobs(workdir, changed) == expected
 
 
@@ -147,9 +195,7 @@ def test_editing_a_rules_shell_reruns_that_rule_and_downstream(workflow_run, tmp
     assert '" --out {output} > {log} 2>&1"' in text
     prune_rule.write_text(text.replace('" --out {output} > {log} 2>&1"', '" --out {output} >> {log} 2>&1"'))
     jobs = planned_jobs(workdir, config, snakefile=copy / "Snakefile")
-    expected = {("aggregate", "model=tiny"), ("all", "")}
-    expected |= {(rule, f"model=tiny, variant={v}") for v in VARIANTS for rule in ("prune", "ppl")}
-    assert jobs == expected
+    assert jobs == downstream_of_plan(PRUNED) - jobs_for("plan", PRUNED)
 
 
 @pytest.mark.parametrize(
@@ -187,7 +233,9 @@ def test_gpu_stages_ask_for_a_gpu_and_memory_scales_with_the_model(tmp_path, tin
     done = snakemake(tmp_path, config, "--dry-run", "--cores", "1")
     blocks = {match[1]: match[2] for match in re.finditer(r"rule (\w+):\n(.*?)(?=\n\[|\nJob stats)", done.stdout, re.S)}
     assert "gpu=1" in blocks["importance"] and "gpu_model=h100" in blocks["importance"]
-    assert "gpu=1" in blocks["ppl"] and "gpu" not in blocks["plan"] and "gpu" not in blocks["prune"]
+    for rule in ("ppl", "recover", "quantize"):
+        assert "gpu=1" in blocks[rule] and "gpu_model=h100" in blocks[rule]
+    assert "gpu" not in blocks["plan"] and "gpu" not in blocks["prune"] and "gpu" not in blocks["calib"]
     assert "mem_mb=1504" in blocks["importance"]  # 1500 + 4 x model_mb (1 MB estimate before staging)
     assert "runtime=360" in blocks["importance"]  # from profiles/default
 

@@ -5,30 +5,39 @@ def tradeoff_manifest(model: str) -> dict:
     """Which artefact each figure of the table comes from (written beside the table as tradeoff.sources.json)."""
     entries = []
     for variant in VARIANTS:
-        entry = {
-            "variant": variant,
-            "model": model_path(model, variant),
-            "ppl": f"results/{model}/eval/{variant}/ppl.json",
-            "benchmarks": {"ppl": f"results/{model}/benchmarks/ppl/{variant}.tsv"},
-        }
-        if variant == "dense":
-            entry["benchmarks"]["stage"] = f"results/{model}/benchmarks/stage.tsv"
+        parts = parse_variant(variant)
+        benchmarks = {"ppl": f"results/{model}/benchmarks/ppl/{variant}.tsv"}
+        entry = {"variant": variant, "model": model_path(model, variant), "ppl": f"results/{model}/eval/{variant}/ppl.json",
+                 "recovery": parts["recovery"] or "none", "quant": parts["quant"] or "none"}
+        if parts["prune"] == "dense":
+            benchmarks["stage"] = f"results/{model}/benchmarks/stage.tsv"
         else:
-            parsed = parse_variant(variant)
-            entry["ratio"] = parsed["ratio"]
-            entry["plan"] = f"results/{model}/plans/{variant}.json"
-            entry["benchmarks"]["importance"] = f"results/{model}/benchmarks/importance/{CALIB}-{parsed['criterion']}.tsv"
-            entry["benchmarks"]["prune"] = f"results/{model}/benchmarks/prune/{variant}.tsv"
+            entry["ratio"] = parts["ratio"]
+            entry["plan"] = f"results/{model}/plans/{parts['prune']}.json"
+            benchmarks["importance"] = f"results/{model}/benchmarks/importance/{CALIB}-{parts['criterion']}.tsv"
+            benchmarks["prune"] = f"results/{model}/benchmarks/prune/{parts['prune']}.tsv"
+        if parts["recovery"]:
+            benchmarks["recover"] = f"results/{model}/benchmarks/recover/{parts['prune']}-lora-{parts['recovery']}.tsv"
+        if parts["quant"]:
+            benchmarks["quantize"] = f"results/{model}/benchmarks/quantize/{variant}.tsv"
+        entry["benchmarks"] = benchmarks
         entries.append(entry)
     ppl = config["eval"]["ppl"]
     notes = [
         "PPL: WikiText-2 raw test, GPTQ-style text, non-overlapping windows of "
         f"{ppl['window'] or 'min(2048, model max)'} tokens, "
         + (f"first {ppl['max_tokens']:,} tokens." if ppl["max_tokens"] else "the whole test set."),
+        "linear_bits: storage bits per weight of the decoder's linear layers (scales, zeros, indices included); "
+        "bytes: weight files on disk.",
         f"Wall times (*_s) and peak resident memory (*_max_rss_mb) are Snakemake benchmarks on device '{config['device']}'.",
     ]
+    if RECOVERED_VARIANTS:
+        notes.append(f"Recovery: LoRA r={RECOVERY['rank']}, {RECOVERY['steps']} steps of {RECOVERY['batch_size']} x "
+                     f"{RECOVERY['data']['seq_len']} tokens of {RECOVERY['data']['source']}, lr {RECOVERY['lr']}; "
+                     "lm = language-modelling loss, kd = distillation from the dense model's logits.")
     if config["model"]["source"] == "embedded:smollm2-135m":
-        notes.append("SmolLM2-135M weights are dequantized from 4-bit GGUF (Q4_1): 4-bit re-quantization looks unrealistically good.")
+        notes.append("SmolLM2-135M weights are dequantized from 4-bit GGUF (Q4_1): re-quantizing them to 4 bits "
+                     "looks unrealistically good.")
     return {"model": model, "variants": entries, "notes": notes}
 
 

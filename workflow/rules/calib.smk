@@ -1,16 +1,17 @@
-# text source -> calib/<calib>.safetensors: n_samples blocks of seq_len tokens, a seeded sample.
+# text source -> calib/<calib>.safetensors: n_samples blocks of seq_len tokens, a seeded sample. Two sets:
+# `calibration` (importance scores, GPTQ) and `recovery.data` (LoRA training text); both C4 by default.
 rule calib:
     input:
         model=STAGED,
     output:
         f"{RESULTS}/calib/{{calib}}.safetensors",
     params:
-        source=config["calibration"]["source"],
-        text_field=config["calibration"]["text_field"],
-        split=config["calibration"]["split"],
-        n_samples=config["calibration"]["n_samples"],
-        seq_len=config["calibration"]["seq_len"],
-        seed=config["calibration"]["seed"],
+        source=lambda wildcards: TEXT_SETS[wildcards.calib]["source"],
+        text_field=lambda wildcards: TEXT_SETS[wildcards.calib]["text_field"],
+        split=lambda wildcards: TEXT_SETS[wildcards.calib]["split"],
+        n_samples=lambda wildcards: TEXT_SETS[wildcards.calib]["n_samples"],
+        seq_len=lambda wildcards: TEXT_SETS[wildcards.calib]["seq_len"],
+        seed=lambda wildcards: TEXT_SETS[wildcards.calib]["seed"],
         data_dir=DATA_DIR_ARG,
     log:
         f"{RESULTS}/logs/calib/{{calib}}.log",

@@ -77,7 +77,12 @@ DATA_DIR = resolved_data_dir()
 DATA_DIR_ARG = f"--data-dir {shlex.quote(DATA_DIR)}" if DATA_DIR else ""
 
 # ------------------------------------------------------------------------------------------ the grid
-VARIANT_PATTERN = r"(?P<criterion>[a-z]+)-(?P<strategy>[a-z]+)-r(?P<ratio>[0-9]+(?:\.[0-9]+)?)"
+# A variant id reads left to right: what was pruned, how it was recovered, how it was quantized:
+#   dense | taylor-inverse-r0.20 | taylor-inverse-r0.20-lora-kd | taylor-inverse-r0.20-lora-kd-gptq-w4g64
+PRUNED_PATTERN = r"[a-z]+-[a-z]+-r[0-9]+(?:\.[0-9]+)?"
+VARIANT_PATTERN = (
+    rf"(?P<prune>dense|{PRUNED_PATTERN})(?:-lora-(?P<recovery>lm|kd))?(?:-(?P<quant>(?:gptq|rtn)-w[0-9]+g[0-9]+))?"
+)
 
 
 def variant_id(criterion: str, strategy: str, ratio: float) -> str:
@@ -86,29 +91,71 @@ def variant_id(criterion: str, strategy: str, ratio: float) -> str:
 
 
 def parse_variant(variant: str) -> dict:
-    match = re.fullmatch(VARIANT_PATTERN, variant)
-    return {**match.groupdict(), "ratio": float(match["ratio"])}
+    """prune / recovery / quant parts of a variant id, plus criterion, strategy and ratio of a pruned one."""
+    parts = re.fullmatch(VARIANT_PATTERN, variant).groupdict()
+    if parts["prune"] != "dense":
+        criterion, strategy, ratio = parts["prune"].split("-")
+        parts.update(criterion=criterion, strategy=strategy, ratio=float(ratio[1:]))
+    return parts
+
+
+def quant_id(method: dict) -> str:
+    return f"{method['method']}-w{method['bits']}g{method['group_size']}"
+
+
+def chosen(apply_to: list[str], candidates: list[str], key: str) -> list[str]:
+    """The candidates named by `apply_to` ("all" = every one); a name not in the grid is a config error."""
+    if "all" in apply_to:
+        return list(candidates)
+    unknown = [name for name in apply_to if name not in candidates]
+    if unknown:
+        raise WorkflowError(f"invalid config:\n  {key}: {unknown[0]!r} is not a variant of this grid; "
+                            f"choose from all, {', '.join(candidates)}")
+    return [name for name in candidates if name in apply_to]
 
 
 PLANS = config["plans"]
+RECOVERY = config["recovery"]
+QUANTIZATION = config["quantization"]
 PRUNED_VARIANTS = sorted(
     {variant_id(c, s, r) for r in PLANS["ratios"] for c in PLANS["criteria"] for s in PLANS["strategies"]}
     | {variant_id(b["criterion"], b["strategy"], b["ratio"]) for b in PLANS["baselines"]}
 )
-VARIANTS = ["dense", *PRUNED_VARIANTS]
+RECOVERED_VARIANTS = [
+    f"{variant}-lora-{loss}"
+    for variant in chosen(RECOVERY["apply_to"], PRUNED_VARIANTS, "recovery.apply_to") if RECOVERY["methods"]
+    for loss in RECOVERY["methods"]
+]
+QUANT_METHODS = {quant_id(method): method for method in QUANTIZATION["methods"]}
+QUANTIZED_VARIANTS = [
+    f"{base}-{quant}"
+    for base in chosen(QUANTIZATION["apply_to"], ["dense", *PRUNED_VARIANTS, *RECOVERED_VARIANTS], "quantization.apply_to")
+    if QUANT_METHODS
+    for quant in QUANT_METHODS
+]
+VARIANTS = ["dense", *PRUNED_VARIANTS, *RECOVERED_VARIANTS, *QUANTIZED_VARIANTS]
 CRITERIA = sorted({parse_variant(variant)["criterion"] for variant in PRUNED_VARIANTS})
 # layer scores the importance stage computes: those asked for, plus the one plans are built from
 LAYER_CRITERIA = sorted(set(config["importance"]["layer_criteria"]) | {PLANS["layer_criterion"]})
+# token-block sets the calib rule can make: importance (and GPTQ) calibration, and recovery training text
+TEXT_SETS = {config["calibration"]["name"]: config["calibration"], RECOVERY["data"]["name"]: RECOVERY["data"]}
+if len(TEXT_SETS) < 2:
+    raise WorkflowError("invalid config:\n  recovery.data.name: must differ from calibration.name")
 
 wildcard_constraints:
     model=re.escape(MODEL),
-    calib=re.escape(CALIB),
+    calib="|".join(map(re.escape, TEXT_SETS)),
     criterion="|".join(("taylor", "magnitude", "activation", "random")),
-    variant="dense|" + VARIANT_PATTERN.replace("?P<criterion>", "").replace("?P<strategy>", "").replace("?P<ratio>", ""),
+    variant=re.sub(r"\?P<\w+>", "", VARIANT_PATTERN),
 
 
 def model_path(model: str, variant: str) -> str:
-    """The dense staged folder for 'dense', the pruned checkpoint otherwise."""
+    """Where a variant's model folder lives: staged, pruned, recovered or quantized."""
+    parts = parse_variant(variant)
+    if parts["quant"]:
+        return f"results/{model}/quantized/{variant}"
+    if parts["recovery"]:
+        return f"results/{model}/recovered/{variant}"
     return f"resources/models/{model}" if variant == "dense" else f"results/{model}/pruned/{variant}"
 
 
@@ -116,10 +163,29 @@ def model_dir(wildcards) -> str:
     return model_path(wildcards.model, wildcards.variant)
 
 
+def parent_variant(variant: str) -> str:
+    """The variant a recovered or quantized one was made from."""
+    parts = parse_variant(variant)
+    if parts["quant"]:
+        return variant.removesuffix(f"-{parts['quant']}")
+    return parts["prune"]
+
+
+def cli_flags(flags: dict) -> str:
+    """CLI flags as one string param: a change of any value re-runs the rule and what follows."""
+    text = []
+    for flag, value in flags.items():
+        if value is True:
+            text.append(flag)
+        elif value is not None and value is not False:  # identity: 0 and 0.0 are real values
+            text.append(f"{flag} {value}")
+    return " ".join(text)
+
+
 def plan_args(variant: str) -> str:
-    """Every plan setting as CLI flags: one string param, so any change re-runs the plan and what follows."""
+    """Every plan setting as CLI flags."""
     parsed = parse_variant(variant)
-    flags = {
+    return cli_flags({
         "--ratio": parsed["ratio"],
         "--strategy": parsed["strategy"],
         "--alpha": PLANS["alpha"],
@@ -127,14 +193,10 @@ def plan_args(variant: str) -> str:
         "--max-rate": PLANS["max_rate"],
         "--channel-multiple": PLANS["channel_multiple"],
         "--layer-criterion": PLANS["layer_criterion"],
-    }
-    if PLANS["attn_ratio"] is not None:
-        flags["--attn-ratio"] = PLANS["attn_ratio"]
-    if PLANS["mlp_ratio"] is not None:
-        flags["--mlp-ratio"] = PLANS["mlp_ratio"]
-    if PLANS["protect"]:
-        flags["--protect"] = ",".join(map(str, sorted(PLANS["protect"])))
-    return " ".join(f"{flag} {value}" for flag, value in flags.items())
+        "--attn-ratio": PLANS["attn_ratio"],
+        "--mlp-ratio": PLANS["mlp_ratio"],
+        "--protect": ",".join(map(str, sorted(PLANS["protect"]))) or None,
+    })
 
 
 # ------------------------------------------------------------------------------------------ resources

@@ -1,0 +1,213 @@
+"""Recovery after pruning: LoRA (peft) on every attention and MLP projection, merged back into the weights.
+
+Two losses: ``lm`` (next-token cross-entropy on the training text) and ``kd`` (distillation: KL divergence
+from the dense teacher's softened next-token distribution, scaled by T^2 as in Hinton et al.; logit
+distillation is what the strongest pruning-recovery recipes use). Merging keeps every layer's shape, so a
+recovered checkpoint has exactly the pruned model's format.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import ALL_ROLES
+from .errors import GqaPruneError
+
+logger = logging.getLogger(__name__)
+
+LOSSES = ("lm", "kd")
+TARGET_MODULES = tuple(role.module for role in ALL_ROLES)  # q/k/v/o and gate/up/down
+
+
+@dataclass(frozen=True)
+class RecoverySettings:
+    loss: str = "lm"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    lr: float = 2e-4
+    steps: int = 50
+    batch_size: int = 2
+    warmup_steps: int = 5
+    temperature: float = 2.0  # kd only
+    seed: int = 0
+    gradient_checkpointing: bool = False
+
+    def validate(self) -> None:
+        if self.loss not in LOSSES:
+            raise GqaPruneError(f"recovery loss {self.loss!r} is not one of {', '.join(LOSSES)}")
+        for name in ("rank", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise GqaPruneError(f"recovery {name} must be >= 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and self.alpha > 0 and self.temperature > 0 and 0 <= self.dropout < 1):
+            raise GqaPruneError(
+                f"need lr > 0, alpha > 0, temperature > 0 and 0 <= dropout < 1; got lr={self.lr}, alpha={self.alpha}, "
+                f"temperature={self.temperature}, dropout={self.dropout}"
+            )
+        if not 0 <= self.warmup_steps < self.steps:
+            raise GqaPruneError(f"warmup_steps {self.warmup_steps} must be in [0, steps={self.steps})")
+
+
+@dataclass(frozen=True)
+class TrainingStep:
+    step: int
+    loss: float
+    lr: float
+    tokens: int  # seen so far
+    seconds: float  # since training started
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(teacher_T || student_T), averaged over token positions."""
+    vocab = student_logits.shape[-1]
+    student = nn.functional.log_softmax(student_logits.float().view(-1, vocab) / temperature, dim=-1)
+    teacher = nn.functional.log_softmax(teacher_logits.float().view(-1, vocab) / temperature, dim=-1)
+    return nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
+
+
+def _lr_factor(step: int, settings: RecoverySettings) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    if step < settings.warmup_steps:
+        return (step + 1) / (settings.warmup_steps + 1)
+    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lora_model(model: nn.Module, settings: RecoverySettings) -> nn.Module:
+    """Wrap ``model`` with LoRA adapters on every q/k/v/o/gate/up/down projection (seeded init)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(settings.seed)
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(TARGET_MODULES),
+        task_type="CAUSAL_LM",
+    )
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return get_peft_model(model, config)
+
+
+def train(
+    peft_model: nn.Module, blocks: torch.Tensor, settings: RecoverySettings, teacher: nn.Module | None = None
+) -> list[TrainingStep]:
+    """Train the LoRA adapters for ``settings.steps`` batches cycling through ``blocks``; returns the loss curve."""
+    settings.validate()
+    if settings.loss == "kd" and teacher is None:
+        raise GqaPruneError("the kd loss needs the dense teacher model (--teacher)")
+    device = next(peft_model.parameters()).device
+    trainable = [parameter for parameter in peft_model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, settings))
+    generator = torch.Generator().manual_seed(settings.seed)
+    order = torch.randperm(len(blocks), generator=generator)
+    history, tokens, start = [], 0, time.perf_counter()
+    peft_model.train()
+    for step in tqdm(range(settings.steps), desc=f"LoRA recovery ({settings.loss})", unit="step"):
+        picks = [order[(step * settings.batch_size + i) % len(order)] for i in range(settings.batch_size)]
+        batch = blocks[torch.stack(picks)].to(device)
+        if settings.loss == "lm":
+            loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
+        else:
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=batch, use_cache=False).logits
+            student_logits = peft_model(input_ids=batch, use_cache=False).logits
+            loss = distillation_loss(student_logits, teacher_logits, settings.temperature)
+        if not torch.isfinite(loss):
+            raise GqaPruneError(
+                f"recovery loss became {loss.item()} at step {step}; lower the learning rate ({settings.lr})"
+            )
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += batch.numel()
+        history.append(TrainingStep(step, loss.item(), scheduler.get_last_lr()[0], tokens, time.perf_counter() - start))
+    peft_model.eval()
+    return history
+
+
+def merge(peft_model: nn.Module, settings: RecoverySettings) -> nn.Module:
+    """Fold the adapters into the weights: the result is the plain (pruned) model class again."""
+    merged = peft_model.merge_and_unload()
+    if settings.gradient_checkpointing:
+        merged.gradient_checkpointing_disable()
+    return merged
+
+
+def settings_record(settings: RecoverySettings, history: list[TrainingStep]) -> dict:
+    """What a recovered checkpoint's provenance records about its training."""
+    seconds = history[-1].seconds if history else 0.0
+    return {
+        **asdict(settings),
+        "final_loss": history[-1].loss if history else None,
+        "tokens": history[-1].tokens if history else 0,
+        "tokens_per_second": (history[-1].tokens / seconds) if seconds else None,
+    }
+
+
+def write_loss_curve(history: list[TrainingStep], folder: Path, title: str) -> None:
+    """training_loss.csv (step, loss, lr, tokens, seconds) and training_loss.png beside the weights."""
+    from .plotting import plot_loss_curve
+
+    lines = ["step,loss,lr,tokens,seconds"]
+    lines += [f"{h.step},{h.loss},{h.lr},{h.tokens},{h.seconds:.3f}" for h in history]
+    (folder / "training_loss.csv").write_text("\n".join(lines) + "\n")
+    plot_loss_curve([h.step for h in history], [h.loss for h in history], folder / "training_loss.png", title)
+
+
+def recover_checkpoint(
+    model_dir: str | os.PathLike,
+    blocks: torch.Tensor,
+    settings: RecoverySettings,
+    out_dir: str | os.PathLike,
+    teacher_dir: str | os.PathLike | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+) -> dict:
+    """Load a pruned checkpoint, train LoRA, merge, and save the result in the same format (atomically)."""
+    from .checkpoint import PLAN_FILE, save_pruned
+    from .plan import PruningPlan
+    from .sources import load_model, load_tokenizer, read_provenance
+
+    settings.validate()
+    if settings.loss == "kd" and teacher_dir is None:
+        raise GqaPruneError("the kd loss needs the dense teacher model (--teacher)")
+    plan = PruningPlan.load(Path(model_dir) / PLAN_FILE)
+    model = load_model(model_dir, dtype=dtype, device=device)
+    teacher = load_model(teacher_dir, dtype=dtype, device=device) if settings.loss == "kd" else None
+    peft_model = lora_model(model, settings)
+    history = train(peft_model, blocks, settings, teacher=teacher)
+    merged = merge(peft_model, settings).cpu()
+    record = settings_record(settings, history)
+    kd = f" (KL to the dense teacher, T={settings.temperature})" if settings.loss == "kd" else ""
+    section = (
+        f"## Recovery\n\nLoRA (r={settings.rank}, alpha={settings.alpha}, dropout={settings.dropout}) on every "
+        f"attention and MLP projection, {settings.steps} steps of {settings.batch_size} x {blocks.shape[1]} tokens, "
+        f"lr {settings.lr}, loss `{settings.loss}`{kd}; merged into the weights. Final loss "
+        f"{record['final_loss']:.4f}; the curve is in `training_loss.csv`."
+    )
+    title = f"LoRA recovery ({settings.loss}), r={settings.rank}, {settings.steps} steps"
+    save_pruned(
+        merged,
+        load_tokenizer(model_dir),
+        plan,
+        out_dir,
+        source=read_provenance(model_dir).get("source", str(model_dir)),
+        provenance={"recovery": record},
+        card_sections=[section],
+        write_extra=lambda folder: write_loss_curve(history, folder, title),
+    )
+    return record

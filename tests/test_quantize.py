@@ -1,0 +1,148 @@
+"""GPTQ and RTN through GPTQModel on a tiny heterogeneous pruned model: reload, fidelity, size, refusals.
+
+GPTQModel's in-memory model right after quantize() is not an inference object (measured: it disagrees with
+the checkpoint it writes, which is the faithful one), so the reference for "same logits" is the written
+checkpoint loaded by this process; a fresh process without gqa_prune must reproduce it exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from helpers import calibration_ids, plan_for, quantizable_model
+from safetensors.torch import load_file, save_file
+
+from gqa_prune.checkpoint import save_pruned
+from gqa_prune.cli import main
+from gqa_prune.errors import GqaPruneError
+from gqa_prune.quantize import (
+    QuantSettings,
+    check_settings,
+    linear_bits_per_parameter,
+    projection_in_features,
+    quantize_checkpoint,
+)
+from gqa_prune.sources import load_model
+from gqa_prune.surgery import apply_plan
+
+INPUTS = calibration_ids(blocks=2, length=12, seed=11)
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory, tiny_tokenizer):
+    model = quantizable_model(len(tiny_tokenizer))
+    plan = plan_for(model, protected_layers=(0,), channel_multiple=32)
+    apply_plan(model, plan)
+    folder = tmp_path_factory.mktemp("quantize") / "pruned"
+    save_pruned(model, tiny_tokenizer, plan, folder, source="org/tiny")
+    with torch.no_grad():
+        float_logits = model(INPUTS).logits
+    blocks = calibration_ids(len(tiny_tokenizer), blocks=16, length=32, seed=3)
+    return folder, plan, float_logits, blocks
+
+
+def _fresh_process_logits(folder, tmp_path, backend: str) -> torch.Tensor:
+    save_file({"input_ids": INPUTS}, str(tmp_path / "inputs.safetensors"))
+    code = textwrap.dedent(f"""
+        import sys, torch
+        from safetensors.torch import load_file, save_file
+        from gptqmodel import GPTQModel
+        model = GPTQModel.load({str(folder)!r}, backend={backend!r}, device="cpu", trust_remote_code=True)
+        assert "gqa_prune" not in sys.modules
+        inputs = load_file({str(tmp_path / "inputs.safetensors")!r})["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=inputs).logits.contiguous()
+        save_file({{"logits": logits}}, {str(tmp_path / "logits.safetensors")!r})
+    """)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "GPTQMODEL_CPU_WORKERS": "2",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return load_file(str(tmp_path / "logits.safetensors"))["logits"]
+
+
+def _expected_bits(folder, bits: int, group: int) -> float:
+    """GPTQ storage per weight: packed weights, fp16 scales and packed zeros per group, int32 g_idx per input."""
+    from safetensors import safe_open
+
+    stored, weights = 0, 0
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+        for name in handle.keys():
+            if ".layers." in name and name.endswith("_proj.weight"):
+                out_features, in_features = handle.get_slice(name).get_shape()
+                weights += in_features * out_features
+                groups = in_features // group
+                stored += in_features * out_features * bits + groups * out_features * (16 + bits) + in_features * 32
+    return stored / weights
+
+
+def test_gptq_w4_of_a_heterogeneous_pruned_model_reloads_identically_in_a_fresh_process(pruned, tmp_path):
+    folder, plan, float_logits, blocks = pruned
+    record = quantize_checkpoint(folder, tmp_path / "gptq", QuantSettings("gptq", 4, 32), blocks)
+    config = json.loads((tmp_path / "gptq" / "config.json").read_text())
+    assert config["quantization_config"]["bits"] == 4 and config["model_type"] == "gqa_pruned_llama"
+    assert config["per_layer_config"] and (tmp_path / "gptq" / "modeling_gqa_prune.py").is_file()
+    assert json.loads((tmp_path / "gptq" / "pruning_plan.json").read_text())["summary"] == plan.param_summary()
+
+    model = load_model(tmp_path / "gptq", device="cpu")
+    with torch.no_grad():
+        logits = model(INPUTS).logits
+    assert torch.equal(_fresh_process_logits(tmp_path / "gptq", tmp_path, "gptq_torch_aten"), logits)
+    # the checkpoint is the pruned model, quantized: close to its float logits, not something else
+    assert (logits.float() - float_logits).abs().max() < 0.5 * float_logits.abs().max()
+    assert record["quantization"]["bits_per_parameter"] == pytest.approx(_expected_bits(folder, 4, 32), rel=1e-12)
+
+
+def test_rtn_w8_needs_no_calibration_and_stays_close_to_float(pruned, tmp_path):
+    folder, _, float_logits, _ = pruned
+    record = quantize_checkpoint(folder, tmp_path / "rtn", QuantSettings("rtn", 8, 32), None)
+    with torch.no_grad():
+        logits = load_model(tmp_path / "rtn", device="cpu")(INPUTS).logits
+    assert (logits.float() - float_logits).abs().max() < 0.05 * float_logits.abs().max()
+    assert record["quantization"]["bits_per_parameter"] == pytest.approx(_expected_bits(folder, 8, 32), rel=1e-12)
+    assert record["quantization"]["calibration_blocks"] == 0
+
+
+def test_bits_per_parameter_of_a_float_checkpoint_is_its_dtype(pruned):
+    assert linear_bits_per_parameter(pruned[0]) == 32.0
+
+
+def test_settings_a_kernel_or_the_shapes_cannot_take_are_refused(pruned):
+    in_features = projection_in_features(pruned[0])
+    assert set(in_features.values()) >= {96}
+    with pytest.raises(
+        GqaPruneError, match="bits 3 is not supported by the torch_aten kernel \\(bits 4\\); kernels with 3 bits: torch"
+    ):
+        check_settings(QuantSettings("gptq", 3, 32, kernel="torch_aten"), in_features)
+    with pytest.raises(
+        GqaPruneError,
+        match=r"group size 64 does not divide in_features 96 of model.layers.0.self_attn.q_proj \(\d+ layers\); "
+        "group sizes that divide every layer: 32",
+    ):
+        check_settings(QuantSettings("gptq", 4, 64), in_features)
+    assert check_settings(QuantSettings("gptq", 3, 64, kernel="torch"), in_features).backend == "gptq_torch"
+
+
+def test_cli_refusal_is_one_line_and_writes_nothing(pruned, tmp_path, capsys):
+    code = main(["quantize", "--model", str(pruned[0]), "--method", "rtn", "--bits", "4", "--group-size", "128",
+                 "--out", str(tmp_path / "q")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    error_lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and error_lines[0].startswith(
+        "gqa-prune quantize: error: group size 128 does not divide in_features 96 of model.layers.0.self_attn.q_proj ("
+    )
+    assert error_lines[0].endswith("layers); group sizes that divide every layer: 32")
+    assert not (tmp_path / "q").exists()

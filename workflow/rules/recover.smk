@@ -1,0 +1,40 @@
+# pruned checkpoint -> recovered/<pruned>-lora-<lm|kd>/: LoRA on every projection, merged; same format.
+rule recover:
+    input:
+        model=lambda wildcards: model_path(wildcards.model, parent_variant(wildcards.variant)),
+        blocks=f"{RESULTS}/calib/{RECOVERY['data']['name']}.safetensors",
+        teacher=lambda wildcards: STAGED.format(model=wildcards.model)
+        if parse_variant(wildcards.variant)["recovery"] == "kd"
+        else [],
+    output:
+        directory(f"{RESULTS}/recovered/{{variant}}"),
+    params:
+        settings=lambda wildcards: cli_flags({
+            "--loss": parse_variant(wildcards.variant)["recovery"],
+            "--rank": RECOVERY["rank"],
+            "--alpha": RECOVERY["alpha"],
+            "--dropout": RECOVERY["dropout"],
+            "--lr": RECOVERY["lr"],
+            "--steps": RECOVERY["steps"],
+            "--batch-size": RECOVERY["batch_size"],
+            "--warmup-steps": RECOVERY["warmup_steps"],
+            "--temperature": RECOVERY["temperature"] if parse_variant(wildcards.variant)["recovery"] == "kd" else None,
+            "--seed": RECOVERY["seed"],
+            "--gradient-checkpointing": RECOVERY["gradient_checkpointing"],
+        }),
+        teacher=lambda wildcards, input: f"--teacher {input.teacher}" if input.teacher else "",
+        device=config["device"],
+        dtype=config["model"]["dtype"],
+    log:
+        f"{RESULTS}/logs/recover/{{variant}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/recover/{{variant}}.tsv"
+    threads: HEAVY_THREADS
+    resources:
+        mem_mb=mem_mb(factor=6.0),  # student + adapters + optimizer + activations, and the kd teacher
+        **gpu_resources(),
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "{CLI} --threads {threads} recover --model {input.model} --train-blocks {input.blocks} {params.teacher}"
+        " {params.settings} --device {params.device} --dtype {params.dtype} --out {output} > {log} 2>&1"
