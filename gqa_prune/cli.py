@@ -195,6 +195,55 @@ def cmd_ppl(args: argparse.Namespace) -> None:
     print(f"{args.model}: WikiText-2 {result.describe()}")
 
 
+def parse_task_limits(text: str) -> dict[str, int | None]:
+    """'arc_easy=200,piqa,wikitext=4' -> {'arc_easy': 200, 'piqa': None, 'wikitext': 4} (None = every item)."""
+    tasks: dict[str, int | None] = {}
+    for part in filter(None, (piece.strip() for piece in text.split(","))):
+        name, _, limit = part.partition("=")
+        try:
+            tasks[name] = int(limit) if limit else None
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"task limit {part!r} must look like task=N") from None
+    return tasks
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .atomic import write_json
+    from .evaluate import check_tasks, run_lm_eval, summarize
+    from .perplexity import default_window
+    from .sources import load_model, load_tokenizer
+
+    check_tasks(args.tasks)
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    tokenizer = load_tokenizer(args.model)
+    max_length = args.max_length or default_window(model)
+    raw = run_lm_eval(model, tokenizer, args.tasks, args.data_dir, batch_size=args.batch_size, max_length=max_length)
+    summary = summarize(raw, args.data_dir)
+    write_json(args.out, {"model": str(args.model), "max_length": max_length, "summary": summary, "lm_eval": raw})
+    for task, entry in summary.items():
+        metric = "word_perplexity" if task == "wikitext" else ("acc_norm" if "acc_norm" in entry else "acc")
+        print(f"{task}: {metric} {entry[metric]:.4f} ({entry['items']} items)")
+
+
+def cmd_efficiency(args: argparse.Namespace) -> None:
+    from .atomic import write_json
+    from .efficiency import LatencySettings, measure, peak_rss_mb
+    from .quantize import linear_bits_per_parameter
+    from .report import weight_bytes
+    from .sources import load_model
+
+    settings = LatencySettings(args.prompt_tokens, args.decode_tokens, args.repeats, args.warmup)
+    rss_before = peak_rss_mb()
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    figures = measure(model, settings, rss_before)
+    figures.update(bytes=weight_bytes(args.model), linear_bits=linear_bits_per_parameter(args.model))
+    write_json(args.out, {"model": str(args.model), **figures})
+    print(
+        f"{args.model}: prefill {figures['prefill_ms']:.1f} ms ({settings.prompt_tokens} tokens), "
+        f"decode {figures['decode_tokens_per_s']:.1f} tokens/s, KV {figures['kv_cache_bytes_per_token']:,} B/token"
+    )
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     from .plan import PruningPlan
     from .plotting import plot_plan
@@ -247,15 +296,15 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_aggregate(args: argparse.Namespace) -> None:
-    from .report import write_tables
+    from .report import write_report
 
     text = args.manifest if args.manifest.lstrip().startswith("{") else Path(args.manifest).read_text()
     try:
         manifest = json.loads(text)
     except json.JSONDecodeError as error:
         raise GqaPruneError(f"manifest is not valid JSON: {error}") from error
-    table = write_tables(manifest, args.csv, args.markdown)
-    print(f"tradeoff table ({len(table)} variants) -> {args.csv}, {args.markdown}")
+    table = write_report(manifest, args.csv)
+    print(f"tradeoff table ({len(table)} variants) -> {args.csv} (+ .md, .html, .sources.json, pareto_*.png)")
 
 
 def cmd_profile_install(args: argparse.Namespace) -> None:
@@ -396,12 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--out", required=True, type=Path)
     quantize.set_defaults(run=cmd_quantize)
 
-    aggregate = commands.add_parser("aggregate", help="tradeoff table (CSV + Markdown) from a manifest of artefacts")
+    aggregate = commands.add_parser("aggregate", help="tradeoff table, Pareto fronts and plots from a manifest")
     aggregate.add_argument(
         "--manifest", required=True, help="JSON file, or inline JSON, naming each variant's artefacts"
     )
-    aggregate.add_argument("--csv", required=True, type=Path)
-    aggregate.add_argument("--markdown", required=True, type=Path)
+    aggregate.add_argument("--csv", required=True, type=Path, help="the table; .md, .html and plots are written beside")
     aggregate.set_defaults(run=cmd_aggregate)
 
     profile = commands.add_parser("profile", help="Snakemake profiles")
@@ -413,6 +461,29 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("--dest", type=Path, default=Path("~/.config/snakemake/slurm"))
     install.add_argument("--force", action="store_true", help="replace an existing profile")
     install.set_defaults(run=cmd_profile_install)
+
+    evaluate = commands.add_parser("evaluate", help="lm-eval tasks (offline copies with --data-dir)")
+    evaluate.add_argument("--model", required=True, type=Path)
+    evaluate.add_argument(
+        "--tasks", required=True, type=parse_task_limits,
+        help="comma-separated task[=limit]: arc_easy, arc_challenge, hellaswag, piqa, winogrande, wikitext",
+    )  # fmt: skip
+    evaluate.add_argument("--data-dir", type=Path, default=None, help="offline data laid out like ../shared/data")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=8)
+    evaluate.add_argument("--max-length", type=_positive_int, default=None, help="default: min(2048, model max)")
+    evaluate.add_argument("--out", required=True, type=Path, help="JSON: summary + lm-eval's full results")
+    device_options(evaluate)
+    evaluate.set_defaults(run=cmd_evaluate)
+
+    efficiency = commands.add_parser("efficiency", help="size, KV cache, peak memory, prefill latency, decode speed")
+    efficiency.add_argument("--model", required=True, type=Path)
+    efficiency.add_argument("--prompt-tokens", type=_positive_int, default=256)
+    efficiency.add_argument("--decode-tokens", type=_positive_int, default=32)
+    efficiency.add_argument("--repeats", type=_positive_int, default=3)
+    efficiency.add_argument("--warmup", type=int, default=1)
+    efficiency.add_argument("--out", required=True, type=Path)
+    device_options(efficiency)
+    efficiency.set_defaults(run=cmd_efficiency)
 
     plot = commands.add_parser("plot", help="draw a plan: kept groups/channels against layer importance (PNG)")
     plot.add_argument("--plan", required=True, type=Path)

@@ -69,3 +69,35 @@ def plot_loss_curve(steps: list[int], losses: list[float], out_png: str | os.Pat
     with atomic_file(out_png) as temporary:
         figure.savefig(temporary, format="png", dpi=110)
     plt.close(figure)
+
+
+def plot_pareto(
+    labels: list[str],
+    xs: list[float],
+    ys: list[float],
+    on_front: list[bool],
+    x_label: str,
+    y_label: str,
+    out_png: str | os.PathLike,
+    log_y: bool = False,
+) -> None:
+    """Every variant as a labelled point; the Pareto front highlighted and joined."""
+    figure, axis = plt.subplots(figsize=(7.5, 5.0))
+    axis.scatter(xs, ys, color="lightgrey", edgecolor="grey", zorder=2, label="variant")
+    front = sorted((x, y) for x, y, keep in zip(xs, ys, on_front) if keep)
+    if front:
+        axis.plot([x for x, _ in front], [y for _, y in front], color="tab:green", marker="o", zorder=3,
+                  label="Pareto front")  # fmt: skip
+    for label, x, y, keep in zip(labels, xs, ys, on_front):
+        axis.annotate(label, (x, y), fontsize=6.5, xytext=(3, 3), textcoords="offset points",
+                      color="black" if keep else "grey")  # fmt: skip
+    if log_y:
+        axis.set_yscale("log")
+    axis.set_xlabel(x_label)
+    axis.set_ylabel(y_label)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    with atomic_file(out_png) as temporary:
+        figure.savefig(temporary, format="png", dpi=110)
+    plt.close(figure)

@@ -41,3 +41,13 @@ def test_missing_artefact_is_named(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     assert row["params"] == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    from gqa_prune.report import pareto_mask
+
+    sizes = [100, 80, 80, 50, 60]
+    accuracy = [0.60, 0.58, 0.50, 0.40, 0.39]
+    # (80, 0.50) is beaten by (80, 0.58); (60, 0.39) by (50, 0.40)
+    assert pareto_mask(sizes, accuracy, "min", "max") == [True, True, False, True, False]
+    assert pareto_mask([1, 2], [5.0, 5.0], "min", "min") == [True, False]

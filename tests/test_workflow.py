@@ -54,7 +54,12 @@ def tiny_config(model_dir: Path, **overrides) -> dict:
             "apply_to": ["dense", "taylor-inverse-r0.20-lora-kd"],
             "n_samples": 8,
         },
-        "eval": {"ppl": {"window": 32, "max_tokens": 256}},
+        "eval": {
+            "ppl": {"window": 32, "max_tokens": 256},
+            "tasks": {"arc_easy": 4, "piqa": 4, "winogrande": 4, "hellaswag": 2, "arc_challenge": 2, "wikitext": 1},
+            "max_length": 512,
+            "efficiency": {"prompt_tokens": 8, "decode_tokens": 2, "repeats": 1, "warmup": 0},
+        },
         "resources": {"threads": 1, "model_mb": 1},
     }
     for dotted, value in overrides.items():
@@ -94,6 +99,11 @@ def jobs_for(rule: str, variants) -> set[tuple[str, str]]:
     return {(rule, f"model=tiny, variant={variant}") for variant in variants}
 
 
+def evaluation_of(variants) -> set[tuple[str, str]]:
+    """A changed model is measured again: perplexity, lm-eval tasks, efficiency."""
+    return jobs_for("ppl", variants) | jobs_for("evaluate", variants) | jobs_for("efficiency", variants)
+
+
 def downstream_of_plan(variants) -> set[tuple[str, str]]:
     """Jobs that follow new plans of these pruned variants: prune, recovery and quantization of what
     derives from them, PPL of everything, and the table."""
@@ -101,7 +111,7 @@ def downstream_of_plan(variants) -> set[tuple[str, str]]:
     quantized = [v for v in QUANTIZED if any(v.startswith(r + "-") for r in recovered)]
     jobs = {("aggregate", "model=tiny"), ("all", "")}
     jobs |= jobs_for("plan", variants) | jobs_for("prune", variants) | jobs_for("recover", recovered)
-    jobs |= jobs_for("quantize", quantized) | jobs_for("ppl", [*variants, *recovered, *quantized])
+    jobs |= jobs_for("quantize", quantized) | evaluation_of([*variants, *recovered, *quantized])
     return jobs
 
 
@@ -128,13 +138,41 @@ def test_real_run_writes_the_table_and_says_where(workflow_run):
     rows = table.read_text().splitlines()
     assert rows[0].startswith("model,variant,criterion,strategy,ratio")
     assert [row.split(",")[1] for row in rows[1:]] == VARIANTS
-    for column in ("recovery", "quant", "linear_bits", "importance_s", "prune_max_rss_mb", "recover_s", "quantize_s"):
+    for column in ("recovery", "quant", "linear_bits", "importance_s", "prune_max_rss_mb", "recover_s", "quantize_s",
+                   "arc_easy_acc_norm", "winogrande_acc", "mean_acc", "kv_cache_bytes_per_token", "prefill_ms",
+                   "decode_tokens_per_s", "pareto_bytes_acc", "wikitext_word_ppl"):  # fmt: skip
         assert column in rows[0].split(",")
+    for name in ("tradeoff.html", "pareto_bytes_acc.png", "pareto_bytes_ppl.png", "pareto_tps_acc.png"):
+        assert (workdir / "results/tiny" / name).is_file()
     sources = json.loads((workdir / "results/tiny/tradeoff.sources.json").read_text())
     for entry in sources["variants"]:  # every figure traces to an artefact that exists
         assert (workdir / entry["ppl"]).is_file() and (workdir / entry["model"]).is_dir()
         assert all((workdir / path).is_file() for path in entry["benchmarks"].values())
     assert (workdir / "results/tiny/pruned/taylor-inverse-r0.30/config.json").is_file()
+
+
+def test_every_number_in_the_table_traces_to_its_artefact(workflow_run):
+    import csv
+
+    workdir = workflow_run[0]
+    rows = {row["variant"]: row for row in csv.DictReader(open(workdir / "results/tiny/tradeoff.csv"))}
+    sources = json.loads((workdir / "results/tiny/tradeoff.sources.json").read_text())
+    for entry in sources["variants"]:
+        row = rows[entry["variant"]]
+        ppl = json.loads((workdir / entry["ppl"]).read_text())
+        efficiency = json.loads((workdir / entry["efficiency"]).read_text())
+        tasks = json.loads((workdir / entry["lm_eval"]).read_text())
+        assert float(row["ppl"]) == ppl["perplexity"] and int(row["ppl_window"]) == ppl["window"]
+        for key in ("bytes", "linear_bits", "kv_cache_bytes_per_token", "prefill_ms", "decode_tokens_per_s"):
+            assert float(row[key]) == efficiency[key]
+        assert float(row["arc_easy_acc_norm"]) == tasks["summary"]["arc_easy"]["acc_norm"]
+        assert float(row["winogrande_acc_stderr"]) == tasks["summary"]["winogrande"]["acc_stderr"]
+        # the raw lm-eval results are kept too
+        assert tasks["lm_eval"]["arc_easy"]["results"]["arc_easy"]["acc_norm,none"] == float(row["arc_easy_acc_norm"])
+        primary = [tasks["summary"][t]["acc_norm" if "acc_norm" in tasks["summary"][t] else "acc"]
+                   for t in ("arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande")]  # fmt: skip
+        assert float(row["mean_acc"]) == pytest.approx(sum(primary) / len(primary), rel=1e-12)
+        assert float(row["prune_s"] if "prune" in entry["benchmarks"] else 0) >= 0
 
 
 def test_touching_nothing_reruns_nothing(workflow_run):
@@ -161,7 +199,7 @@ def test_changing_a_lora_setting_reruns_recovery_and_what_derives_from_it(workfl
     changed = tiny_config(Path(config["model"]["source"]), **{"recovery.lr": 0.001})
     derived = [v for v in QUANTIZED if v.startswith("taylor-inverse-r0.20-lora-kd-")]
     expected = {("aggregate", "model=tiny"), ("all", "")} | jobs_for("recover", RECOVERED)
-    expected |= jobs_for("quantize", derived) | jobs_for("ppl", [*RECOVERED, *derived])
+    expected |= jobs_for("quantize", derived) | evaluation_of([*RECOVERED, *derived])
     assert planned_jobs(workdir, changed) == expected
 
 
@@ -171,7 +209,7 @@ def test_changing_gptq_calibration_reruns_only_gptq_jobs(workflow_run):
     gptq = [v for v in QUANTIZED if v.endswith("gptq-w4g32")]
     assert planned_jobs(workdir, changed) == {("aggregate", "model=tiny"), ("all", "")} | jobs_for(
         "quantize", gptq
-    ) | jobs_for("ppl", gptq)
+    ) | evaluation_of(gptq)
 
 
 def test_changing_calibration_reruns_importance_and_downstream_not_staging(workflow_run):
@@ -179,7 +217,7 @@ def test_changing_calibration_reruns_importance_and_downstream_not_staging(workf
     changed = tiny_config(Path(config["model"]["source"]), **{"calibration.n_samples": 12})
     expected = downstream_of_plan(PRUNED) | {("calib", "calib=c4, model=tiny")}
     expected |= {("importance", f"calib=c4, criterion={criterion}, model=tiny") for criterion in ("random", "taylor")}
-    expected |= jobs_for("quantize", ["dense-gptq-w4g32"]) | jobs_for("ppl", ["dense-gptq-w4g32"])  # GPTQ calibrates
+    expected |= jobs_for("quantize", ["dense-gptq-w4g32"]) | evaluation_of(["dense-gptq-w4g32"])  # GPTQ calibrates
     assert planned_jobs(workdir, changed) == expected
 
 
@@ -233,7 +271,7 @@ def test_gpu_stages_ask_for_a_gpu_and_memory_scales_with_the_model(tmp_path, tin
     done = snakemake(tmp_path, config, "--dry-run", "--cores", "1")
     blocks = {match[1]: match[2] for match in re.finditer(r"rule (\w+):\n(.*?)(?=\n\[|\nJob stats)", done.stdout, re.S)}
     assert "gpu=1" in blocks["importance"] and "gpu_model=h100" in blocks["importance"]
-    for rule in ("ppl", "recover", "quantize"):
+    for rule in ("ppl", "recover", "quantize", "evaluate", "efficiency"):
         assert "gpu=1" in blocks[rule] and "gpu_model=h100" in blocks[rule]
     assert "gpu" not in blocks["plan"] and "gpu" not in blocks["prune"] and "gpu" not in blocks["calib"]
     assert "mem_mb=1504" in blocks["importance"]  # 1500 + 4 x model_mb (1 MB estimate before staging)
@@ -245,6 +283,7 @@ def test_report_renders_plots_and_table(workflow_run):
     snakemake(workdir, config, "--report", "report.html")
     html = (workdir / "report.html").read_text(errors="replace")
     assert "tradeoff.csv" in html and "taylor-inverse-r0.30.png" in html and "Pruning plan" in html
+    assert "pareto_bytes_acc.png" in html and "Pareto front" in html and "tradeoff.html" in html
 
 
 def test_killed_run_leaves_nothing_a_rerun_accepts(tmp_path, tiny_model_dir):

@@ -20,6 +20,10 @@ def tradeoff_manifest(model: str) -> dict:
             benchmarks["recover"] = f"results/{model}/benchmarks/recover/{parts['prune']}-lora-{parts['recovery']}.tsv"
         if parts["quant"]:
             benchmarks["quantize"] = f"results/{model}/benchmarks/quantize/{variant}.tsv"
+        entry["efficiency"] = f"results/{model}/eval/{variant}/efficiency.json"
+        if variant in EVALUATED_VARIANTS:
+            entry["lm_eval"] = f"results/{model}/eval/{variant}/lm_eval.json"
+            benchmarks["evaluate"] = f"results/{model}/benchmarks/evaluate/{variant}.tsv"
         entry["benchmarks"] = benchmarks
         entries.append(entry)
     ppl = config["eval"]["ppl"]
@@ -31,6 +35,18 @@ def tradeoff_manifest(model: str) -> dict:
         "bytes: weight files on disk.",
         f"Wall times (*_s) and peak resident memory (*_max_rss_mb) are Snakemake benchmarks on device '{config['device']}'.",
     ]
+    if EVALUATED_VARIANTS:
+        limits = ", ".join(f"{task} {limit or 'all'}" for task, limit in sorted(EVAL["tasks"].items()))
+        source = "offline copies of lm-eval's tasks (lm-eval's prompts and metrics)" if DATA_DIR else "lm-eval's hub tasks"
+        latency = EVAL["efficiency"]
+        notes += [
+            f"Tasks: {source}, zero-shot; items scored: {limits} (wikitext: documents). mean_acc averages acc_norm "
+            "(acc for winogrande) over the multiple-choice tasks.",
+            f"Latency on '{config['device']}' with {HEAVY_THREADS} threads at batch 1: prefill of {latency['prompt_tokens']} "
+            f"tokens, decode of {latency['decode_tokens']} tokens, median of {latency['repeats']} after "
+            f"{latency['warmup']} warm-up; peak_memory_mb is the resident-memory growth while loading and timing.",
+            "pareto_*: on the front of weight bytes vs mean accuracy, bytes vs perplexity, decode speed vs accuracy.",
+        ]
     if RECOVERED_VARIANTS:
         notes.append(f"Recovery: LoRA r={RECOVERY['rank']}, {RECOVERY['steps']} steps of {RECOVERY['batch_size']} x "
                      f"{RECOVERY['data']['seq_len']} tokens of {RECOVERY['data']['source']}, lr {RECOVERY['lr']}; "
@@ -46,7 +62,7 @@ def tradeoff_inputs(wildcards) -> list[str]:
     files = []
     for entry in manifest["variants"]:
         files += [entry["model"], entry["ppl"], *entry["benchmarks"].values()]
-        files += [entry["plan"]] if "plan" in entry else []
+        files += [entry[key] for key in ("plan", "lm_eval", "efficiency") if key in entry]
     return files
 
 
@@ -55,8 +71,13 @@ rule aggregate:
         tradeoff_inputs,
     output:
         csv=report(f"{RESULTS}/tradeoff.csv", caption="../report/tradeoff.rst", category="Tradeoff"),
+        html=report(f"{RESULTS}/tradeoff.html", caption="../report/tradeoff.rst", category="Tradeoff"),
         markdown=f"{RESULTS}/tradeoff.md",
         sources=f"{RESULTS}/tradeoff.sources.json",
+        fronts=[
+            report(f"{RESULTS}/pareto_{name}.png", caption=f"../report/pareto_{name}.rst", category="Pareto fronts")
+            for name in ("bytes_acc", "bytes_ppl", "tps_acc")
+        ],
     params:
         manifest=lambda wildcards: json.dumps(tradeoff_manifest(wildcards.model), sort_keys=True),
     log:
@@ -66,4 +87,4 @@ rule aggregate:
     conda:
         "../../envs/core.yaml"
     shell:
-        "{CLI} aggregate --manifest {params.manifest:q} --csv {output.csv} --markdown {output.markdown} > {log} 2>&1"
+        "{CLI} aggregate --manifest {params.manifest:q} --csv {output.csv} > {log} 2>&1"

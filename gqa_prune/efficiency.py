@@ -1,0 +1,125 @@
+"""Efficiency figures of a loaded model on the run's device: size, KV cache, memory, latency, throughput.
+
+Latency is measured at batch 1 with a KV cache: prefill = one forward over the prompt; decode = greedy
+steps of one token each, reusing the cache. Each is repeated after warm-up runs and the median is kept.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .arch import ALL_ROLES, adapter_for, geometry_of
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    prompt_tokens: int = 256
+    decode_tokens: int = 32
+    repeats: int = 3
+    warmup: int = 1
+    seed: int = 0
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Logical parameter counts, the same for a float and a quantized copy of a model.
+
+    Decoder projections count in x out (+ bias) whatever their storage (a packed GPTQ layer keeps its
+    weights in buffers); every other parameter counts once (tied embeddings once). Non-embedding excludes
+    the input embedding and an untied output head.
+    """
+    adapter = adapter_for(model.config)
+    projections = {
+        id(adapter.projection(layer, role)): adapter.projection(layer, role)
+        for layer in adapter.decoder_layers(model)
+        for role in ALL_ROLES
+    }
+    total = 0
+    for projection in projections.values():
+        bias = getattr(projection, "bias", None)
+        total += projection.in_features * projection.out_features + (bias.numel() if bias is not None else 0)
+    for name, parameter in model.named_parameters():
+        if id(model.get_submodule(name.rpartition(".")[0])) not in projections:
+            total += parameter.numel()
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    head = 0 if output is None or output.weight.data_ptr() == embedding.data_ptr() else output.weight.numel()
+    return {"parameters": int(total), "non_embedding_parameters": int(total - embedding.numel() - head)}
+
+
+def kv_cache_bytes_per_token(model: nn.Module) -> int:
+    """Bytes the KV cache grows by per token: every layer stores a key and a value per KV head."""
+    geometry = geometry_of(model)
+    element = torch.empty((), dtype=compute_dtype(model)).element_size()
+    return int(sum(2 * groups * geometry.head_dim * element for groups in geometry.kv_groups))
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype activations (and the KV cache) take: that of the input embedding."""
+    return model.get_input_embeddings().weight.dtype
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def latency(model: nn.Module, settings: LatencySettings) -> dict[str, float]:
+    """Median prefill time (ms) and decode throughput (tokens/s) at batch 1."""
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(settings.seed)
+    prompt = torch.randint(0, vocab, (1, settings.prompt_tokens), generator=generator).to(device)
+    prefill_seconds, decode_rates = [], []
+    for run in range(settings.warmup + settings.repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        output = model(input_ids=prompt, use_cache=True)
+        _synchronize(device)
+        prefill = time.perf_counter() - start
+        cache, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(settings.decode_tokens):
+            output = model(input_ids=token, past_key_values=cache, use_cache=True)
+            cache, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+        _synchronize(device)
+        decode = time.perf_counter() - start
+        if run >= settings.warmup:
+            prefill_seconds.append(prefill)
+            decode_rates.append(settings.decode_tokens / decode)
+    return {
+        "prefill_ms": 1000 * statistics.median(prefill_seconds),
+        "decode_tokens_per_s": statistics.median(decode_rates),
+    }
+
+
+def measure(model: nn.Module, settings: LatencySettings, rss_before_load_mb: float) -> dict:
+    """Every efficiency figure for a model already loaded on its device."""
+    device = next(model.parameters()).device
+    figures = {
+        **parameter_counts(model),
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(model),
+        "compute_dtype": str(compute_dtype(model)).removeprefix("torch."),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        **latency(model, settings),
+        "latency_settings": asdict(settings),
+    }
+    if device.type == "cuda":
+        figures["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        figures["peak_memory_kind"] = "cuda max_memory_allocated (load + latency runs)"
+    else:
+        figures["peak_memory_mb"] = peak_rss_mb() - rss_before_load_mb
+        figures["peak_memory_kind"] = "peak RSS growth of the process (load + latency runs)"
+    return figures

@@ -1,0 +1,55 @@
+# a model (any variant) -> eval/<variant>/lm_eval.json (lm-eval tasks, for the variants in eval.apply_to)
+# and eval/<variant>/efficiency.json (every variant: cheap, and it places each one on the size/speed fronts).
+EVAL = config["eval"]
+EVALUATED_VARIANTS = chosen(EVAL["apply_to"], VARIANTS, "eval.apply_to")
+
+
+rule evaluate:
+    input:
+        model=model_dir,
+    output:
+        f"{RESULTS}/eval/{{variant}}/lm_eval.json",
+    params:
+        tasks=",".join(f"{task}={limit}" if limit else task for task, limit in sorted(EVAL["tasks"].items())),
+        batch_size=EVAL["batch_size"],
+        max_length=f"--max-length {EVAL['max_length']}" if EVAL["max_length"] else "",
+        data_dir=DATA_DIR_ARG,
+        device=config["device"],
+        dtype=config["model"]["dtype"],
+    log:
+        f"{RESULTS}/logs/evaluate/{{variant}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/{{variant}}.tsv"
+    threads: HEAVY_THREADS
+    resources:
+        mem_mb=mem_mb(factor=1.5),
+        **gpu_resources(),
+    conda:
+        "../../envs/eval.yaml"
+    shell:
+        "{CLI} --threads {threads} evaluate --model {input.model} --tasks {params.tasks} {params.data_dir}"
+        " {params.max_length} --batch-size {params.batch_size} --device {params.device} --dtype {params.dtype}"
+        " --out {output} > {log} 2>&1"
+
+
+# latency is timed with every core of the job to itself: threads = resources.threads keeps jobs from overlapping
+rule efficiency:
+    input:
+        model=model_dir,
+    output:
+        f"{RESULTS}/eval/{{variant}}/efficiency.json",
+    params:
+        settings=cli_flags({f"--{key.replace('_', '-')}": value for key, value in EVAL["efficiency"].items()}),
+        device=config["device"],
+        dtype=config["model"]["dtype"],
+    log:
+        f"{RESULTS}/logs/efficiency/{{variant}}.log",
+    threads: HEAVY_THREADS
+    resources:
+        mem_mb=mem_mb(factor=1.5),
+        **gpu_resources(),
+    conda:
+        "../../envs/eval.yaml"
+    shell:
+        "{CLI} --threads {threads} efficiency --model {input.model} {params.settings}"
+        " --device {params.device} --dtype {params.dtype} --out {output} > {log} 2>&1"
