@@ -60,3 +60,30 @@ def data_dir() -> Path:
     if not (DATA_DIR / "wikitext-2-raw" / "wiki.test.raw").is_file():
         pytest.fail(f"shared data not found at {DATA_DIR} (set GQA_PRUNE_DATA_DIR)")
     return DATA_DIR
+
+
+def slurm_problem() -> str | None:
+    """Why no usable Slurm is here, or None when sbatch works and the node takes jobs."""
+    import shutil
+    import subprocess
+
+    missing = [tool for tool in ("sbatch", "squeue", "sinfo", "scancel") if shutil.which(tool) is None]
+    if missing:
+        return f"{', '.join(missing)} not installed"
+    try:
+        states = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30).stdout.split()
+    except subprocess.TimeoutExpired:
+        return "sinfo timed out (controller not running?)"
+    if not {"idle", "mixed", "allocated"} & set(states):
+        return f"no node is up (sinfo: {' '.join(states) or 'nothing'})"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A working Slurm, or a skip (developer machine) / failure (CI sets GQA_PRUNE_REQUIRE_SLURM=1)."""
+    problem = slurm_problem()
+    if problem is not None:
+        if os.environ.get("GQA_PRUNE_REQUIRE_SLURM") == "1":
+            pytest.fail(f"Slurm is required (GQA_PRUNE_REQUIRE_SLURM=1) but not usable: {problem}")
+        pytest.skip(f"no working Slurm: {problem} (start one with tests/slurm/setup.sh)")

@@ -88,3 +88,17 @@ def test_bad_task_settings_are_refused(data_dir, tmp_path):
     with pytest.raises(GqaPruneError, match="offline data for task 'piqa' not found"):
         write_offline_tasks(tmp_path, ["piqa"], tmp_path)
     assert os.listdir(tmp_path) == []
+
+
+def test_own_perplexity_and_lm_eval_word_perplexity_are_reproducible(data_dir, tiny_tokenizer):
+    from gqa_prune.data import wikitext2_test_text
+    from gqa_prune.perplexity import perplexity
+
+    model = tiny_model("qwen2", 3, vocab_size=len(tiny_tokenizer))
+    tokens = tiny_tokenizer(wikitext2_test_text(data_dir), return_tensors="pt").input_ids[0]
+    own = [perplexity(model, tokens, 64, "wikitext", max_tokens=1024).perplexity for _ in range(2)]
+    word = [
+        summarize(run_lm_eval(model, tiny_tokenizer, {"wikitext": 1}, data_dir, max_length=256), data_dir)["wikitext"]
+        for _ in range(2)
+    ]
+    assert own[0] == own[1] and word[0]["word_perplexity"] == word[1]["word_perplexity"]

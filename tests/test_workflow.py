@@ -8,111 +8,26 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DATA_DIR, REPO
-
-SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-PRUNED = ["random-inverse-r0.20", "taylor-inverse-r0.20", "taylor-inverse-r0.30"]
-RECOVERED = ["taylor-inverse-r0.20-lora-lm", "taylor-inverse-r0.20-lora-kd"]
-QUANTIZED = [
-    f"{base}-{quant}" for base in ("dense", "taylor-inverse-r0.20-lora-kd") for quant in ("gptq-w4g32", "rtn-w8g32")
-]
-VARIANTS = ["dense", *PRUNED, *RECOVERED, *QUANTIZED]
-
-
-def tiny_config(model_dir: Path, **overrides) -> dict:
-    config = {
-        "model": {"name": "tiny", "source": str(model_dir)},
-        "device": "cpu",
-        "data_dir": str(DATA_DIR),
-        "calibration": {"n_samples": 8, "seq_len": 32},
-        "plans": {
-            "ratios": [0.2, 0.3],
-            "criteria": ["taylor"],
-            "strategies": ["inverse"],
-            "baselines": [{"criterion": "random", "strategy": "inverse", "ratio": 0.2}],
-            "channel_multiple": 32,
-        },
-        "recovery": {
-            "methods": ["lm", "kd"],
-            "apply_to": ["taylor-inverse-r0.20"],
-            "steps": 3,
-            "warmup_steps": 1,
-            "data": {"n_samples": 6, "seq_len": 32},
-        },
-        "quantization": {
-            "methods": [
-                {"method": "gptq", "bits": 4, "group_size": 32},
-                {"method": "rtn", "bits": 8, "group_size": 32},
-            ],
-            "apply_to": ["dense", "taylor-inverse-r0.20-lora-kd"],
-            "n_samples": 8,
-        },
-        "eval": {
-            "ppl": {"window": 32, "max_tokens": 256},
-            "tasks": {"arc_easy": 4, "piqa": 4, "winogrande": 4, "hellaswag": 2, "arc_challenge": 2, "wikitext": 1},
-            "max_length": 512,
-            "efficiency": {"prompt_tokens": 8, "decode_tokens": 2, "repeats": 1, "warmup": 0},
-        },
-        "resources": {"threads": 1, "model_mb": 1},
-    }
-    for dotted, value in overrides.items():
-        *parents, last = dotted.split(".")
-        node = config
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = value
-    return config
-
-
-def snakemake(workdir: Path, config: dict, *args: str, snakefile: Path = REPO / "Snakefile", check: bool = True):
-    config_file = workdir / f"config-{time.monotonic_ns()}.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    command = [SNAKEMAKE, "-s", str(snakefile), "--directory", str(workdir), "--configfile", str(config_file), *args]
-    done = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=900)
-    if check:
-        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    return done
-
-
-def planned_jobs(workdir: Path, config: dict, **kwargs) -> set[tuple[str, str]]:
-    """(rule, wildcards) of every job a dry run would execute."""
-    done = snakemake(workdir, config, "--dry-run", "--cores", "1", **kwargs)
-    jobs, current = [], None
-    for line in (done.stdout + done.stderr).splitlines():
-        stripped = line.strip()
-        if match := re.fullmatch(r"(?:local)?rule (\w+):", stripped):
-            current = [match[1], ""]
-            jobs.append(current)
-        elif current and stripped.startswith("wildcards:"):  # normalised to sorted "key=value, ..."
-            current[1] = ", ".join(sorted(part.strip() for part in stripped.removeprefix("wildcards:").split(",")))
-    return {(rule, wildcards) for rule, wildcards in jobs}
-
-
-def jobs_for(rule: str, variants) -> set[tuple[str, str]]:
-    return {(rule, f"model=tiny, variant={variant}") for variant in variants}
-
-
-def evaluation_of(variants) -> set[tuple[str, str]]:
-    """A changed model is measured again: perplexity, lm-eval tasks, efficiency."""
-    return jobs_for("ppl", variants) | jobs_for("evaluate", variants) | jobs_for("efficiency", variants)
-
-
-def downstream_of_plan(variants) -> set[tuple[str, str]]:
-    """Jobs that follow new plans of these pruned variants: prune, recovery and quantization of what
-    derives from them, PPL of everything, and the table."""
-    recovered = [v for v in RECOVERED if any(v.startswith(p + "-") for p in variants)]
-    quantized = [v for v in QUANTIZED if any(v.startswith(r + "-") for r in recovered)]
-    jobs = {("aggregate", "model=tiny"), ("all", "")}
-    jobs |= jobs_for("plan", variants) | jobs_for("prune", variants) | jobs_for("recover", recovered)
-    jobs |= jobs_for("quantize", quantized) | evaluation_of([*variants, *recovered, *quantized])
-    return jobs
+from conftest import REPO
+from workflow_helpers import (
+    ENV,
+    PRUNED,
+    QUANTIZED,
+    RECOVERED,
+    SNAKEMAKE,
+    VARIANTS,
+    downstream_of_plan,
+    evaluation_of,
+    jobs_for,
+    planned_jobs,
+    snakemake,
+    tiny_config,
+)
 
 
 @pytest.fixture(scope="module")

@@ -82,7 +82,9 @@ rule aggregate:
         manifest=lambda wildcards: json.dumps(tradeoff_manifest(wildcards.model), sort_keys=True),
     log:
         f"{RESULTS}/logs/aggregate.log",
+    retries: RETRIES
     resources:
+        runtime=RUNTIME["aggregate"],
         mem_mb=1000,
     conda:
         "../../envs/core.yaml"

@@ -15,8 +15,10 @@ rule calib:
         data_dir=DATA_DIR_ARG,
     log:
         f"{RESULTS}/logs/calib/{{calib}}.log",
+    retries: RETRIES
     resources:
-        mem_mb=mem_mb(factor=0.0, base_mb=2000),
+        runtime=RUNTIME["calib"],
+        mem_mb=mem_mb(factor=0.0),
     conda:
         "../../envs/core.yaml"
     shell:

@@ -123,14 +123,17 @@ PRUNED_VARIANTS = sorted(
 )
 RECOVERED_VARIANTS = [
     f"{variant}-lora-{loss}"
-    for variant in chosen(RECOVERY["apply_to"], PRUNED_VARIANTS, "recovery.apply_to") if RECOVERY["methods"]
+    for variant in (chosen(RECOVERY["apply_to"], PRUNED_VARIANTS, "recovery.apply_to") if RECOVERY["methods"] else [])
     for loss in RECOVERY["methods"]
 ]
 QUANT_METHODS = {quant_id(method): method for method in QUANTIZATION["methods"]}
 QUANTIZED_VARIANTS = [
     f"{base}-{quant}"
-    for base in chosen(QUANTIZATION["apply_to"], ["dense", *PRUNED_VARIANTS, *RECOVERED_VARIANTS], "quantization.apply_to")
-    if QUANT_METHODS
+    for base in (
+        chosen(QUANTIZATION["apply_to"], ["dense", *PRUNED_VARIANTS, *RECOVERED_VARIANTS], "quantization.apply_to")
+        if QUANT_METHODS
+        else []
+    )
     for quant in QUANT_METHODS
 ]
 VARIANTS = ["dense", *PRUNED_VARIANTS, *RECOVERED_VARIANTS, *QUANTIZED_VARIANTS]
@@ -200,7 +203,15 @@ def plan_args(variant: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ resources
+# Per-rule resources live in the rules, not in profiles/default: Snakemake lets a workflow profile replace a
+# global profile's keys wholesale, so a set-resources there would silently drop a site's own settings.
 HEAVY_THREADS = config["resources"]["threads"]
+RETRIES = config["resources"]["retries"]
+RUNTIME = {  # minutes; generous for an 8B model on one GPU
+    "stage": 120, "calib": 30, "importance": 360, "plan": 10, "prune": 60, "recover": 720, "quantize": 240,
+    "ppl": 180, "evaluate": 480, "efficiency": 30, "aggregate": 10,
+    **config["resources"].get("runtime", {}),
+}  # fmt: skip
 
 
 def model_mb(path: str) -> float:
@@ -212,9 +223,10 @@ def model_mb(path: str) -> float:
     return sum(file.stat().st_size for file in weights) / 1e6
 
 
-def mem_mb(factor: float, base_mb: int = 1500):
+def mem_mb(factor: float, base_mb: int | None = None):
     """mem_mb = (base + factor x model size) x attempt: a job killed for memory is retried with more."""
-    return lambda wildcards, input, attempt: int((base_mb + factor * model_mb(input.model)) * attempt)
+    base = config["resources"]["mem_base_mb"] if base_mb is None else base_mb
+    return lambda wildcards, input, attempt: int((base + factor * model_mb(input.model)) * attempt)
 
 
 def gpu_resources() -> dict:

@@ -21,7 +21,9 @@ rule evaluate:
     benchmark:
         f"{RESULTS}/benchmarks/evaluate/{{variant}}.tsv"
     threads: HEAVY_THREADS
+    retries: RETRIES
     resources:
+        runtime=RUNTIME["evaluate"],
         mem_mb=mem_mb(factor=1.5),
         **gpu_resources(),
     conda:
@@ -45,7 +47,9 @@ rule efficiency:
     log:
         f"{RESULTS}/logs/efficiency/{{variant}}.log",
     threads: HEAVY_THREADS
+    retries: RETRIES
     resources:
+        runtime=RUNTIME["efficiency"],
         mem_mb=mem_mb(factor=1.5),
         **gpu_resources(),
     conda:

@@ -19,7 +19,9 @@ rule importance:
     benchmark:
         f"{RESULTS}/benchmarks/importance/{{calib}}-{{criterion}}.tsv"
     threads: HEAVY_THREADS
+    retries: RETRIES
     resources:
+        runtime=RUNTIME["importance"],
         mem_mb=mem_mb(factor=4.0),
         **gpu_resources(),
     conda:

@@ -14,7 +14,9 @@ rule plan:
         settings=lambda wildcards: plan_args(wildcards.variant),
     log:
         f"{RESULTS}/logs/plan/{{variant}}.log",
+    retries: RETRIES
     resources:
+        runtime=RUNTIME["plan"],
         mem_mb=1000,
     conda:
         "../../envs/core.yaml"

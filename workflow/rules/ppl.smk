@@ -18,7 +18,9 @@ rule ppl:
     benchmark:
         f"{RESULTS}/benchmarks/ppl/{{variant}}.tsv"
     threads: HEAVY_THREADS
+    retries: RETRIES
     resources:
+        runtime=RUNTIME["ppl"],
         mem_mb=mem_mb(factor=1.5),
         **gpu_resources(),
     conda:

@@ -12,7 +12,9 @@ rule prune:
     benchmark:
         f"{RESULTS}/benchmarks/prune/{{variant}}.tsv"
     threads: HEAVY_THREADS
+    retries: RETRIES
     resources:
+        runtime=RUNTIME["prune"],
         mem_mb=mem_mb(factor=2.5),
     conda:
         "../../envs/core.yaml"

@@ -34,7 +34,9 @@ rule quantize:
     benchmark:
         f"{RESULTS}/benchmarks/quantize/{{variant}}.tsv"
     threads: HEAVY_THREADS
+    retries: RETRIES
     resources:
+        runtime=RUNTIME["quantize"],
         mem_mb=mem_mb(factor=3.0),
         **gpu_resources(),
     conda:

@@ -30,7 +30,9 @@ rule recover:
     benchmark:
         f"{RESULTS}/benchmarks/recover/{{variant}}.tsv"
     threads: HEAVY_THREADS
+    retries: RETRIES
     resources:
+        runtime=RUNTIME["recover"],
         mem_mb=mem_mb(factor=6.0),  # student + adapters + optimizer + activations, and the kd teacher
         **gpu_resources(),
     conda:

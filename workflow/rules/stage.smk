@@ -10,7 +10,9 @@ rule stage:
     benchmark:
         f"{RESULTS}/benchmarks/stage.tsv"
     threads: HEAVY_THREADS
+    retries: RETRIES
     resources:
+        runtime=RUNTIME["stage"],
         mem_mb=lambda wildcards, attempt: config["resources"]["stage_mem_mb"] * attempt,
     conda:
         "../../envs/core.yaml"
