@@ -25,6 +25,7 @@ from workflow_helpers import (
     evaluation_of,
     jobs_for,
     planned_jobs,
+    rule_blocks,
     snakemake,
     tiny_config,
 )
@@ -168,14 +169,7 @@ def test_editing_a_rules_shell_reruns_that_rule_and_downstream(workflow_run, tmp
     ],
 )
 def test_invalid_config_fails_before_any_job(tmp_path, tiny_model_dir, override, expected):
-    config = tiny_config(tiny_model_dir)
-    for dotted, value in override.items():
-        *parents, last = dotted.split(".")
-        node = config
-        for key in parents:
-            node = node[key]
-        node[last] = value
-    done = snakemake(tmp_path, config, "--cores", "1", check=False)
+    done = snakemake(tmp_path, tiny_config(tiny_model_dir, **override), "--cores", "1", check=False)
     assert done.returncode != 0
     assert expected in done.stderr, done.stderr[-3000:]
     assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()
@@ -184,13 +178,21 @@ def test_invalid_config_fails_before_any_job(tmp_path, tiny_model_dir, override,
 def test_gpu_stages_ask_for_a_gpu_and_memory_scales_with_the_model(tmp_path, tiny_model_dir):
     config = tiny_config(tiny_model_dir, device="cuda", gpu_model="h100")
     done = snakemake(tmp_path, config, "--dry-run", "--cores", "1")
-    blocks = {match[1]: match[2] for match in re.finditer(r"rule (\w+):\n(.*?)(?=\n\[|\nJob stats)", done.stdout, re.S)}
+    blocks = rule_blocks(done.stdout)
     assert "gpu=1" in blocks["importance"] and "gpu_model=h100" in blocks["importance"]
     for rule in ("ppl", "recover", "quantize", "evaluate", "efficiency"):
         assert "gpu=1" in blocks[rule] and "gpu_model=h100" in blocks[rule]
     assert "gpu" not in blocks["plan"] and "gpu" not in blocks["prune"] and "gpu" not in blocks["calib"]
     assert "mem_mb=1504" in blocks["importance"]  # 1500 + 4 x model_mb (1 MB estimate before staging)
-    assert "runtime=360" in blocks["importance"]  # from profiles/default
+    assert "runtime=360" in blocks["importance"] and "runtime=10" in blocks["plan"]  # defaults in common.smk
+
+
+def test_runtime_retries_and_base_memory_come_from_the_config(tmp_path, tiny_model_dir):
+    overrides = {"resources.runtime": {"importance": 45}, "resources.mem_base_mb": 700, "resources.retries": 3}
+    done = snakemake(tmp_path, tiny_config(tiny_model_dir, **overrides), "--dry-run", "--cores", "1")
+    blocks = rule_blocks(done.stdout)
+    assert "runtime=45" in blocks["importance"] and "runtime=10" in blocks["plan"]
+    assert "mem_mb=704" in blocks["importance"]
 
 
 def test_report_renders_plots_and_table(workflow_run):
@@ -238,3 +240,13 @@ def test_killed_run_leaves_nothing_a_rerun_accepts(tmp_path, tiny_model_dir):
     snakemake(tmp_path, config, "--cores", "1", "--rerun-incomplete", target)
     assert (tmp_path / target / "groups.safetensors").is_file()
     assert not [path for path in (tmp_path / "results").rglob("*") if ".tmp-" in path.name]
+
+
+def test_cluster_example_validates_and_plans_the_8b_grid(tmp_path):
+    # config/examples/llama-3.1-8b.yaml: 5 ratios x 2 criteria x 2 strategies + 1 baseline = 21 pruned variants
+    example = yaml.safe_load((REPO / "config/examples/llama-3.1-8b.yaml").read_text())
+    done = snakemake(tmp_path, example, "--dry-run", "--cores", "1")
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", done.stdout.split("Job stats:")[1], re.M))
+    assert counts["plan"] == counts["prune"] == "21" and counts["stage"] == "1"
+    blocks = rule_blocks(done.stdout)
+    assert "gpu=1" in blocks["importance"] and "gpu=1" in blocks["recover"] and "gpu" not in blocks["plan"]

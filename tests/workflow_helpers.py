@@ -109,3 +109,9 @@ def downstream_of_plan(variants) -> set[tuple[str, str]]:
     jobs |= jobs_for("plan", variants) | jobs_for("prune", variants) | jobs_for("recover", recovered)
     jobs |= jobs_for("quantize", quantized) | evaluation_of([*variants, *recovered, *quantized])
     return jobs
+
+
+def rule_blocks(dry_run_output: str) -> dict[str, str]:
+    """A dry run's text per rule (the last job of each rule): its input, output, reason, resources."""
+    blocks = re.finditer(r"rule (\w+):\n(.*?)(?=\n\[|\nJob stats)", dry_run_output, re.S)
+    return {match[1]: match[2] for match in blocks}
