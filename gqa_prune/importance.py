@@ -389,7 +389,9 @@ def save(result: ImportanceResult, out_dir: str | os.PathLike) -> Path:
     check_finite(result, "importance")
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as temporary:
-        metadata = {"criterion": result.criterion, "geometry": json.dumps(result.geometry.to_dict())}
+        # one metadata key: safetensors writes several in a random order, and artefacts must be byte-reproducible
+        provenance = {"criterion": result.criterion, "geometry": result.geometry.to_dict()}
+        metadata = {"gqa_prune": json.dumps(provenance, sort_keys=True)}
         save_file(result.units.to_tensors(), str(temporary / GROUPS_FILE), metadata=metadata)
         layers = {
             "criterion": result.criterion,

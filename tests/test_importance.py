@@ -168,6 +168,16 @@ def test_saved_scores_round_trip_and_tampered_scores_are_refused(tmp_path):
         importance.load(tmp_path / "scores")
 
 
+def test_saved_scores_are_byte_identical_save_after_save(tmp_path):
+    # the same scores must give the same file, or a Slurm run and a local run could not be compared by hash
+    result = importance.score(tiny_model("llama", 3), BLOCKS, "magnitude")
+    files = set()
+    for attempt in range(8):
+        importance.save(result, tmp_path / f"scores{attempt}")
+        files.add((tmp_path / f"scores{attempt}" / importance.GROUPS_FILE).read_bytes())
+    assert len(files) == 1
+
+
 def test_bad_criteria_and_foreign_tokens_are_refused():
     model = tiny_model("llama", 3)
     with pytest.raises(

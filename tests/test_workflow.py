@@ -248,5 +248,8 @@ def test_cluster_example_validates_and_plans_the_8b_grid(tmp_path):
     done = snakemake(tmp_path, example, "--dry-run", "--cores", "1")
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", done.stdout.split("Job stats:")[1], re.M))
     assert counts["plan"] == counts["prune"] == "21" and counts["stage"] == "1"
+    # + 2 pruned x {lm, kd} recovered + 3 bases x {gptq, rtn} quantized, all through lm-eval: self-contained,
+    # nothing of the CPU demo's config leaks in
+    assert (counts["recover"], counts["quantize"], counts["evaluate"]) == ("4", "6", "32")
     blocks = rule_blocks(done.stdout)
     assert "gpu=1" in blocks["importance"] and "gpu=1" in blocks["recover"] and "gpu" not in blocks["plan"]
