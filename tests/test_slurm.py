@@ -178,20 +178,20 @@ def test_sigint_cancels_the_submitted_jobs(slurm_cluster, tmp_path, tiny_model_d
     profile = slurm_profile(tmp_path / "profile")
     command = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--configfile", str(config_file),
                "--profile", str(profile), "results/tiny/importance/c4-taylor"]  # fmt: skip
-    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # interrupt as soon as Slurm runs the importance job (the plugin puts the rule in the job's comment):
-    # it then still has ~25 s ahead of it (job step start-up, imports, 3,000 batches)
+    output = tmp_path / "snakemake.out"
+    with output.open("w") as sink:
+        process = subprocess.Popen(command, env={**ENV, "PYTHONUNBUFFERED": "1"}, stdout=sink, stderr=subprocess.STDOUT)
+    # interrupt once Snakemake has submitted the importance job and had time to register it as active (it logs
+    # the submission first); the job then still has ~20 s ahead of it (job step start-up, imports, 3,000 batches)
     deadline, running = time.monotonic() + 300, None
     while running is None:
-        assert process.poll() is None and time.monotonic() < deadline, "importance never ran"
-        jobs = subprocess.run(["squeue", "-h", "-t", "R", "-o", "%i %k"], capture_output=True, text=True).stdout
-        running = next(
-            (int(job) for job, comment in re.findall(r"(\d+) (\S+)", jobs) if comment.startswith("rule_importance")),
-            None,
-        )
+        assert process.poll() is None and time.monotonic() < deadline, "importance was never submitted"
         time.sleep(0.5)
+        running = next((job for rule, _, job in submissions(output.read_text()) if rule == "importance"), None)
+    time.sleep(3)
+    assert job_field(running, "JobState") in ("PENDING", "RUNNING")
     process.send_signal(signal.SIGINT)
-    process.communicate(timeout=120)
+    process.wait(timeout=120)
     deadline = time.monotonic() + 60
     while subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split():
         assert time.monotonic() < deadline, "jobs still queued after SIGINT"
