@@ -170,6 +170,11 @@ def test_job_that_exceeds_its_memory_is_retried_with_more(slurm_cluster, tmp_pat
     assert (tmp_path / "results/tiny/eval/dense/ppl.json").is_file()
 
 
+def _default_sigint() -> None:
+    """A shell starts background commands with SIGINT ignored, and children inherit that (so would Snakemake)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_cancels_the_submitted_jobs(slurm_cluster, tmp_path, tiny_model_dir):
     # many calibration blocks keep the importance job busy long enough to interrupt it
     config = chain_config(tiny_model_dir, **{"calibration.n_samples": 3000, "importance.batch_size": 1})
@@ -180,7 +185,13 @@ def test_sigint_cancels_the_submitted_jobs(slurm_cluster, tmp_path, tiny_model_d
                "--profile", str(profile), "results/tiny/importance/c4-taylor"]  # fmt: skip
     output = tmp_path / "snakemake.out"
     with output.open("w") as sink:
-        process = subprocess.Popen(command, env={**ENV, "PYTHONUNBUFFERED": "1"}, stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command,
+            env={**ENV, "PYTHONUNBUFFERED": "1"},
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_default_sigint,
+        )
     # interrupt once Snakemake has submitted the importance job and had time to register it as active (it logs
     # the submission first); the job then still has ~20 s ahead of it (job step start-up, imports, 3,000 batches)
     deadline, running = time.monotonic() + 300, None
