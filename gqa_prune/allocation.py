@@ -1,4 +1,6 @@
-"""Per-layer pruning amounts from layer importance: pure functions, no tensors.
+"""How much each layer loses: pure functions on plain numbers, no tensors.
+
+Width mode (today's plans):
 
 1. ``layer_pressure``: relative pruning pressure per layer. Importance is normalised by its mean;
    ``inverse`` uses z^-alpha (important layers lose less), ``proportional`` z^alpha, ``uniform`` 1.
@@ -15,7 +17,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .errors import GqaPruneError
 
@@ -122,3 +124,32 @@ def discretize(desired: Sequence[float], options: Sequence[Sequence[int]], goal:
 def check_rate_bounds(ratio: float, name: str) -> None:
     if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0.0 <= ratio < 1.0):
         raise GqaPruneError(f"{name} {ratio!r} is outside [0, 1): give the fraction of parameters to remove, e.g. 0.2")
+
+
+# ------------------------------------------------------------------------------------------ hybrid
+def split_by_curves(
+    curves: dict[str, Callable[[float], float]], limits: dict[str, float], target: float, step: float
+) -> dict[str, float]:
+    """Parameters to take from each kind so the summed loss is lowest: hand out ``step`` at a time to the
+    kind whose loss rises least per parameter (optimal when each curve is convex, as loss-curve hulls are).
+
+    ``curves[kind](params)`` is the loss of removing ``params`` of that kind, ``limits[kind]`` the most it
+    can give. Returns kind -> parameters (their sum is ``target``, or everything the limits allow).
+    """
+    taken = {kind: 0.0 for kind in curves}
+    remaining = target
+    while remaining > 1e-9:
+        best, best_price = None, None
+        for kind, loss in curves.items():
+            amount = min(step, remaining, limits[kind] - taken[kind])
+            if amount <= 1e-9:
+                continue
+            price = (loss(taken[kind] + amount) - loss(taken[kind])) / amount
+            if best_price is None or price < best_price:
+                best, best_price = (kind, amount), price
+        if best is None:
+            break
+        kind, amount = best
+        taken[kind] += amount
+        remaining -= amount
+    return taken

@@ -89,24 +89,26 @@ tags:
 ---
 # {model_name} (GQA-aware structured pruning)
 
-Pruned by gqa-prune from `{source}`. Attention lost whole GQA groups (a KV head with its
-{plan.geometry.heads_per_group} query heads), so every kept query head still reads its own KV head; MLP lost
-whole channels. Weights are not fine-tuned after pruning.
+Pruned by gqa-prune from `{source}` ({settings.mode} plan). {_what_went(plan)} Weights are not fine-tuned
+after pruning.
 
 | | before | after |
 |---|---:|---:|
 | parameters | {summary["params_before"]:,} | {summary["params_after"]:,} |
+| decoder layers | {plan.geometry.num_layers} | {pruned.num_layers} |
 | attention parameters | {summary["attention_params_before"]:,} | {summary["attention_params_after"]:,} |
 | MLP parameters | {summary["mlp_params_before"]:,} | {summary["mlp_params_after"]:,} |
 | KV groups per layer | {_span(plan.geometry.kv_groups)} | {_span(pruned.kv_groups)} |
 | MLP channels per layer | {_span(plan.geometry.intermediate_sizes)} | {_span(pruned.intermediate_sizes)} |
 
 Removed {summary["achieved_ratio"]:.2%} of attention+MLP parameters (attention {summary["achieved_attn_ratio"]:.2%},
-MLP {summary["achieved_mlp_ratio"]:.2%}); asked for attention {settings.attn_ratio}, MLP {settings.mlp_ratio}.
+MLP {summary["achieved_mlp_ratio"]:.2%}): {summary["layers_removed"]} whole layers, {summary["attn_sublayers_removed"]}
+attention and {summary["mlp_sublayers_removed"]} MLP sublayers; asked for {_asked(settings)}.
 
 Plan: unit criterion `{settings.criterion}`, layer criterion `{settings.layer_criterion}`, strategy
 `{settings.strategy}` (alpha {settings.alpha}, rates {settings.min_rate}..{settings.max_rate}), protected layers
-{protected}, MLP widths in multiples of {settings.channel_multiple}. The full plan is in `{PLAN_FILE}`.
+{protected}, MLP widths in multiples of {settings.channel_multiple}. The full plan, with what each layer lost
+and why, is in `{PLAN_FILE}`.
 
 Config: {config_description}.
 
@@ -115,6 +117,30 @@ from transformers import AutoModelForCausalLM
 model = {load_line}
 ```
 """
+
+
+def _what_went(plan: PruningPlan) -> str:
+    parts = []
+    if any(
+        layer.keeps("attn") and len(layer.kept_kv_groups) < plan.geometry.kv_groups[layer.layer]
+        for layer in plan.layers
+    ):
+        parts.append(
+            f"Attention lost whole GQA groups (a KV head with its {plan.geometry.heads_per_group} query heads), so "
+            "every kept query head still reads its own KV head."
+        )
+    if plan.param_summary()["achieved_mlp_ratio"] > 0:
+        parts.append("MLPs lost whole channels or whole sublayers.")
+    if plan.param_summary()["layers_removed"]:
+        parts.append("Whole decoder layers were removed.")
+    return " ".join(parts)
+
+
+def _asked(settings) -> str:
+    if settings.mode == "width":
+        attention, mlp = settings.width_ratios
+        return f"attention {attention}, MLP {mlp}"
+    return f"{settings.ratio} of attention+MLP parameters, split by the scores"
 
 
 def _span(values) -> str:

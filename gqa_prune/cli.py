@@ -111,7 +111,7 @@ def cmd_calib(args: argparse.Namespace) -> None:
 
 
 def cmd_importance(args: argparse.Namespace) -> None:
-    from . import importance
+    from . import importance, scores
     from .data import load_calibration
     from .sources import load_model
 
@@ -125,21 +125,27 @@ def cmd_importance(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing,
+        curves=not args.no_curves,
+        curve_blocks=args.curve_blocks,
+        channel_multiple=args.channel_multiple,
     )
-    result.info.update(calibration=calibration, parameters=sum(p.numel() for p in model.parameters()))
-    importance.save(result, args.out)
-    print(f"importance ({args.criterion}; layers: {', '.join(result.layer_scores)}) -> {args.out}")
+    result.info.update(calibration=calibration)
+    scores.save(result, args.out)
+    curves = f"; loss curves of {len(result.curves)} kinds" if result.curves else ""
+    print(f"importance ({args.criterion}; layers and sublayers: {', '.join(result.structural)}{curves}) -> {args.out}")
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from . import importance
+    from . import scores as stored_scores
     from .plan import PlanSettings, build_plan
     from .plotting import plot_plan
 
-    scores = importance.load(args.importance)
+    scores = stored_scores.load(args.importance)
     settings = PlanSettings(
-        attn_ratio=args.ratio if args.attn_ratio is None else args.attn_ratio,
-        mlp_ratio=args.ratio if args.mlp_ratio is None else args.mlp_ratio,
+        ratio=args.ratio,
+        mode=args.mode,
+        attn_ratio=args.attn_ratio,
+        mlp_ratio=args.mlp_ratio,
         strategy=args.strategy,
         alpha=args.alpha,
         min_rate=args.min_rate,
@@ -149,14 +155,21 @@ def cmd_plan(args: argparse.Namespace) -> None:
         layer_criterion=args.layer_criterion,
         criterion=scores.criterion,
     )
-    plan = build_plan(scores, settings, params_before=int(scores.info["parameters"]))
+    plan = build_plan(scores, settings)
     plan.save(args.out)
     if args.plot:
         plot_plan(plan, args.plot)
     summary = plan.param_summary()
+    structural = (
+        f"; {summary['layers_removed']} layers, {summary['attn_sublayers_removed']} attention and "
+        f"{summary['mlp_sublayers_removed']} MLP sublayers removed"
+        if settings.mode != "width"
+        else ""
+    )
     print(
-        f"plan: remove {summary['achieved_ratio']:.2%} of attention+MLP parameters "
-        f"({summary['params_before']:,} -> {summary['params_after']:,}) -> {args.out}"
+        f"plan ({settings.mode}): remove {summary['achieved_ratio']:.2%} of attention+MLP parameters "
+        f"(attention {summary['achieved_attn_ratio']:.1%}, MLP {summary['achieved_mlp_ratio']:.1%}{structural}; "
+        f"{summary['params_before']:,} -> {summary['params_after']:,}) -> {args.out}"
     )
 
 
@@ -317,8 +330,11 @@ def cmd_profile_install(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from .allocation import STRATEGIES
-    from .importance import LAYER_CRITERIA, UNIT_CRITERIA
+    from .criteria import STRUCTURAL_CRITERIA, UNIT_CRITERIA
+    from .plan import MODES
     from .sources import DEVICES, DTYPES
+
+    layer_criteria = tuple(STRUCTURAL_CRITERIA)
 
     parser = _OneLineParser(prog="gqa-prune", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -352,15 +368,23 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--out", required=True, type=Path, help="output .safetensors")
     calib.set_defaults(run=cmd_calib)
 
-    score = commands.add_parser("importance", help="score GQA groups, MLP channels and layers")
+    score = commands.add_parser("importance", help="score GQA groups, MLP channels, sublayers and layers")
     score.add_argument("--model", required=True, type=Path)
     score.add_argument("--calib", required=True, type=Path, help="blocks written by `calib`")
-    score.add_argument("--criterion", default="taylor", choices=UNIT_CRITERIA)
+    score.add_argument("--criterion", default="taylor", choices=list(UNIT_CRITERIA))
     score.add_argument(
         "--layer-criteria",
-        type=_csv(LAYER_CRITERIA),
+        type=_csv(layer_criteria),
         default=("block_influence", "activation"),
-        help=f"comma-separated, from {', '.join(LAYER_CRITERIA)} (removal costs a forward per layer)",
+        help=f"comma-separated, from {', '.join(layer_criteria)} (removal: a forward per layer and sublayer)",
+    )
+    score.add_argument(
+        "--curve-blocks", type=_positive_int, default=None,
+        help="measure the per-kind loss curves (for --mode hybrid) on the first N blocks (default: all)",
+    )  # fmt: skip
+    score.add_argument("--no-curves", action="store_true", help="skip the loss curves (no hybrid plans then)")
+    score.add_argument(
+        "--channel-multiple", type=_positive_int, default=128, help="MLP width step the loss curves use (as plans)"
     )
     score.add_argument("--batch-size", type=_positive_int, default=4)
     score.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
@@ -375,9 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--ratio", type=_ratio, required=True, help="fraction of attention+MLP parameters to remove, in [0, 1)"
     )
     plan.add_argument(
-        "--attn-ratio", type=_ratio, default=None, help="attention only (default: --ratio); 0 keeps attention"
+        "--mode", default="width", choices=MODES,
+        help="width: GQA groups and MLP channels; depth: whole layers; hybrid: layers, sublayers, groups and "
+        "channels by measured loss per parameter",
+    )  # fmt: skip
+    plan.add_argument(
+        "--attn-ratio", type=_ratio, default=None, help="width mode: attention only (default: --ratio); 0 keeps it"
     )
-    plan.add_argument("--mlp-ratio", type=_ratio, default=None, help="MLP only (default: --ratio); 0 keeps the MLP")
+    plan.add_argument("--mlp-ratio", type=_ratio, default=None, help="width mode: MLP only (default: --ratio)")
     plan.add_argument("--strategy", default="inverse", choices=STRATEGIES)
     plan.add_argument("--alpha", type=float, default=1.0, help="contrast between layers (0 = uniform)")
     plan.add_argument("--min-rate", type=float, default=0.0)
@@ -386,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--channel-multiple", type=_positive_int, default=128, help="kept MLP widths are multiples of this"
     )
-    plan.add_argument("--layer-criterion", default="block_influence", choices=LAYER_CRITERIA)
+    plan.add_argument("--layer-criterion", default="block_influence", choices=layer_criteria)
     plan.add_argument("--out", required=True, type=Path, help="output plan .json")
     plan.add_argument("--plot", type=Path, default=None, help="also draw the plan as PNG")
     plan.set_defaults(run=cmd_plan)

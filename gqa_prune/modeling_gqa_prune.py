@@ -1,10 +1,12 @@
 """Model classes for GQA-pruned checkpoints (written by gqa-prune).
 
 A pruned model whose decoder layers differ in shape records the per-layer sizes with transformers'
-``per_layer_config``; stock model classes do not build from it yet. The classes here are the stock
-Llama / Mistral / Qwen2 / Qwen3 causal-LM classes with one change: each decoder layer is built from its
-own resolved layer config. Their config classes also accept head counts that do not divide
-``hidden_size`` (``head_dim`` is explicit), which stock ``LlamaConfig`` refuses.
+``per_layer_config``, and a removed attention or MLP sublayer with that convention's ``skip`` entry
+(``{"skip": ["attention"]}``); stock model classes do not build from either yet. The classes here are the
+stock Llama / Mistral / Qwen2 / Qwen3 causal-LM classes with one change: each decoder layer is built from
+its own resolved layer config, without the sublayers it skips (the residual stream passes them unchanged).
+Their config classes also accept head counts that do not divide ``hidden_size`` (``head_dim`` is explicit),
+which stock ``LlamaConfig`` refuses.
 
 This file is self-contained (torch, transformers and its huggingface_hub only): gqa-prune copies it next to the weights,
 so ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` works in tools that never
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
+import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import (
@@ -34,6 +37,8 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 
 _HETEROGENEITY_LOGGER = "transformers.integrations.heterogeneity.configuration_utils"
+# per_layer_config "skip" names -> (block, the norm in front of it) on the decoder layer
+SKIPPABLE_SUBLAYERS = {"attention": ("self_attn", "input_layernorm"), "mlp": ("mlp", "post_attention_layernorm")}
 
 
 def _validate_head_layout(config) -> None:
@@ -42,6 +47,12 @@ def _validate_head_layout(config) -> None:
         raise ValueError("A GQA-pruned config needs an explicit head_dim.")
     layer_configs = config.per_layer_config if config.is_heterogeneous else [config]
     for index, layer_config in enumerate(layer_configs):
+        skipped = _skipped(layer_config)
+        unknown = skipped - set(SKIPPABLE_SUBLAYERS)
+        if unknown:
+            raise ValueError(f"layer {index}: cannot skip {sorted(unknown)}; skippable: {sorted(SKIPPABLE_SUBLAYERS)}")
+        if "attention" in skipped and len(set(getattr(config, "layer_types", None) or ["full_attention"])) > 1:
+            raise ValueError("a layer without attention needs every layer of the same attention type (layer_types)")
         heads, kv_heads = layer_config.num_attention_heads, layer_config.num_key_value_heads
         if kv_heads < 1 or heads % kv_heads != 0:
             raise ValueError(
@@ -61,14 +72,81 @@ def _quiet_global_per_layer_reads():
         heterogeneity_logger.setLevel(previous_level)
 
 
+def _skipped(layer_config) -> set[str]:
+    return set(getattr(layer_config, "skip", None) or ())
+
+
+def skip_sublayer(layer: nn.Module, name: str) -> None:
+    """Remove a decoder layer's attention or MLP block and the norm in front of it."""
+    for attribute in SKIPPABLE_SUBLAYERS[name]:
+        setattr(layer, attribute, None)
+
+
+def assign_cache_indices(layers) -> None:
+    """Number the attention blocks 0, 1, ... in order, skipping layers without attention.
+
+    The KV cache keeps one slot per index and reads the sequence length from slot 0, so the first layer
+    that still has attention must write slot 0 (a layer without attention never writes its slot).
+    """
+    index = 0
+    for layer in layers:
+        if layer.self_attn is not None:
+            layer.self_attn.layer_idx = index
+            index += 1
+
+
 def _build_layers_from_per_layer_config(decoder: nn.Module, config, decoder_layer_class: type) -> None:
-    """Replace every decoder layer with one built from its own resolved config."""
+    """Replace every decoder layer with one built from its own resolved config, without skipped sublayers."""
     for layer_index in range(config.num_hidden_layers):
-        layer = decoder_layer_class(config.per_layer_config[layer_index], layer_index)
-        # Attention reads the implementation (eager/sdpa/...) from its config at run time: share the
-        # model's config so set_attn_implementation() keeps reaching every layer.
-        layer.self_attn.config = config
+        layer_config = config.per_layer_config[layer_index]
+        layer = decoder_layer_class(layer_config, layer_index)
+        for name in sorted(_skipped(layer_config)):
+            skip_sublayer(layer, name)
+        if layer.self_attn is not None:
+            # Attention reads the implementation (eager/sdpa/...) from its config at run time: share the
+            # model's config so set_attn_implementation() keeps reaching every layer.
+            layer.self_attn.config = config
         decoder.layers[layer_index] = layer
+    assign_cache_indices(decoder.layers)
+
+
+class _SkippableSublayersMixin:
+    """A decoder layer that may lack its attention or MLP block (attribute None): the residual passes it."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        if self.self_attn is not None and self.mlp is not None:  # a whole layer: exactly the stock code
+            return super().forward(
+                hidden_states,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+        if self.self_attn is not None:
+            attention_output, _ = self.self_attn(
+                hidden_states=self.input_layernorm(hidden_states),
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+            hidden_states = hidden_states + attention_output
+        if self.mlp is not None:
+            hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states
 
 
 class _HeadLayoutValidationMixin:
@@ -112,24 +190,40 @@ class GQAPrunedQwen3Config(_HeadLayoutValidationMixin, Qwen3Config):
     model_type = "gqa_pruned_qwen3"
 
 
+class GQAPrunedLlamaDecoderLayer(_SkippableSublayersMixin, LlamaDecoderLayer):
+    pass
+
+
+class GQAPrunedMistralDecoderLayer(_SkippableSublayersMixin, MistralDecoderLayer):
+    pass
+
+
+class GQAPrunedQwen2DecoderLayer(_SkippableSublayersMixin, Qwen2DecoderLayer):
+    pass
+
+
+class GQAPrunedQwen3DecoderLayer(_SkippableSublayersMixin, Qwen3DecoderLayer):
+    pass
+
+
 class GQAPrunedLlamaForCausalLM(_PerLayerShapesMixin, LlamaForCausalLM):
     config_class = GQAPrunedLlamaConfig
-    _decoder_layer_class = LlamaDecoderLayer
+    _decoder_layer_class = GQAPrunedLlamaDecoderLayer
 
 
 class GQAPrunedMistralForCausalLM(_PerLayerShapesMixin, MistralForCausalLM):
     config_class = GQAPrunedMistralConfig
-    _decoder_layer_class = MistralDecoderLayer
+    _decoder_layer_class = GQAPrunedMistralDecoderLayer
 
 
 class GQAPrunedQwen2ForCausalLM(_PerLayerShapesMixin, Qwen2ForCausalLM):
     config_class = GQAPrunedQwen2Config
-    _decoder_layer_class = Qwen2DecoderLayer
+    _decoder_layer_class = GQAPrunedQwen2DecoderLayer
 
 
 class GQAPrunedQwen3ForCausalLM(_PerLayerShapesMixin, Qwen3ForCausalLM):
     config_class = GQAPrunedQwen3Config
-    _decoder_layer_class = Qwen3DecoderLayer
+    _decoder_layer_class = GQAPrunedQwen3DecoderLayer
 
 
 # family name -> (config class, causal-LM class); read by gqa_prune.arch
@@ -138,4 +232,8 @@ PRUNED_CLASSES = {
     "mistral": (GQAPrunedMistralConfig, GQAPrunedMistralForCausalLM),
     "qwen2": (GQAPrunedQwen2Config, GQAPrunedQwen2ForCausalLM),
     "qwen3": (GQAPrunedQwen3Config, GQAPrunedQwen3ForCausalLM),
+}
+# family name -> decoder layer that runs without a skipped sublayer; read by gqa_prune.arch
+PRUNED_DECODER_LAYERS = {
+    family: model_class._decoder_layer_class for family, (_, model_class) in PRUNED_CLASSES.items()
 }

@@ -14,34 +14,46 @@ from .plan import PruningPlan  # noqa: E402
 
 
 def plot_plan(plan: PruningPlan, out_png: str | os.PathLike, title: str | None = None) -> None:
+    """Per layer: kept KV groups and MLP channels against layer importance; removed layers and sublayers marked."""
     layers = list(range(plan.geometry.num_layers))
-    pruned = plan.pruned_geometry()
     importance = [layer.importance for layer in plan.layers]
     settings = plan.settings
     summary = plan.param_summary()
+    kept_groups = [len(layer.kept_kv_groups) if layer.keeps("attn") else 0 for layer in plan.layers]
+    kept_channels = [len(layer.kept_mlp_channels) if layer.keeps("mlp") else 0 for layer in plan.layers]
 
     figure, (attention_axis, mlp_axis) = plt.subplots(
         2, 1, figsize=(max(6.0, 0.28 * len(layers) + 2), 6.5), sharex=True
     )
     panels = (
-        (attention_axis, plan.geometry.kv_groups, pruned.kv_groups, "KV groups kept", "tab:blue"),
-        (mlp_axis, plan.geometry.intermediate_sizes, pruned.intermediate_sizes, "MLP channels kept", "tab:green"),
+        (attention_axis, plan.geometry.kv_groups, kept_groups, "KV groups kept", "tab:blue", "attn"),
+        (mlp_axis, plan.geometry.intermediate_sizes, kept_channels, "MLP channels kept", "tab:green", "mlp"),
     )
-    for axis, dense, kept, label, colour in panels:
+    for axis, dense, kept, label, colour, scope in panels:
         axis.bar(layers, dense, color="lightgrey", label="dense")
         axis.bar(layers, kept, color=colour, label="kept")
+        gone = [layer.layer for layer in plan.layers if not layer.keeps(scope) and not layer.removes_layer]
+        if gone:
+            axis.scatter(gone, [0.5 * max(dense)] * len(gone), marker="x", color="black", zorder=3,
+                         label=f"{'attention' if scope == 'attn' else 'MLP'} sublayer removed")  # fmt: skip
         axis.set_ylabel(label)
         importance_axis = axis.twinx()
         importance_axis.plot(layers, importance, color="tab:red", marker=".", linewidth=1)
         importance_axis.set_ylabel(f"layer importance\n({settings.layer_criterion})", color="tab:red")
         for index in settings.protected_layers:
             axis.axvspan(index - 0.5, index + 0.5, color="gold", alpha=0.25, linewidth=0)
+        for layer in plan.layers:
+            if layer.removes_layer:
+                axis.axvspan(layer.layer - 0.5, layer.layer + 0.5, color="tab:red", alpha=0.15, linewidth=0)
         axis.legend(loc="lower left", fontsize="small")
-    mlp_axis.set_xlabel("decoder layer" + (" (shaded: protected)" if settings.protected_layers else ""))
+    notes = [note for flag, note in ((settings.protected_layers, "gold: protected"),
+                                     (summary["layers_removed"], "red: layer removed")) if flag]  # fmt: skip
+    mlp_axis.set_xlabel("decoder layer" + (f" ({'; '.join(notes)})" if notes else ""))
     attention_axis.set_title(
         title
-        or f"{settings.criterion} / {settings.strategy}: removed {summary['achieved_ratio']:.1%} of attention+MLP "
-        f"(attn {summary['achieved_attn_ratio']:.1%}, MLP {summary['achieved_mlp_ratio']:.1%})",
+        or f"{settings.criterion} / {settings.mode if settings.mode != 'width' else settings.strategy}: removed "
+        f"{summary['achieved_ratio']:.1%} of attention+MLP (attn {summary['achieved_attn_ratio']:.1%}, "
+        f"MLP {summary['achieved_mlp_ratio']:.1%})",
         fontsize="medium",
     )
     figure.tight_layout()

@@ -1,8 +1,10 @@
-"""Apply a ``PruningPlan`` to a model: slice weights, keep Linear attributes and the config in sync. No I/O.
+"""Apply a ``PruningPlan`` to a model: remove layers and sublayers, slice units, keep module attributes,
+KV-cache slots and the config in sync. No I/O.
 
-``apply_plan_as_mask`` is the reference semantics: zeroing the o_proj columns of pruned groups and the
-down_proj columns of pruned channels removes exactly their contribution, so the physically pruned model
-must give the same outputs (tests hold the two within 1e-5).
+``apply_plan_as_mask`` is the reference semantics: zeroing what removed units add to the residual stream
+(o_proj / down_proj columns of pruned groups and channels; the whole output projection and its bias of a
+removed sublayer or layer) must give the same outputs as the physically pruned model (tests hold the two
+within 1e-5).
 """
 
 from __future__ import annotations
@@ -10,42 +12,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .arch import ALL_ROLES, Geometry, ProjectionRole, adapter_for, geometry_of
+from .arch import Geometry, adapter_for, geometry_of
 from .errors import GqaPruneError
-from .plan import LayerPlan, PruningPlan
+from .modeling_gqa_prune import assign_cache_indices
+from .plan import PruningPlan
+from .units import SKIP_NAMES, STRUCTURAL_KINDS, WIDTH_KINDS
 
 _SHAPE_FIELDS = ("head_dim", "heads_per_group", "kv_groups", "intermediate_sizes", "hidden_size")
 
 
-def kept_indices(role: ProjectionRole, geometry: Geometry, layer_plan: LayerPlan) -> torch.Tensor:
-    """Rows (axis "out") or columns (axis "in") of a projection that the plan keeps, ascending."""
-    kept_units = layer_plan.kept_kv_groups if role.unit == "attn" else layer_plan.kept_mlp_channels
-    width = geometry.indices_per_unit(role)
-    units = torch.tensor(kept_units, dtype=torch.long)
-    return (units.unsqueeze(1) * width + torch.arange(width)).flatten()
-
-
-def _slice_linear(linear: nn.Linear, axis: str, indices: torch.Tensor) -> None:
-    """Keep only ``indices`` along ``axis`` of a Linear, updating its in/out_features to match."""
-    indices = indices.to(linear.weight.device)
-    dim = 0 if axis == "out" else 1
-    requires_grad = linear.weight.requires_grad
-    linear.weight = nn.Parameter(
-        linear.weight.detach().index_select(dim, indices).contiguous(), requires_grad=requires_grad
-    )
-    if axis == "out":
-        if linear.bias is not None:
-            linear.bias = nn.Parameter(
-                linear.bias.detach().index_select(0, indices).contiguous(), requires_grad=requires_grad
-            )
-        linear.out_features = len(indices)
-    else:
-        linear.in_features = len(indices)
-
-
 def check_plan_fits(plan: PruningPlan, model: nn.Module) -> Geometry:
-    """The plan must have been built for a model of exactly this shape."""
+    """The plan must have been built for a model of exactly this shape (depth included)."""
     geometry = geometry_of(model)
+    if geometry.num_layers != plan.geometry.num_layers:
+        raise GqaPruneError(
+            f"plan does not fit this model: the plan is for {plan.geometry.num_layers} layers, the model has "
+            f"{geometry.num_layers}"
+        )
     for name in _SHAPE_FIELDS:
         if getattr(geometry, name) != getattr(plan.geometry, name):
             raise GqaPruneError(
@@ -55,75 +38,93 @@ def check_plan_fits(plan: PruningPlan, model: nn.Module) -> Geometry:
     return geometry
 
 
+def _check_attention_types(config, plan: PruningPlan) -> None:
+    removes_attention = any(not layer.keeps("attn") and not layer.removes_layer for layer in plan.layers)
+    if removes_attention and len(set(getattr(config, "layer_types", None) or ["full_attention"])) > 1:
+        raise GqaPruneError(
+            "this model mixes attention types across layers (layer_types); removing single attention sublayers "
+            "is supported only when every layer has the same type (remove whole layers instead: --mode depth)"
+        )
+
+
 def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
-    """Physically remove the planned groups and channels (in place) and update the model config."""
+    """Physically remove the planned layers, sublayers and units (in place) and update the model config."""
     geometry = check_plan_fits(plan, model)
+    _check_attention_types(model.config, plan)
     adapter = adapter_for(model.config)
+    decoder_layers = adapter.decoder_layers(model)
     with torch.no_grad():
-        for layer, layer_plan in zip(adapter.decoder_layers(model), plan.layers):
-            for role in ALL_ROLES:
-                indices = kept_indices(role, geometry, layer_plan)
-                full = (geometry.kv_groups if role.unit == "attn" else geometry.intermediate_sizes)[layer_plan.layer]
-                if len(indices) != full * geometry.indices_per_unit(role):
-                    _slice_linear(adapter.projection(layer, role), role.axis, indices)
-            _sync_attention_attributes(getattr(layer, adapter.attention_attr), len(layer_plan.kept_kv_groups), geometry)
-            _sync_mlp_attributes(getattr(layer, adapter.mlp_attr), len(layer_plan.kept_mlp_channels))
-    set_config_shapes(model.config, plan.pruned_geometry())
+        for layer, layer_plan in zip(decoder_layers, plan.layers):
+            if layer_plan.removes_layer:
+                continue
+            for kind in STRUCTURAL_KINDS:
+                if kind.name in layer_plan.removed:
+                    kind.remove(layer, adapter)
+            for kind in WIDTH_KINDS:
+                if layer_plan.keeps(kind.scopes[0]):
+                    kind.slice(layer, adapter, geometry, layer_plan.layer, layer_plan.kept[kind.name])
+            if layer_plan.removed:  # a layer short of a sublayer runs with the decoder layer that skips it
+                layer.__class__ = adapter.pruned_decoder_layer_class
+    kept = [layer for layer, layer_plan in zip(decoder_layers, plan.layers) if not layer_plan.removes_layer]
+    if len(kept) != len(decoder_layers):
+        parent_path, _, attribute = adapter.layers_path.rpartition(".")
+        setattr(model.get_submodule(parent_path), attribute, nn.ModuleList(kept))
+    assign_cache_indices(kept)
+    set_config_shapes(model.config, plan.pruned_geometry(), plan.kept_layers)
     return model
 
 
-def _sync_attention_attributes(attention: nn.Module, kv_groups: int, geometry: Geometry) -> None:
-    """Some transformers versions cache head counts on the module; keep whichever exist truthful."""
-    for name, value in (
-        ("num_heads", kv_groups * geometry.heads_per_group),
-        ("num_attention_heads", kv_groups * geometry.heads_per_group),
-        ("num_key_value_heads", kv_groups),
-    ):
-        if hasattr(attention, name):
-            setattr(attention, name, value)
-    if getattr(attention, "num_key_value_groups", geometry.heads_per_group) != geometry.heads_per_group:
-        raise GqaPruneError("query heads per KV head changed during surgery; this is a bug in gqa-prune")
-
-
-def _sync_mlp_attributes(mlp: nn.Module, channels: int) -> None:
-    if hasattr(mlp, "intermediate_size"):
-        mlp.intermediate_size = channels
-
-
-def set_config_shapes(config, geometry: Geometry) -> None:
-    """Describe per-layer shapes in the config: global sizes when all layers agree, else ``per_layer_config``."""
+def set_config_shapes(config, geometry: Geometry, kept_layers: tuple[int, ...] | None = None) -> None:
+    """Describe the pruned shape in the config: global sizes when all layers agree and are whole, else
+    ``per_layer_config`` (sizes, and ``skip`` for removed sublayers). ``kept_layers`` are the original
+    indices of the layers that remain (per-layer lists such as ``layer_types`` are cut to them)."""
     config.head_dim = geometry.head_dim  # explicit: hidden_size // num_attention_heads no longer holds
+    if kept_layers is not None and len(kept_layers) != config.num_hidden_layers:
+        config.per_layer_config = None  # indices change; rebuilt below
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = [config.layer_types[index] for index in kept_layers]
+        config.num_hidden_layers = len(kept_layers)
+        if hasattr(config, "max_window_layers"):  # Qwen2: layer_types already says which layers slide
+            config.max_window_layers = min(config.max_window_layers, config.num_hidden_layers)
+    whole = all(geometry.has_attention(i) and geometry.has_mlp(i) for i in range(geometry.num_layers))
     shapes = set(zip(geometry.kv_groups, geometry.intermediate_sizes))
-    if len(shapes) == 1:
+    gqa, mlp = WIDTH_KINDS[0], WIDTH_KINDS[1]
+    if whole and len(shapes) == 1:
         ((kv_groups, intermediate_size),) = shapes
         config.per_layer_config = None
-        config.num_attention_heads = kv_groups * geometry.heads_per_group
-        config.num_key_value_heads = kv_groups
-        config.intermediate_size = intermediate_size
+        for key, value in {
+            **gqa.config_entries(geometry, kv_groups),
+            **mlp.config_entries(geometry, intermediate_size),
+        }.items():
+            setattr(config, key, value)
         return
-    # global values stay those of the dense model; layers that differ are listed
+    # global values stay those of the dense model; every layer lists its own
     config.allow_global_per_layer_attribute_access = True
-    config.per_layer_config = {
-        index: {
-            "num_attention_heads": kv * geometry.heads_per_group,
-            "num_key_value_heads": kv,
-            "intermediate_size": channels,
-        }
-        for index, (kv, channels) in enumerate(zip(geometry.kv_groups, geometry.intermediate_sizes))
-    }
+    entries = {}
+    for index in range(geometry.num_layers):
+        entry, skip = {}, []
+        for kind in (gqa, mlp):
+            units = kind.count(geometry, index)
+            if units:
+                entry.update(kind.config_entries(geometry, units))
+            else:
+                skip.append(SKIP_NAMES[kind.scopes[0]])
+        if skip:
+            entry["skip"] = skip
+        entries[index] = entry
+    config.per_layer_config = entries
 
 
 def apply_plan_as_mask(model: nn.Module, plan: PruningPlan) -> nn.Module:
-    """Reference: zero the o_proj columns of pruned groups and down_proj columns of pruned channels (in place)."""
+    """Reference: zero what every removed unit, sublayer and layer adds to the residual stream (in place)."""
     geometry = check_plan_fits(plan, model)
     adapter = adapter_for(model.config)
     with torch.no_grad():
         for layer, layer_plan in zip(adapter.decoder_layers(model), plan.layers):
-            for role in ALL_ROLES:
-                if role.axis != "in":
-                    continue
-                weight = adapter.projection(layer, role).weight
-                keep = torch.zeros(weight.shape[1], dtype=torch.bool, device=weight.device)
-                keep[kept_indices(role, geometry, layer_plan).to(weight.device)] = True
-                weight[:, ~keep] = 0
+            for kind in STRUCTURAL_KINDS:
+                if kind.name in layer_plan.removed:
+                    kind.mask(layer, adapter)
+            for kind in WIDTH_KINDS:
+                if layer_plan.keeps(kind.scopes[0]):
+                    kind.mask(layer, adapter, geometry, layer_plan.kept[kind.name])
     return model

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -66,13 +72,30 @@ def parameter_count(model: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def plan_for(
-    model, criterion: str = "taylor", attn_ratio: float = 0.5, mlp_ratio: float = 0.4, **settings
-) -> PruningPlan:
-    """A plan from real scores of ``model`` (random calibration ids); small channel_multiple for tiny MLPs."""
-    settings.setdefault("channel_multiple", 8)
+def scores_for(model, criterion: str = "taylor", channel_multiple: int = 8, **options):
+    """Real scores of ``model`` on random calibration ids (a copy is scored; the model stays untouched)."""
     vocab_size = model.get_input_embeddings().num_embeddings
-    scores = importance.score(copy.deepcopy(model), calibration_ids(vocab_size), criterion, batch_size=2)
+    return importance.score(
+        copy.deepcopy(model),
+        calibration_ids(vocab_size),
+        criterion,
+        batch_size=2,
+        channel_multiple=channel_multiple,
+        **options,
+    )
+
+
+def plan_for(
+    model, criterion: str = "taylor", attn_ratio: float | None = 0.5, mlp_ratio: float | None = 0.4, **settings
+) -> PruningPlan:
+    """A plan from real scores of ``model`` (random calibration ids); small channel_multiple for tiny MLPs.
+
+    Width plans by default; pass ``mode="depth"``/``"hybrid"`` with ``ratio`` for the others.
+    """
+    settings.setdefault("channel_multiple", 8)
+    if settings.get("mode", "width") != "width":
+        attn_ratio = mlp_ratio = None
+    scores = scores_for(model, criterion, settings["channel_multiple"])
     return build_plan(
         scores,
         PlanSettings(attn_ratio=attn_ratio, mlp_ratio=mlp_ratio, criterion=criterion, **settings),
@@ -94,3 +117,33 @@ def quantizable_model(vocab_size: int, seed: int = 0):
         max_position_embeddings=128,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def logits_in_fresh_process(
+    workdir: Path, inputs: torch.Tensor, load: str, env: dict | None = None
+) -> tuple[torch.Tensor, str]:
+    """Logits of ``inputs`` from a model loaded by the statement ``load`` (which binds ``model``) in a new
+    interpreter that must never import gqa_prune; also returns what that process printed.
+
+    The subprocess guard is generous (20 min): it only catches a hung load, never a slow machine.
+    """
+    workdir = Path(workdir)
+    save_file({"input_ids": inputs.contiguous()}, str(workdir / "inputs.safetensors"))
+    code = textwrap.dedent(f"""
+        import sys, torch
+        from safetensors.torch import load_file, save_file
+        from transformers import AutoModelForCausalLM
+        {load}
+        assert "gqa_prune" not in sys.modules, "the fresh process must not use the installed package"
+        inputs = load_file({str(workdir / "inputs.safetensors")!r})["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=inputs).logits.contiguous()
+        save_file({{"logits": logits}}, {str(workdir / "logits.safetensors")!r})
+        print(type(model).__module__)
+    """)
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(workdir / "modules"), **(env or {})}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=workdir, env=environment, capture_output=True, text=True, timeout=1200
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return load_file(str(workdir / "logits.safetensors"))["logits"], done.stdout

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from helpers import FAMILIES, calibration_ids, plan_for, tiny_model
-from safetensors.torch import load_file, save_file
+from helpers import FAMILIES, calibration_ids, logits_in_fresh_process, plan_for, tiny_model
 from transformers import AutoModelForCausalLM
 
 from gqa_prune.checkpoint import PLAN_FILE, save_pruned
@@ -31,26 +26,12 @@ def _pruned_checkpoint(tmp_path, tiny_tokenizer, family, heads_per_group, **plan
     return folder, plan, expected
 
 
-def _logits_in_fresh_process(folder, tmp_path) -> torch.Tensor:
+def _logits_in_fresh_process(folder, tmp_path, inputs=INPUTS) -> torch.Tensor:
     """Load with trust_remote_code=True in a new interpreter that never imports gqa_prune."""
-    save_file({"input_ids": INPUTS}, str(tmp_path / "inputs.safetensors"))
-    code = textwrap.dedent(f"""
-        import sys
-        from safetensors.torch import load_file, save_file
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
-        assert "gqa_prune" not in sys.modules, "the fresh process must not use the installed package"
-        inputs = load_file({str(tmp_path / "inputs.safetensors")!r})["input_ids"]
-        save_file({{"logits": model(inputs).logits.contiguous()}}, {str(tmp_path / "logits.safetensors")!r})
-        print(type(model).__module__)
-    """)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "modeling_gqa_prune" in done.stdout  # the class came from the file shipped in the checkpoint
-    return load_file(str(tmp_path / "logits.safetensors"))["logits"]
+    load = f"model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)"
+    logits, printed = logits_in_fresh_process(tmp_path, inputs, load)
+    assert "modeling_gqa_prune" in printed  # the class came from the file shipped in the checkpoint
+    return logits
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -80,9 +80,10 @@ def test_stage_calib_importance_plan_prune_ppl(tmp_path, tiny_model_dir, scored,
     assert code == 0 and (tmp_path / "staged" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "staged" / "gqa_prune.json").read_text())["kind"] == "local"
 
-    layers = json.loads((scored / "importance" / "layers.json").read_text())
-    assert set(layers["layer_scores"]) == {"block_influence", "removal"}
-    assert load_file(str(scored / "importance" / "groups.safetensors"))["layers.0.attn_groups"].shape == (4,)
+    record = json.loads((scored / "importance" / "scores.json").read_text())
+    assert set(record["structural"]) == {"block_influence", "removal"}
+    assert set(record["structural"]["removal"]) == {"layer", "attn_sublayer", "mlp_sublayer"}
+    assert load_file(str(scored / "importance" / "units.safetensors"))["gqa_group.0"].shape == (4,)
 
     code, out, _ = run(
         capsys,
@@ -102,7 +103,7 @@ def test_stage_calib_importance_plan_prune_ppl(tmp_path, tiny_model_dir, scored,
         "--plot",
         str(tmp_path / "plan.png"),
     )
-    assert code == 0 and "plan: remove" in out
+    assert code == 0 and "plan (width): remove" in out
     plan = PruningPlan.load(tmp_path / "plan.json")
     assert plan.settings.layer_criterion == "removal" and plan.settings.protected_layers == (0,)
     assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
@@ -184,7 +185,7 @@ def test_plan_that_would_empty_a_layer_is_refused(tmp_path, tiny_model_dir, scor
         str(tmp_path / "plan.json"),
     )
     data = json.loads((tmp_path / "plan.json").read_text())
-    data["layers"][1]["kept_kv_groups"] = []
+    data["layers"][1]["kept"]["gqa_group"] = []
     (tmp_path / "plan.json").write_text(json.dumps(data))
     code, _, err = run(
         capsys,
@@ -196,7 +197,7 @@ def test_plan_that_would_empty_a_layer_is_refused(tmp_path, tiny_model_dir, scor
         "--out",
         str(tmp_path / "pruned"),
     )
-    assert_one_line_error(code, err, "layer 1: kept_kv_groups is empty")
+    assert_one_line_error(code, err, "layer 1: kept gqa_group is empty")
     assert not (tmp_path / "pruned").exists()
     code, _, err = run(
         capsys,

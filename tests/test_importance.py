@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import calibration_ids, tiny_model
 
-from gqa_prune import importance
+from gqa_prune import importance, scores
 from gqa_prune.errors import GqaPruneError
 
 HEAD_DIM = 8
@@ -40,8 +40,8 @@ def _reference_unit_scores(model, heads_per_group: int, salience_of) -> tuple[li
 
 def _assert_scores_close(result, groups, channels):
     for layer, (expected_groups, expected_channels) in enumerate(zip(groups, channels)):
-        torch.testing.assert_close(result.units.attn_groups[layer], expected_groups, rtol=1e-5, atol=1e-8)
-        torch.testing.assert_close(result.units.mlp_channels[layer], expected_channels, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(result.units["gqa_group"][layer], expected_groups, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(result.units["mlp_channel"][layer], expected_channels, rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize(("family", "heads_per_group"), [("llama", 3), ("qwen2", 4), ("qwen3", 1)])
@@ -113,8 +113,8 @@ def test_activation_weights_columns_by_input_norms():
 def test_random_scores_follow_the_seed():
     model = tiny_model("mistral", 4)
     first, again, other = (importance.score(model, BLOCKS, "random", seed=seed) for seed in (7, 7, 8))
-    assert all(torch.equal(a, b) for a, b in zip(first.units.attn_groups, again.units.attn_groups))
-    assert not all(torch.equal(a, b) for a, b in zip(first.units.mlp_channels, other.units.mlp_channels))
+    assert all(torch.equal(a, b) for a, b in zip(first.units["gqa_group"], again.units["gqa_group"]))
+    assert not all(torch.equal(a, b) for a, b in zip(first.units["mlp_channel"], other.units["mlp_channel"]))
 
 
 def test_scoring_leaves_the_model_untouched():
@@ -155,17 +155,24 @@ def test_saved_scores_round_trip_and_tampered_scores_are_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
     result = importance.score(tiny_model("qwen3", 3), BLOCKS, "taylor")
-    importance.save(result, tmp_path / "scores")
-    loaded = importance.load(tmp_path / "scores")
-    assert loaded.geometry == result.geometry and loaded.layer_scores == result.layer_scores
-    assert all(torch.equal(a, b) for a, b in zip(loaded.units.mlp_channels, result.units.mlp_channels))
+    scores.save(result, tmp_path / "scores")
+    loaded = scores.load(tmp_path / "scores")
+    assert loaded.geometry == result.geometry and loaded.structural == result.structural
+    assert loaded.curves == result.curves and set(loaded.curves) == {
+        "layer",
+        "attn_sublayer",
+        "mlp_sublayer",
+        "gqa_group",
+        "mlp_channel",
+    }
+    assert all(torch.equal(a, b) for a, b in zip(loaded.units["mlp_channel"], result.units["mlp_channel"]))
 
-    groups_file = tmp_path / "scores" / importance.GROUPS_FILE
-    tensors = load_file(str(groups_file))
-    tensors["layers.1.attn_groups"][0] = float("inf")
-    save_file(tensors, str(groups_file))
-    with pytest.raises(GqaPruneError, match=r"layers\.1\.attn_groups contain NaN/Inf"):
-        importance.load(tmp_path / "scores")
+    units_file = tmp_path / "scores" / scores.UNITS_FILE
+    tensors = load_file(str(units_file))
+    tensors["gqa_group.1"][0] = float("inf")
+    save_file(tensors, str(units_file))
+    with pytest.raises(GqaPruneError, match=r"gqa_group\.1 contain NaN/Inf"):
+        scores.load(tmp_path / "scores")
 
 
 def test_saved_scores_are_byte_identical_save_after_save(tmp_path):
@@ -173,17 +180,15 @@ def test_saved_scores_are_byte_identical_save_after_save(tmp_path):
     result = importance.score(tiny_model("llama", 3), BLOCKS, "magnitude")
     files = set()
     for attempt in range(8):
-        importance.save(result, tmp_path / f"scores{attempt}")
-        files.add((tmp_path / f"scores{attempt}" / importance.GROUPS_FILE).read_bytes())
+        scores.save(result, tmp_path / f"scores{attempt}")
+        files.add((tmp_path / f"scores{attempt}" / scores.UNITS_FILE).read_bytes())
     assert len(files) == 1
 
 
 def test_bad_criteria_and_foreign_tokens_are_refused():
     model = tiny_model("llama", 3)
-    with pytest.raises(
-        GqaPruneError, match="unit criterion 'fisher' is not one of taylor, magnitude, activation, random"
-    ):
-        importance.score(model, BLOCKS, "fisher")
+    with pytest.raises(GqaPruneError, match="unit criterion 'hessian' is not one of taylor, fisher, magnitude"):
+        importance.score(model, BLOCKS, "hessian")
     with pytest.raises(GqaPruneError, match="layer criterion 'depth' is not one of"):
         importance.score(model, BLOCKS, "taylor", layer_criteria=("depth",))
     with pytest.raises(GqaPruneError, match="calibration token id 500 >= vocab size 96"):

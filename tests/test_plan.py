@@ -90,7 +90,7 @@ def test_ratio_outside_unit_interval_is_refused(scores, ratio):
 def test_settings_errors_name_the_value(scores):
     with pytest.raises(GqaPruneError, match="strategy 'greedy' is not one of inverse, proportional, uniform"):
         _plan(scores, strategy="greedy")
-    with pytest.raises(GqaPruneError, match="protected layer 9 is outside 0..5"):
+    with pytest.raises(GqaPruneError, match="protected layer 9 does not exist: the model has layers 0..5"):
         _plan(scores, protected_layers=(9,))
     with pytest.raises(GqaPruneError, match="layer criterion 'removal' was not computed by the importance stage"):
         _plan(scores, layer_criterion="removal")
@@ -98,18 +98,20 @@ def test_settings_errors_name_the_value(scores):
 
 def test_a_plan_that_would_empty_a_layer_is_refused(scores):
     data = json.loads(_plan(scores).to_json())
-    data["layers"][1]["kept_kv_groups"] = []
-    with pytest.raises(GqaPruneError, match="layer 1: kept_kv_groups is empty: a plan must keep at least one KV group"):
+    data["layers"][1]["kept"]["gqa_group"] = []
+    with pytest.raises(
+        GqaPruneError, match="layer 1: kept gqa_group is empty: a layer that keeps this sublayer must keep"
+    ):
         PruningPlan.from_dict(data)
     data = json.loads(_plan(scores).to_json())
-    data["layers"][2]["kept_mlp_channels"] = [5, 3]
-    with pytest.raises(GqaPruneError, match="layer 2: kept_mlp_channels must be sorted, unique indices in 0..63"):
+    data["layers"][2]["kept"]["mlp_channel"] = [5, 3]
+    with pytest.raises(GqaPruneError, match="layer 2: kept mlp_channel must be sorted, unique indices in 0..63"):
         PruningPlan.from_dict(data)
 
 
 def test_edited_plan_summary_is_refused(scores):
     data = json.loads(_plan(scores).to_json())
-    data["layers"][3]["kept_mlp_channels"] = data["layers"][3]["kept_mlp_channels"][:-1]
+    data["layers"][3]["kept"]["mlp_channel"] = data["layers"][3]["kept"]["mlp_channel"][:-1]
     with pytest.raises(GqaPruneError, match="plan summary does not match its kept indices"):
         PruningPlan.from_dict(data)
 

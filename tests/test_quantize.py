@@ -8,15 +8,10 @@ checkpoint loaded by this process; a fresh process without gqa_prune must reprod
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from helpers import calibration_ids, plan_for, quantizable_model
-from safetensors.torch import load_file, save_file
+from helpers import calibration_ids, logits_in_fresh_process, plan_for, quantizable_model
 
 from gqa_prune.checkpoint import save_pruned
 from gqa_prune.cli import main
@@ -48,29 +43,11 @@ def pruned(tmp_path_factory, tiny_tokenizer):
 
 
 def _fresh_process_logits(folder, tmp_path, backend: str) -> torch.Tensor:
-    save_file({"input_ids": INPUTS}, str(tmp_path / "inputs.safetensors"))
-    code = textwrap.dedent(f"""
-        import sys, torch
-        from safetensors.torch import load_file, save_file
-        from gptqmodel import GPTQModel
-        model = GPTQModel.load({str(folder)!r}, backend={backend!r}, device="cpu", trust_remote_code=True)
-        assert "gqa_prune" not in sys.modules
-        inputs = load_file({str(tmp_path / "inputs.safetensors")!r})["input_ids"]
-        with torch.no_grad():
-            logits = model(input_ids=inputs).logits.contiguous()
-        save_file({{"logits": logits}}, {str(tmp_path / "logits.safetensors")!r})
-    """)
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_MODULES_CACHE": str(tmp_path / "modules"),
-        "GPTQMODEL_CPU_WORKERS": "2",
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    load = (
+        "from gptqmodel import GPTQModel; "
+        f"model = GPTQModel.load({str(folder)!r}, backend={backend!r}, device='cpu', trust_remote_code=True)"
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return load_file(str(tmp_path / "logits.safetensors"))["logits"]
+    return logits_in_fresh_process(tmp_path, INPUTS, load, env={"GPTQMODEL_CPU_WORKERS": "2"})[0]
 
 
 def _expected_bits(folder, bits: int, group: int) -> float:

@@ -104,3 +104,52 @@ def test_offline_tasks_score_smollm2_above_chance(smollm2, data_dir):
     for task, entry in summary.items():
         assert entry["items"] == 100
         assert entry["acc_norm"] - 2 * entry["acc_norm_stderr"] > CHANCE[task], (task, entry)
+
+
+def shortgpt_layers(model, blocks: torch.Tensor, count: int) -> list[int]:
+    """ShortGPT written out independently: the ``count`` layers whose output is most like their input
+    (mean over tokens of 1 - cos(h_l, h_l+1); hidden states from output_hidden_states, except the last
+    layer's output, which hidden_states gives after the final norm and a hook reads before it)."""
+    layers = model.config.num_hidden_layers
+    influence = torch.zeros(layers, dtype=torch.float64)
+    last = []
+    handle = model.model.layers[-1].register_forward_hook(lambda m, args, output: last.append(output))
+    with torch.no_grad():
+        for batch in blocks.split(4):
+            states = list(model(input_ids=batch, output_hidden_states=True).hidden_states)
+            states[layers] = last.pop()
+            for layer in range(layers):
+                before, after = states[layer].double(), states[layer + 1].double()
+                influence[layer] += (1 - torch.nn.functional.cosine_similarity(before, after, dim=-1)).sum()
+    handle.remove()
+    return sorted(influence.argsort()[:count].tolist())
+
+
+def test_depth_mode_is_shortgpt_and_reloads_with_the_stock_class(tmp_path, smollm2, data_dir):
+    from transformers import LlamaForCausalLM
+
+    model, tokenizer, _ = smollm2
+    blocks = calibration_blocks(tokenizer, read_documents(str(C4_SHARD)), 8, 128, seed=0)
+    scores = importance.score(model, blocks, "magnitude", curves=False)
+    plan = build_plan(scores, PlanSettings(ratio=0.2, mode="depth"))
+    removed = [layer.layer for layer in plan.layers if layer.removes_layer]
+    assert len(removed) == 6 and plan.is_uniform
+    reference = shortgpt_layers(model, blocks, 6)
+    assert removed == reference
+
+    pruned = apply_plan(copy.deepcopy(model), plan)
+    save_pruned(pruned, tokenizer, plan, tmp_path / "depth", source="embedded:smollm2-135m")
+    assert json.loads((tmp_path / "depth" / "config.json").read_text())["model_type"] == "llama"
+    stock = LlamaForCausalLM.from_pretrained(tmp_path / "depth").eval()
+    assert type(stock) is LlamaForCausalLM and sum(p.numel() for p in stock.parameters()) == plan.params_after
+
+    dropped = copy.deepcopy(model)  # ShortGPT's own surgery: delete the layers from the list
+    kept_layers = [layer for i, layer in enumerate(dropped.model.layers) if i not in reference]
+    dropped.model.layers = torch.nn.ModuleList(kept_layers)
+    for index, layer in enumerate(dropped.model.layers):
+        layer.self_attn.layer_idx = index
+    dropped.config.num_hidden_layers = len(dropped.model.layers)
+    tokens = tokenizer(wikitext2_test_text(data_dir), return_tensors="pt").input_ids[0]
+    ours = perplexity(stock, tokens, 512, "wikitext", max_tokens=4096).perplexity
+    theirs = perplexity(dropped, tokens, 512, "wikitext", max_tokens=4096).perplexity
+    assert ours == pytest.approx(theirs, rel=1e-4)

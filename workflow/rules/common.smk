@@ -79,23 +79,28 @@ DATA_DIR_ARG = f"--data-dir {shlex.quote(DATA_DIR)}" if DATA_DIR else ""
 # ------------------------------------------------------------------------------------------ the grid
 # A variant id reads left to right: what was pruned, how it was recovered, how it was quantized:
 #   dense | taylor-inverse-r0.20 | taylor-inverse-r0.20-lora-kd | taylor-inverse-r0.20-lora-kd-gptq-w4g64
-PRUNED_PATTERN = r"[a-z]+-[a-z]+-r[0-9]+(?:\.[0-9]+)?"
+PRUNED_PATTERN = r"[a-z]+-[a-z]+-r[0-9]+(?:\.[0-9]+)?"  # <criterion>-<strategy or mode>-r<ratio>
 VARIANT_PATTERN = (
     rf"(?P<prune>dense|{PRUNED_PATTERN})(?:-lora-(?P<recovery>lm|kd))?(?:-(?P<quant>(?:gptq|rtn)-w[0-9]+g[0-9]+))?"
 )
 
 
-def variant_id(criterion: str, strategy: str, ratio: float) -> str:
-    """Readable, stable ids: taylor-inverse-r0.20 (more digits only when the ratio needs them)."""
-    return f"{criterion}-{strategy}-r{ratio:.2f}" if round(ratio, 2) == ratio else f"{criterion}-{strategy}-r{ratio:g}"
+MODES_BY_NAME = ("depth", "hybrid")  # plan modes named in ids; width plans are named by their strategy
+
+
+def variant_id(criterion: str, strategy_or_mode: str, ratio: float) -> str:
+    """Readable, stable ids: taylor-inverse-r0.20 (a width plan and its strategy), taylor-depth-r0.20,
+    taylor-hybrid-r0.20 (more digits only when the ratio needs them)."""
+    return f"{criterion}-{strategy_or_mode}-r{ratio:.2f}" if round(ratio, 2) == ratio else f"{criterion}-{strategy_or_mode}-r{ratio:g}"
 
 
 def parse_variant(variant: str) -> dict:
-    """prune / recovery / quant parts of a variant id, plus criterion, strategy and ratio of a pruned one."""
+    """prune / recovery / quant parts of a variant id, plus criterion, mode, strategy and ratio of a pruned one."""
     parts = re.fullmatch(VARIANT_PATTERN, variant).groupdict()
     if parts["prune"] != "dense":
-        criterion, strategy, ratio = parts["prune"].split("-")
-        parts.update(criterion=criterion, strategy=strategy, ratio=float(ratio[1:]))
+        criterion, middle, ratio = parts["prune"].split("-")
+        mode = middle if middle in MODES_BY_NAME else "width"
+        parts.update(criterion=criterion, mode=mode, strategy=None if mode != "width" else middle, ratio=float(ratio[1:]))
     return parts
 
 
@@ -117,10 +122,14 @@ def chosen(apply_to: list[str], candidates: list[str], key: str) -> list[str]:
 PLANS = config["plans"]
 RECOVERY = config["recovery"]
 QUANTIZATION = config["quantization"]
+GRID_MIDDLES = [
+    *(PLANS["strategies"] if "width" in PLANS["modes"] else []), *(m for m in PLANS["modes"] if m != "width")
+]
 PRUNED_VARIANTS = sorted(
-    {variant_id(c, s, r) for r in PLANS["ratios"] for c in PLANS["criteria"] for s in PLANS["strategies"]}
-    | {variant_id(b["criterion"], b["strategy"], b["ratio"]) for b in PLANS["baselines"]}
-)
+    {variant_id(c, m, r) for r in PLANS["ratios"] for c in PLANS["criteria"] for m in GRID_MIDDLES}
+    | {variant_id(b["criterion"], b.get("mode", "width") if b.get("mode", "width") != "width" else b.get("strategy", "inverse"), b["ratio"])
+       for b in PLANS["baselines"]}
+)  # fmt: skip
 RECOVERED_VARIANTS = [
     f"{variant}-lora-{loss}"
     for variant in (chosen(RECOVERY["apply_to"], PRUNED_VARIANTS, "recovery.apply_to") if RECOVERY["methods"] else [])
@@ -148,7 +157,7 @@ if len(TEXT_SETS) < 2:
 wildcard_constraints:
     model=re.escape(MODEL),
     calib="|".join(map(re.escape, TEXT_SETS)),
-    criterion="|".join(("taylor", "magnitude", "activation", "random")),
+    criterion="|".join(("taylor", "fisher", "magnitude", "activation", "random")),
     variant=re.sub(r"\?P<\w+>", "", VARIANT_PATTERN),
 
 
@@ -190,14 +199,15 @@ def plan_args(variant: str) -> str:
     parsed = parse_variant(variant)
     return cli_flags({
         "--ratio": parsed["ratio"],
+        "--mode": parsed["mode"] if parsed["mode"] != "width" else None,
         "--strategy": parsed["strategy"],
         "--alpha": PLANS["alpha"],
         "--min-rate": PLANS["min_rate"],
         "--max-rate": PLANS["max_rate"],
         "--channel-multiple": PLANS["channel_multiple"],
         "--layer-criterion": PLANS["layer_criterion"],
-        "--attn-ratio": PLANS["attn_ratio"],
-        "--mlp-ratio": PLANS["mlp_ratio"],
+        "--attn-ratio": PLANS["attn_ratio"] if parsed["mode"] == "width" else None,
+        "--mlp-ratio": PLANS["mlp_ratio"] if parsed["mode"] == "width" else None,
         "--protect": ",".join(map(str, sorted(PLANS["protect"]))) or None,
     })
 

@@ -12,6 +12,12 @@ rule importance:
         # the seed only matters to the random criterion; other criteria ignore a change of it
         seed=lambda wildcards: config["importance"]["seed"] if wildcards.criterion == "random" else 0,
         checkpointing="--gradient-checkpointing" if config["importance"]["gradient_checkpointing"] else "",
+        # loss curves per unit kind (what hybrid plans price kinds by), with the plans' MLP width step
+        curves=cli_flags({
+            "--no-curves": not config["importance"]["curves"],
+            "--curve-blocks": config["importance"]["curve_blocks"] if config["importance"]["curves"] else None,
+            "--channel-multiple": PLANS["channel_multiple"] if config["importance"]["curves"] else None,
+        }),
         device=config["device"],
         dtype=config["model"]["dtype"],
     log:
@@ -29,5 +35,5 @@ rule importance:
     shell:
         "{CLI} --threads {threads} importance --model {input.model} --calib {input.calib}"
         " --criterion {wildcards.criterion} --layer-criteria {params.layer_criteria} --batch-size {params.batch_size}"
-        " --seed {params.seed} {params.checkpointing} --device {params.device} --dtype {params.dtype}"
+        " --seed {params.seed} {params.checkpointing} {params.curves} --device {params.device} --dtype {params.dtype}"
         " --out {output} > {log} 2>&1"
