@@ -56,11 +56,15 @@ def parse_layer_list(text: str) -> tuple[int, ...]:
         try:
             if "-" in part:
                 first, last = (int(value) for value in part.split("-", 1))
-                layers.update(range(first, last + 1))
             else:
-                layers.add(int(part))
+                first = last = int(part)
         except ValueError:
             raise argparse.ArgumentTypeError(f"layer list {text!r} must look like '0,1,28-29'") from None
+        if first < 0 or last < first:
+            raise argparse.ArgumentTypeError(
+                f"layer range {part!r} in {text!r} is empty or negative: write ranges low-high, e.g. '0,1,28-29'"
+            )
+        layers.update(range(first, last + 1))
     return tuple(sorted(layers))
 
 
@@ -85,7 +89,7 @@ def cmd_stage(args: argparse.Namespace) -> None:
 
 def cmd_calib(args: argparse.Namespace) -> None:
     from .data import calibration_blocks, read_source, resolve_text_source, save_calibration
-    from .sources import load_tokenizer
+    from .sources import check_length, load_tokenizer
 
     text_source = resolve_text_source(
         args.source,
@@ -95,6 +99,7 @@ def cmd_calib(args: argparse.Namespace) -> None:
         dataset_config=args.dataset_config,
         data_files=args.data_files,
     )
+    check_length(args.model, args.seq_len, "--seq-len")
     tokenizer = load_tokenizer(args.model)
     documents = read_source(text_source)
     blocks = calibration_blocks(tokenizer, documents, args.n_samples, args.seq_len, args.seed)
@@ -180,21 +185,42 @@ def cmd_prune(args: argparse.Namespace) -> None:
     from .surgery import apply_plan
 
     plan = PruningPlan.load(args.plan)
-    model = load_model(args.model, dtype=args.dtype, device="cpu")
+    settings = None
+    if args.calib is not None and not args.no_reconstruct:
+        from .reconstruct import ReconstructionSettings
+
+        settings = ReconstructionSettings(ridge=args.ridge, target=args.reconstruct_target, batch_size=args.batch_size)
+        settings.validate()
+    model = load_model(args.model, dtype=args.dtype, device=args.device if settings else "cpu")
     tokenizer = load_tokenizer(args.model)
+    provenance, sections = {}, []
+    if settings is not None:
+        from .data import load_calibration
+        from .reconstruct import reconstruct, summary_line
+
+        blocks, calibration = load_calibration(args.calib)
+        report = reconstruct(model, plan, blocks, settings)
+        report["calibration"] = calibration
+        provenance["reconstruction"] = report
+        sections.append(f"## Reconstruction\n\n{summary_line(report)}")
+    else:
+        provenance["reconstruction"] = None
     apply_plan(model, plan)
     source = read_provenance(args.model).get("source", str(args.model))
-    save_pruned(model, tokenizer, plan, args.out, source=source)
-    print(f"pruned: {plan.params_before:,} -> {plan.params_after:,} parameters -> {args.out}")
+    save_pruned(model.cpu(), tokenizer, plan, args.out, source=source, provenance=provenance, card_sections=sections)
+    refit = "refitted by least squares" if settings else "no reconstruction"
+    print(f"pruned: {plan.params_before:,} -> {plan.params_after:,} parameters ({refit}) -> {args.out}")
 
 
 def cmd_ppl(args: argparse.Namespace) -> None:
     from .atomic import write_json
     from .data import WIKITEXT_CONSTRUCTION, wikitext2_test_text
     from .perplexity import default_window, perplexity
-    from .sources import load_model, load_tokenizer
+    from .sources import check_length, load_model, load_tokenizer
 
     text = wikitext2_test_text(args.data_dir)  # read before loading the model: a bad data_dir fails fast
+    if args.window:
+        check_length(args.model, args.window, "--window")
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     tokenizer = load_tokenizer(args.model)
     token_ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
@@ -217,6 +243,8 @@ def parse_task_limits(text: str) -> dict[str, int | None]:
             tasks[name] = int(limit) if limit else None
         except ValueError:
             raise argparse.ArgumentTypeError(f"task limit {part!r} must look like task=N") from None
+    if not tasks:
+        raise argparse.ArgumentTypeError(f"--tasks {text!r} names no task; give e.g. 'arc_easy=100,piqa'")
     return tasks
 
 
@@ -224,9 +252,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from .atomic import write_json
     from .evaluate import check_tasks, run_lm_eval, summarize
     from .perplexity import default_window
-    from .sources import load_model, load_tokenizer
+    from .sources import check_length, load_model, load_tokenizer
 
     check_tasks(args.tasks)
+    if args.max_length:
+        check_length(args.model, args.max_length, "--max-length")
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     tokenizer = load_tokenizer(args.model)
     max_length = args.max_length or default_window(model)
@@ -339,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="gqa-prune", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's)")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="allow running code shipped in a model folder (never needed for gqa-prune's own checkpoints)",
+    )  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
 
     def device_options(command: argparse.ArgumentParser, device: bool = True) -> None:
@@ -424,7 +458,18 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--model", required=True, type=Path)
     prune.add_argument("--plan", required=True, type=Path)
     prune.add_argument("--out", required=True, type=Path)
-    device_options(prune, device=False)
+    prune.add_argument(
+        "--calib", type=Path, default=None,
+        help="calibration blocks (from `calib`): refit the kept columns of o_proj/down_proj by least squares",
+    )  # fmt: skip
+    prune.add_argument("--no-reconstruct", action="store_true", help="slice only, even with --calib")
+    prune.add_argument("--ridge", type=float, default=0.1, help="refit ridge, relative to each input's Gram diagonal")
+    prune.add_argument(
+        "--reconstruct-target", default="own", choices=("own", "dense"),
+        help="own: each layer matches the dense layer on the pruned inputs; dense: the dense model's outputs",
+    )  # fmt: skip
+    prune.add_argument("--batch-size", type=_positive_int, default=1, help="calibration blocks per refit batch")
+    device_options(prune)
     prune.set_defaults(run=cmd_prune)
 
     ppl = commands.add_parser("ppl", help="WikiText-2 perplexity over non-overlapping windows")
@@ -521,9 +566,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# sub-command -> its output options and whether each is a folder (checked before any work)
+OUTPUTS = {
+    "stage": (("out", True),),
+    "calib": (("out", False),),
+    "importance": (("out", True),),
+    "plan": (("out", False), ("plot", False)),
+    "prune": (("out", True),),
+    "ppl": (("out", False),),
+    "recover": (("out", True),),
+    "quantize": (("out", True),),
+    "evaluate": (("out", False),),
+    "efficiency": (("out", False),),
+    "aggregate": (("csv", False),),
+    "plot": (("out", False),),
+}
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM (a scheduler's kill, Snakemake's cancel) unwinds like Ctrl-C, so temporaries are removed."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s: %(message)s",
@@ -533,11 +603,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+
     try:
+        from .atomic import check_output
+        from .sources import allow_remote_code
+
+        allow_remote_code(args.trust_remote_code)
+
+        for option, is_dir in OUTPUTS.get(args.command, ()):
+            if getattr(args, option, None) is not None:
+                check_output(getattr(args, option), is_dir)
         args.run(args)
     except GqaPruneError as error:
         print(f"gqa-prune {args.command}: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        if "gqa_prune.sources" in sys.modules:
+            sys.modules["gqa_prune.sources"].allow_remote_code(False)
     return 0
 
 

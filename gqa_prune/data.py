@@ -102,19 +102,45 @@ def read_documents(
         )
     if path.suffix in (".jsonl", ".json"):
         return _read_json_rows(path, text_field)
-    paragraphs = path.read_text(encoding="utf-8").split("\n\n")
+    paragraphs = _read_utf8(path).split("\n\n")
     return [paragraph.strip() for paragraph in paragraphs if paragraph.strip()]
 
 
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise GqaPruneError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from error
+
+
 def _read_json_rows(path: Path, text_field: str) -> list[str]:
-    raw = path.read_text(encoding="utf-8")
+    raw = _read_utf8(path)
     if path.suffix == ".json" and raw.lstrip().startswith("["):
-        rows = json.loads(raw)
+        try:
+            rows = json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise GqaPruneError(f"{path}: not valid JSON ({error})") from error
+        numbered = list(enumerate(rows, start=1))
     else:
-        rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
-    if rows and text_field not in rows[0]:
-        raise GqaPruneError(f"{path}: rows have no field {text_field!r} (fields: {', '.join(sorted(rows[0]))})")
-    return [row[text_field] for row in rows if row[text_field].strip()]
+        numbered = []
+        for number, line in enumerate(raw.splitlines(), start=1):
+            if line.strip():
+                try:
+                    numbered.append((number, json.loads(line)))
+                except json.JSONDecodeError as error:
+                    raise GqaPruneError(f"{path}: line {number} is not a JSON object ({error.msg})") from error
+    texts = []
+    for number, row in numbered:
+        if not isinstance(row, dict) or text_field not in row:
+            fields = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
+            raise GqaPruneError(f"{path}: row {number} has no field {text_field!r} (has: {fields})")
+        if not isinstance(row[text_field], str):
+            raise GqaPruneError(
+                f"{path}: row {number} field {text_field!r} is {type(row[text_field]).__name__}, expected text"
+            )
+        if row[text_field].strip():
+            texts.append(row[text_field])
+    return texts
 
 
 def _read_hf_dataset(
@@ -183,9 +209,18 @@ def load_calibration(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
         raise GqaPruneError(f"calibration file {str(path)!r} does not exist (write it with `gqa-prune calib`)")
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = json.loads((handle.metadata() or {}).get("gqa_prune", "{}"))
-    return load_file(str(path))["input_ids"], metadata
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = json.loads((handle.metadata() or {}).get("gqa_prune", "{}"))
+        tensors = load_file(str(path))
+    except Exception as error:  # safetensors raises its own types for foreign or truncated files
+        raise GqaPruneError(
+            f"{path}: not a calibration file written by `gqa-prune calib` ({str(error).splitlines()[0]})"
+        ) from error
+    blocks = tensors.get("input_ids")
+    if blocks is None or blocks.dim() != 2 or blocks.dtype != torch.long:
+        raise GqaPruneError(f"{path}: not a calibration file written by `gqa-prune calib` (no [blocks, tokens] input_ids)")
+    return blocks, metadata
 
 
 def wikitext2_test_text(data_dir: str | os.PathLike | None) -> str:

@@ -77,7 +77,7 @@ def score(
     adapter, geometry = adapter_for(model.config), geometry_of(model)
     device = next(model.parameters()).device
     batches = list(blocks.split(batch_size))
-    results = PassResults(model, adapter, geometry, seed)
+    results = PassResults(model, adapter, geometry, seed, batches, device)
     with frozen(model):
         results.structural_stats = StructuralStatsCollector(model, adapter)
         collectors = [results.structural_stats]

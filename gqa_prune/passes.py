@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -353,3 +354,47 @@ def forward_backward(
         if gradient_checkpointing:
             model.gradient_checkpointing_disable()
     return total / count
+
+
+# ----------------------------------------------------------------------------------------------- layer by layer
+@dataclass
+class LayerInputs:
+    """What layer-by-layer passes carry from one decoder layer to the next."""
+
+    hidden: list[torch.Tensor]  # per batch: hidden states entering the current layer
+    kwargs: list[dict]  # per batch: the keyword arguments decoder layers get (masks, rotary embeddings)
+
+
+def capture_layer_inputs(
+    model: nn.Module, layers: nn.ModuleList, batches: Sequence[torch.Tensor], device
+) -> LayerInputs:
+    """One forward per batch that stops at the first layer: its input hidden states and keyword arguments."""
+
+    class _Stop(Exception):
+        pass
+
+    captured = LayerInputs([], [])
+
+    def grab(module, args, kwargs):
+        captured.hidden.append((args[0] if args else kwargs["hidden_states"]).detach())
+        rest = {key: value for key, value in kwargs.items() if key != "hidden_states"}
+        rest.update(use_cache=False, past_key_values=None)
+        captured.kwargs.append(rest)
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    model(input_ids=batch.to(device), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    output = layer(hidden, **kwargs)
+    return output[0] if isinstance(output, tuple) else output

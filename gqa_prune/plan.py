@@ -18,6 +18,7 @@ Version-1 plans (width only) still load.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -39,6 +40,8 @@ from .atomic import write_text
 from .errors import GqaPruneError
 from .scores import Scores
 from .units import GQA_GROUP, MLP_CHANNEL, STRUCTURAL_KINDS, SUBLAYER_KINDS, WIDTH_KINDS
+
+logger = logging.getLogger(__name__)
 
 PLAN_FORMAT = "gqa-prune-plan"
 PLAN_VERSION = 2
@@ -400,9 +403,28 @@ def build_plan(scores: Scores, settings: PlanSettings, params_before: int | None
             "re-run importance with it in --layer-criteria"
         )
     builder = {"width": _width_plan, "depth": _depth_layers, "hybrid": _hybrid_layers}[settings.mode]
-    return PruningPlan(
-        geometry=geometry, settings=settings, layers=builder(scores, settings), params_before=params_before
-    )
+    plan = PruningPlan(geometry=geometry, settings=settings, layers=builder(scores, settings), params_before=params_before)
+    _warn_on_shortfall(plan)
+    return plan
+
+
+def _warn_on_shortfall(plan: PruningPlan) -> None:
+    """Say so when the limits let a plan remove clearly less (or more) than asked: the achieved figure."""
+    summary, settings, geometry = plan.param_summary(), plan.settings, plan.geometry
+    if settings.mode == "width":
+        attn, mlp = settings.width_ratios
+        asked = [("attention ", attn, summary["achieved_attn_ratio"]), ("MLP ", mlp, summary["achieved_mlp_ratio"])]
+    else:
+        asked = [("attention+MLP ", settings.ratio, summary["achieved_ratio"])]
+    total = _total_params(geometry)
+    step = max(geometry.params_per_group, settings.channel_multiple * geometry.params_per_channel) / total
+    for part, target, achieved in asked:
+        if abs(achieved - target) > max(step, 0.01):
+            logger.warning(
+                "the plan removes %.1f%% of %sparameters, not the %.1f%% asked: the limits (max_rate %s, "
+                "protected layers, channel_multiple %d, at least one unit per layer) cap it",
+                100 * achieved, part, 100 * target, settings.max_rate, settings.channel_multiple,
+            )  # fmt: skip
 
 
 def _total_params(geometry: Geometry) -> int:
@@ -435,10 +457,16 @@ def _width_layers(
             removal_options(n, step, settings.max_rate * n if ok and target > 0 else 0, max(step, kind.min_kept))
             for n, ok in zip(units, prunable)
         ]
-        allocation[kind.name] = (
-            rates,
-            discretize([r * n for r, n in zip(rates, units)], options, target * sum(units), uniform),
-        )
+        removed = discretize([r * n for r, n in zip(rates, units)], options, target * sum(units), uniform)
+        if target > 0 and all(len(choices) == 1 for choices, ok in zip(options, prunable) if ok):
+            limit = (
+                f"channel_multiple {settings.channel_multiple} is not below any prunable layer's MLP width "
+                f"({max(units)})"
+                if kind is MLP_CHANNEL
+                else "every prunable layer has a single KV group"
+            )
+            raise GqaPruneError(f"{what} ratio {target:.3g} removes nothing: {limit}; nothing of it can be pruned")
+        allocation[kind.name] = (rates, removed)
     return allocation
 
 

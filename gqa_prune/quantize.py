@@ -8,11 +8,13 @@ shapes before any work: a group size must divide the ``in_features`` of every qu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import struct
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -114,6 +116,14 @@ def check_settings(settings: QuantSettings, in_features: dict[str, int]) -> CpuK
             f"group size {settings.group_size} is not supported by the {name} kernel "
             f"(group sizes {', '.join(map(str, kernel.group_sizes))})"
         )
+    if settings.bits not in (2, 4, 8):  # GPTQ packs odd widths 32 weights at a time
+        bad = {layer: width for layer, width in in_features.items() if width % 32}
+        if bad:
+            layer, width = next(iter(bad.items()))
+            raise GqaPruneError(
+                f"bits {settings.bits} packs 32 weights at a time, but {layer} has in_features {width} "
+                f"({len(bad)} layers); use bits 2, 4 or 8, or keep widths in multiples of 32"
+            )
     if kernel.group_divides_in_features:
         bad = {layer: width for layer, width in in_features.items() if width % settings.group_size}
         if bad:
@@ -172,9 +182,27 @@ def quantize(
         if calibration is None or not len(calibration):
             raise GqaPruneError("GPTQ needs calibration blocks (--calib)")
         samples = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in calibration]
-    model = gptqmodel.GPTQModel.load(str(model_dir), gptqmodel.QuantizeConfig(**config_kwargs), trust_remote_code=True)
-    model.quantize(samples, batch_size=batch_size, backend=gptqmodel.BACKEND(PACKING_BACKEND))
-    model.save(str(out_dir))
+    from .sources import trust_remote_code
+
+    model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir).resolve()
+    remote = trust_remote_code(model_dir)
+    with _working_directory(out_dir.parent):  # GPTQModel writes logs/*.log into the working directory
+        model = gptqmodel.GPTQModel.load(str(model_dir), gptqmodel.QuantizeConfig(**config_kwargs), trust_remote_code=remote)
+        model.quantize(samples, batch_size=batch_size, backend=gptqmodel.BACKEND(PACKING_BACKEND))
+        model.save(str(out_dir))
+
+
+@contextlib.contextmanager
+def _working_directory(parent: Path):
+    """Run in a scratch folder beside the output that is removed afterwards (with whatever a library left there)."""
+    scratch = Path(tempfile.mkdtemp(prefix=".gqa-prune-scratch-", dir=parent))
+    previous = os.getcwd()
+    os.chdir(scratch)
+    try:
+        yield scratch
+    finally:
+        os.chdir(previous)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def is_quantized(model_dir: str | os.PathLike) -> bool:
@@ -191,14 +219,28 @@ def load_quantized(model_dir: str | os.PathLike, device: torch.device, kernel: s
         backend = gptqmodel.BACKEND(KERNELS[name].backend)
     else:
         backend = gptqmodel.BACKEND.AUTO
-    wrapper = gptqmodel.GPTQModel.load(str(model_dir), backend=backend, device=str(device), trust_remote_code=True)
+    from .sources import trust_remote_code
+
+    wrapper = gptqmodel.GPTQModel.load(
+        str(model_dir), backend=backend, device=str(device), trust_remote_code=trust_remote_code(model_dir)
+    )
     return wrapper.model.eval()
 
 
 def _safetensors_header(path: Path) -> dict:
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        return json.loads(handle.read(length))
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            size = path.stat().st_size
+            if length > size - 8:
+                raise ValueError(f"header of {length} bytes in a file of {size}")
+            header = json.loads(handle.read(length))
+        ends = [info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"]
+        if 8 + length + max(ends, default=0) > size:
+            raise ValueError(f"its tensors need {8 + length + max(ends):,} bytes but the file has {size:,}")
+        return header
+    except (struct.error, ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError) as error:
+        raise GqaPruneError(f"{path}: not a readable safetensors file ({error})") from error
 
 
 _DTYPE_BITS = {

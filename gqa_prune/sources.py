@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from importlib import resources
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .arch import check_config_supported
@@ -109,10 +111,11 @@ def _load_source(source: str, dtype: torch.dtype | str) -> tuple[PreTrainedModel
         )
     else:
         kind, location = "hub", source
+    remote = trust_remote_code(local) if kind == "local" else _REMOTE_CODE["allowed"]
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
-    except OSError as error:
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=remote)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, trust_remote_code=remote)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
         offline = " (HF_HUB_OFFLINE=1: stage it on a machine with hub access first)" if _offline() else ""
         raise GqaPruneError(f"cannot load model {source!r}{offline}: {str(error).splitlines()[0]}") from error
     return model, tokenizer, {"kind": kind}
@@ -144,6 +147,61 @@ def require_model_dir(path: str | os.PathLike) -> Path:
     return folder
 
 
+_REMOTE_CODE = {"allowed": False}  # set once per process by the CLI's --trust-remote-code
+
+
+def allow_remote_code(allowed: bool) -> None:
+    """Whether code shipped in a model folder (other than gqa-prune's own modeling file) may run."""
+    _REMOTE_CODE["allowed"] = bool(allowed)
+
+
+def _auto_map_modules(folder: Path) -> set[str]:
+    """Modules that config.json / tokenizer_config.json point their auto_map at ("repo--module" kept whole)."""
+    modules = set()
+    for name in ("config.json", "tokenizer_config.json"):
+        file = folder / name
+        if not file.is_file():
+            continue
+        try:
+            auto_map = json.loads(file.read_text()).get("auto_map") or {}
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+            raise GqaPruneError(f"{file}: not a valid JSON object ({error})") from error
+        for value in auto_map.values():
+            for reference in value if isinstance(value, list) else [value]:
+                if isinstance(reference, str):
+                    modules.add(reference.rsplit(".", 1)[0])
+    return modules
+
+
+def trust_remote_code(path: str | os.PathLike) -> bool:
+    """Whether loading this folder must run code from it.
+
+    False when it has none, or only gqa-prune's own modeling file (byte-identical to the package's: the
+    classes registered by ``import gqa_prune`` load it instead). A folder with any other code is refused in
+    one line unless ``allow_remote_code(True)`` (the CLI's ``--trust-remote-code``) was called.
+    """
+    folder = Path(path)
+    shipped = resources.files("gqa_prune").joinpath("modeling_gqa_prune.py").read_bytes()
+    foreign = sorted(
+        module
+        for module in _auto_map_modules(folder)
+        if "--" in module or not (folder / f"{module}.py").is_file() or (folder / f"{module}.py").read_bytes() != shipped
+    )
+    if not foreign:
+        return False
+    if _REMOTE_CODE["allowed"]:
+        logger.warning("running code from %s (%s): --trust-remote-code was given", folder, ", ".join(foreign))
+        return True
+    raise GqaPruneError(
+        f"model folder {str(folder)!r} ships its own code ({', '.join(foreign)}) that loading would run; "
+        "gqa-prune runs no code from a model folder unless you pass --trust-remote-code"
+    )
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def load_model(
     path: str | os.PathLike, dtype: str = "auto", device: str = "cpu", attn_implementation: str | None = None
 ) -> PreTrainedModel:
@@ -152,20 +210,45 @@ def load_model(
     GPTQ-format checkpoints load through GPTQModel's kernels (transformers alone would need optimum).
     """
     folder = require_model_dir(path)
+    remote = trust_remote_code(folder)
     from .quantize import is_quantized, load_quantized
 
     if is_quantized(folder):
         return load_quantized(folder, resolve_device(device))
-    kwargs = {"dtype": resolve_dtype(dtype)}
+    kwargs = {"dtype": resolve_dtype(dtype), "trust_remote_code": remote}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:  # truncated, bad config, shapes
+        raise GqaPruneError(f"cannot load model folder {str(folder)!r}: {_first_line(error)}") from error
     check_config_supported(model.config)
     return model.to(resolve_device(device)).eval()
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(require_model_dir(path))
+    folder = require_model_dir(path)
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code(folder))
+    except (OSError, ValueError, KeyError) as error:
+        raise GqaPruneError(f"cannot load the tokenizer of {str(folder)!r}: {_first_line(error)}") from error
+
+
+def max_positions(path: str | os.PathLike) -> int | None:
+    """The model's maximum sequence length from its config.json (None if it does not say)."""
+    file = require_model_dir(path) / "config.json"
+    try:
+        value = json.loads(file.read_text()).get("max_position_embeddings")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise GqaPruneError(f"{file}: not a valid JSON object ({error})") from error
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def check_length(path: str | os.PathLike, length: int, what: str) -> None:
+    """Refuse a sequence length the model cannot take, naming the value and the model's limit."""
+    limit = max_positions(path)
+    if limit is not None and length > limit:
+        raise GqaPruneError(f"{what} {length} exceeds the model's {limit} positions (max_position_embeddings)")
 
 
 def read_provenance(path: str | os.PathLike) -> dict:

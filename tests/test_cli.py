@@ -65,6 +65,8 @@ def scored(tmp_path, tiny_model_dir, capsys):
             "taylor",
             "--layer-criteria",
             "block_influence,removal",
+            "--channel-multiple",
+            "8",
             "--device",
             "cpu",
             "--out",
@@ -279,3 +281,29 @@ def test_nan_scores_are_refused(tmp_path, tiny_tokenizer, scored, capsys):
 def test_layer_lists():
     assert parse_layer_list("0,1,28-29") == (0, 1, 28, 29)
     assert parse_layer_list("") == ()
+
+
+@pytest.mark.parametrize("mode", ["depth", "hybrid"])
+def test_plan_modes_through_the_cli(tmp_path, tiny_model_dir, scored, capsys, mode):
+    plan_file = tmp_path / f"{mode}.json"
+    code, out, err = run(
+        capsys, "plan", "--importance", str(scored / "importance"), "--ratio", "0.3", "--mode", mode,
+        "--channel-multiple", "8", "--out", str(plan_file), "--plot", str(tmp_path / f"{mode}.png"),
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"plan ({mode}): remove" in out and "sublayers removed" in out
+    plan = PruningPlan.load(plan_file)
+    assert plan.settings.mode == mode and (tmp_path / f"{mode}.png").read_bytes()[:4] == b"\x89PNG"
+    code, out, err = run(
+        capsys, "prune", "--model", str(tiny_model_dir), "--plan", str(plan_file), "--out", str(tmp_path / mode)
+    )
+    assert code == 0 and f"-> {plan.params_after:,} parameters" in out
+
+
+def test_hand_split_with_a_non_width_mode_is_one_line_refusal(tmp_path, scored, capsys):
+    code, _, err = run(
+        capsys, "plan", "--importance", str(scored / "importance"), "--ratio", "0.3", "--mode", "hybrid",
+        "--attn-ratio", "0.1", "--out", str(tmp_path / "plan.json"),
+    )  # fmt: skip
+    assert_one_line_error(code, err, "--attn-ratio/--mlp-ratio set a hand split and apply to --mode width only")
+    assert not (tmp_path / "plan.json").exists()

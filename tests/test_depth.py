@@ -208,7 +208,7 @@ def test_depth_removes_the_least_influential_layers(tiny_tokenizer):
         (dict(ratio=0.2, mode="depth", protected_layers=(0, 1, 2, 3, 4)), "mode depth cannot reach ratio 0.2"),
         (dict(ratio=0.2, mode="hybrid", protected_layers=(7,)), "protected layer 7 does not exist: the model has layers 0..4"),  # noqa: E501
         (dict(ratio=0.2, mode="hybrid", attn_ratio=0.1), "--attn-ratio/--mlp-ratio set a hand split and apply to --mode width only"),  # noqa: E501
-        (dict(ratio=0.5, mode="hybrid", protected_layers=(0, 1, 2, 3)), "mode hybrid cannot reach ratio 0.5 under the limits"),
+        (dict(ratio=0.5, mode="hybrid", protected_layers=(0, 1, 2, 3)), "mode hybrid cannot reach ratio 0.5 under the limits"),  # noqa: E501
         (dict(ratio=0.2, mode="sideways"), "mode 'sideways' is not one of width, depth, hybrid"),
     ],
 )  # fmt: skip

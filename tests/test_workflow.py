@@ -156,8 +156,8 @@ def test_editing_a_rules_shell_reruns_that_rule_and_downstream(workflow_run, tmp
     ("override", "expected"),
     [
         (
-            {"plans.criteria": ["taylor", "fisher"]},
-            "plans.criteria[1]: 'fisher' is not allowed; allowed: taylor, magnitude, activation, random",
+            {"plans.criteria": ["taylor", "hessian"]},
+            "plans.criteria[1]: 'hessian' is not allowed; allowed: taylor, fisher, magnitude, activation, random",
         ),
         ({"plans.ratios": [0.2, 1.5]}, "plans.ratios[1]: 1.5 must be < 1"),
         ({"model": {"name": "tiny"}}, "model: 'source' is a required property"),
@@ -180,9 +180,9 @@ def test_gpu_stages_ask_for_a_gpu_and_memory_scales_with_the_model(tmp_path, tin
     done = snakemake(tmp_path, config, "--dry-run", "--cores", "1")
     blocks = rule_blocks(done.stdout)
     assert "gpu=1" in blocks["importance"] and "gpu_model=h100" in blocks["importance"]
-    for rule in ("ppl", "recover", "quantize", "evaluate", "efficiency"):
+    for rule in ("ppl", "recover", "quantize", "evaluate", "efficiency", "prune"):  # prune refits on the GPU
         assert "gpu=1" in blocks[rule] and "gpu_model=h100" in blocks[rule]
-    assert "gpu" not in blocks["plan"] and "gpu" not in blocks["prune"] and "gpu" not in blocks["calib"]
+    assert "gpu" not in blocks["plan"] and "gpu" not in blocks["calib"]
     assert "mem_mb=1504" in blocks["importance"]  # 1500 + 4 x model_mb (1 MB estimate before staging)
     assert "runtime=360" in blocks["importance"] and "runtime=10" in blocks["plan"]  # defaults in common.smk
 
@@ -253,3 +253,20 @@ def test_cluster_example_validates_and_plans_the_8b_grid(tmp_path):
     assert (counts["recover"], counts["quantize"], counts["evaluate"]) == ("4", "6", "32")
     blocks = rule_blocks(done.stdout)
     assert "gpu=1" in blocks["importance"] and "gpu=1" in blocks["recover"] and "gpu" not in blocks["plan"]
+
+
+def test_plan_modes_are_part_of_variant_ids(tmp_path, tiny_model_dir):
+    # width plans keep their <criterion>-<strategy> ids; depth and hybrid plans are <criterion>-<mode>
+    config = tiny_config(tiny_model_dir, **{"plans.modes": ["width", "depth", "hybrid"], "plans.ratios": [0.2]})
+    done = snakemake(tmp_path, config, "--dry-run", "--cores", "1", "--printshellcmds")
+    text = done.stdout
+    commands = {line for line in text.splitlines() if " plan --importance " in line}
+    for variant, flags, absent in (
+        ("taylor-inverse-r0.20", "--ratio 0.2 --strategy inverse", "--mode"),
+        ("taylor-depth-r0.20", "--ratio 0.2 --mode depth", "--strategy"),
+        ("taylor-hybrid-r0.20", "--ratio 0.2 --mode hybrid", "--strategy"),
+    ):
+        (command,) = [line for line in commands if f"plans/{variant}.json" in line]
+        assert flags in command and absent not in command
+    importance = next(line for line in text.splitlines() if " importance --model " in line)
+    assert "--channel-multiple 32" in importance  # the loss curves use the plans' MLP width step

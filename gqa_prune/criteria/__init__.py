@@ -9,11 +9,14 @@ from .activation import Activation
 from .base import PassResults, StructuralCriterion, UnitCriterion
 from .fisher import Fisher
 from .magnitude import Magnitude
+from .obs import Obs
 from .random_scores import Random
 from .structural import BlockInfluence, OutputActivation, Removal, measured_loss
 from .taylor import Taylor
 
-UNIT_CRITERIA: dict[str, UnitCriterion] = {c.name: c for c in (Taylor(), Fisher(), Magnitude(), Activation(), Random())}
+UNIT_CRITERIA: dict[str, UnitCriterion] = {
+    c.name: c for c in (Taylor(), Fisher(), Obs(), Magnitude(), Activation(), Random())
+}
 STRUCTURAL_CRITERIA: dict[str, StructuralCriterion] = {
     c.name: c for c in (BlockInfluence(), OutputActivation(), Removal())
 }

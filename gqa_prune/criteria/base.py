@@ -26,6 +26,8 @@ class PassResults:
     adapter: FamilyAdapter
     geometry: Geometry
     seed: int
+    batches: list = field(default_factory=list)  # the calibration batches the passes ran over
+    device: torch.device | None = None
     taylor: TaylorCollector | None = None
     input_norms: InputNormCollector | None = None
     mask_gradients: MaskGradientCollector | None = None

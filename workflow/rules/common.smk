@@ -56,7 +56,46 @@ def check_config(config: dict) -> None:
                                 "(no config.json there); give a local HF folder, a hub id or embedded:smollm2-135m")
 
 
+def _model_layers(source: str) -> int | None:
+    """Decoder layers of the configured model, where knowable before staging (local folders, the embedded default)."""
+    if source == "embedded:smollm2-135m":
+        return 30
+    for folder in (Path(source).expanduser(), REPO / "resources" / "models" / config["model"]["name"]):
+        try:
+            return int(json.loads((folder / "config.json").read_text())["num_hidden_layers"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def check_config_values(config: dict) -> None:
+    """What the schema cannot say: finite numbers, consistent bounds, paths that exist, protect in range."""
+    import math
+
+    problems = []
+    plans = config["plans"]
+    ratios = [("plans.ratios", r) for r in plans["ratios"]] + [(f"plans.baselines[{i}].ratio", b["ratio"]) for i, b in enumerate(plans["baselines"])]
+    for key in ("attn_ratio", "mlp_ratio", "alpha", "min_rate", "max_rate"):
+        if plans.get(key) is not None:
+            ratios.append((f"plans.{key}", plans[key]))
+    problems += [f"{key}: {value!r} is not a finite number" for key, value in ratios if not math.isfinite(value)]
+    if math.isfinite(plans["min_rate"]) and math.isfinite(plans["max_rate"]) and plans["min_rate"] > plans["max_rate"]:
+        problems.append(f"plans.min_rate: {plans['min_rate']} is above plans.max_rate {plans['max_rate']}")
+    layers = _model_layers(config["model"]["source"])
+    if layers is not None:
+        problems += [f"plans.protect: layer {layer} does not exist (the model has layers 0..{layers - 1})"
+                     for layer in plans["protect"] if layer >= layers]  # fmt: skip
+    if config["data_dir"] is not None:
+        data_dir = Path(config["data_dir"]).expanduser()
+        data_dir = data_dir if data_dir.is_absolute() else REPO / data_dir
+        if not data_dir.is_dir():
+            problems.append(f"data_dir: {config['data_dir']!r} is not a folder (resolved: {data_dir})")
+    if problems:
+        raise WorkflowError("invalid config:\n" + "\n".join(f"  {problem}" for problem in problems))
+
+
 check_config(config)
+check_config_values(config)
 
 # ------------------------------------------------------------------------------------------ paths
 MODEL = config["model"]["name"]
@@ -90,8 +129,12 @@ MODES_BY_NAME = ("depth", "hybrid")  # plan modes named in ids; width plans are 
 
 def variant_id(criterion: str, strategy_or_mode: str, ratio: float) -> str:
     """Readable, stable ids: taylor-inverse-r0.20 (a width plan and its strategy), taylor-depth-r0.20,
-    taylor-hybrid-r0.20 (more digits only when the ratio needs them)."""
-    return f"{criterion}-{strategy_or_mode}-r{ratio:.2f}" if round(ratio, 2) == ratio else f"{criterion}-{strategy_or_mode}-r{ratio:g}"
+    taylor-hybrid-r0.20; more digits only when the ratio needs them, all of them (repr), so that two
+    different ratios never share an id."""
+    digits = f"{ratio:.2f}" if round(ratio, 2) == ratio else repr(float(ratio))
+    if "e" in digits:  # repr writes tiny ratios with an exponent, which ids do not take
+        digits = f"{ratio:.17f}".rstrip("0")
+    return f"{criterion}-{strategy_or_mode}-r{digits}"
 
 
 def parse_variant(variant: str) -> dict:
@@ -120,11 +163,18 @@ def chosen(apply_to: list[str], candidates: list[str], key: str) -> list[str]:
 
 
 PLANS = config["plans"]
+RECONSTRUCTION = config["reconstruction"]
 RECOVERY = config["recovery"]
 QUANTIZATION = config["quantization"]
 GRID_MIDDLES = [
     *(PLANS["strategies"] if "width" in PLANS["modes"] else []), *(m for m in PLANS["modes"] if m != "width")
 ]
+_ALL_RATIOS = [*PLANS["ratios"], *(b["ratio"] for b in PLANS["baselines"])]
+_SAME_ID = {}
+for _ratio in _ALL_RATIOS:
+    _other = _SAME_ID.setdefault(variant_id("x", "y", _ratio), _ratio)
+    if _other != _ratio:
+        raise WorkflowError(f"invalid config:\n  plans.ratios: {_other!r} and {_ratio!r} would share a variant id")
 PRUNED_VARIANTS = sorted(
     {variant_id(c, m, r) for r in PLANS["ratios"] for c in PLANS["criteria"] for m in GRID_MIDDLES}
     | {variant_id(b["criterion"], b.get("mode", "width") if b.get("mode", "width") != "width" else b.get("strategy", "inverse"), b["ratio"])

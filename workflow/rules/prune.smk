@@ -1,12 +1,21 @@
-# dense model + plan -> pruned/<variant>/: an HF checkpoint, physically smaller (surgery runs on CPU).
+# dense model + plan -> pruned/<variant>/: an HF checkpoint, physically smaller, its surviving output
+# projections refit by least squares on the calibration blocks (reconstruction; on the GPU with cuda).
 rule prune:
     input:
         model=STAGED,
         plan=f"{RESULTS}/plans/{{variant}}.json",
+        calib=[f"{RESULTS}/calib/{CALIB}.safetensors"] if RECONSTRUCTION["enabled"] else [],
     output:
         directory(f"{RESULTS}/pruned/{{variant}}"),
     params:
         dtype=config["model"]["dtype"],
+        device=config["device"],
+        reconstruction=cli_flags({
+            "--ridge": RECONSTRUCTION["ridge"],
+            "--reconstruct-target": RECONSTRUCTION["target"],
+            "--batch-size": RECONSTRUCTION["batch_size"],
+        }) if RECONSTRUCTION["enabled"] else "",
+        calib=lambda wildcards, input: f"--calib {input.calib}" if RECONSTRUCTION["enabled"] else "",
     log:
         f"{RESULTS}/logs/prune/{{variant}}.log",
     benchmark:
@@ -16,8 +25,9 @@ rule prune:
     resources:
         runtime=RUNTIME["prune"],
         mem_mb=mem_mb(factor=2.5),
+        **(gpu_resources() if RECONSTRUCTION["enabled"] else {}),
     conda:
         "../../envs/core.yaml"
     shell:
-        "{CLI} --threads {threads} prune --model {input.model} --plan {input.plan} --dtype {params.dtype}"
-        " --out {output} > {log} 2>&1"
+        "{CLI} --threads {threads} prune --model {input.model} --plan {input.plan} {params.calib}"
+        " {params.reconstruction} --device {params.device} --dtype {params.dtype} --out {output} > {log} 2>&1"

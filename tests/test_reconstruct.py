@@ -1,0 +1,123 @@
+"""Least-squares reconstruction on tiny random models: never worse than slicing, a no-op plan changes
+nothing, the closed form equals a direct least-squares solve, sequential fits use the pruned activations."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import LAYOUTS, calibration_ids, plan_for, tiny_model
+
+from gqa_prune.errors import GqaPruneError
+from gqa_prune.reconstruct import ReconstructionSettings, reconstruct, refit_columns
+from gqa_prune.surgery import apply_plan, apply_plan_as_mask
+
+BLOCKS = calibration_ids(blocks=8, length=32, seed=4)
+INPUTS = calibration_ids(blocks=2, length=12, seed=1)
+
+
+def test_refit_equals_a_direct_least_squares_solve():
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(200, 12, generator=generator, dtype=torch.float64)
+    weight = torch.randn(5, 12, generator=generator, dtype=torch.float64)
+    kept = torch.tensor([0, 2, 3, 7, 8, 11])
+    gram = inputs.T @ inputs
+    ridge = 0.3
+    refit = refit_columns(weight, gram, kept, ridge)
+    # the same problem as one stacked least-squares system: data rows, then the ridge rows pulling to W_K
+    damping = (ridge * gram[kept][:, kept].diagonal()).sqrt()
+    design = torch.cat([inputs[:, kept], torch.diag(damping)])
+    target = torch.cat([inputs @ weight.T, damping.unsqueeze(1) * weight[:, kept].T])
+    direct = torch.linalg.lstsq(design, target).solution.T
+    torch.testing.assert_close(refit, direct, rtol=1e-9, atol=1e-9)
+    # a vanishing ridge is plain least squares
+    plain = torch.linalg.lstsq(inputs[:, kept], inputs @ weight.T).solution.T
+    torch.testing.assert_close(refit_columns(weight, gram, kept, 1e-12), plain, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("family", "heads_per_group"), LAYOUTS)
+@pytest.mark.parametrize("target", ["own", "dense"])
+def test_reconstruction_never_increases_a_layers_error_and_prunes_equivalently(family, heads_per_group, target):
+    model = tiny_model(family, heads_per_group)
+    plan = plan_for(model, protected_layers=(0,))
+    refit = copy.deepcopy(model)
+    report = reconstruct(refit, plan, BLOCKS, ReconstructionSettings(target=target))
+    for entry in report["layers"]:
+        for name in ("o_proj", "down_proj"):
+            if name in entry:
+                assert entry[name]["refit_error"] <= entry[name]["sliced_error"] * (1 + 1e-9) + 1e-9
+    assert any(entry.get("down_proj", {}).get("refit_error", 0) < entry.get("down_proj", {}).get("sliced_error", 0)
+               for entry in report["layers"])  # fmt: skip
+    masked = copy.deepcopy(refit)
+    pruned = apply_plan(refit, plan)  # the refitted masked model slices to an equivalent pruned one
+    with torch.no_grad():
+        assert (pruned(INPUTS).logits - masked(INPUTS).logits).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("target", ["own", "dense"])
+def test_a_plan_that_removes_nothing_leaves_the_weights_unchanged(target):
+    model = tiny_model("qwen2", 3)
+    plan = plan_for(model, attn_ratio=0.0, mlp_ratio=0.0)
+    refit = copy.deepcopy(model)
+    reconstruct(refit, plan, BLOCKS, ReconstructionSettings(target=target))
+    for (name, before), after in zip(model.state_dict().items(), refit.state_dict().values()):
+        torch.testing.assert_close(after, before, rtol=0, atol=1e-6, msg=name)
+
+
+def test_sequential_fits_use_the_pruned_models_activations():
+    model = tiny_model("llama", 3)
+    plan = plan_for(model)
+    refit = copy.deepcopy(model)
+    reconstruct(refit, plan, BLOCKS, ReconstructionSettings())
+    last = len(model.model.layers) - 1
+    kept = torch.tensor(plan.layers[last].kept_mlp_channels)
+
+    def down_proj_gram(source) -> torch.Tensor:
+        grams = []
+        hook = source.model.layers[last].mlp.down_proj.register_forward_pre_hook(
+            lambda m, args: grams.append(args[0].flatten(0, -2).double().T @ args[0].flatten(0, -2).double())
+        )
+        with torch.no_grad():
+            for batch in BLOCKS.split(1):
+                source(batch)
+        hook.remove()
+        return sum(grams)
+
+    original = model.model.layers[last].mlp.down_proj.weight
+    written = refit.model.layers[last].mlp.down_proj.weight[:, kept].double()
+    # the refitted model's own activations reproduce what was written; the dense model's do not
+    from_pruned = refit_columns(original, down_proj_gram(refit), kept, 0.1)
+    from_dense = refit_columns(original, down_proj_gram(model), kept, 0.1)
+    torch.testing.assert_close(written, from_pruned, rtol=1e-4, atol=1e-5)
+    assert (written - from_dense).abs().max() > 1e-3
+
+
+def test_removed_sublayers_and_layers_are_masked_and_their_neighbours_refit():
+    from test_depth import mixed_plan
+
+    model = tiny_model("llama", 3, layers=5)
+    plan = mixed_plan(model)
+    refit = copy.deepcopy(model)
+    report = reconstruct(refit, plan, BLOCKS, ReconstructionSettings(target="dense"))
+    assert "o_proj" not in report["layers"][1] and "down_proj" not in report["layers"][2]
+    assert report["layers"][3] == {"layer": 3}
+    masked = apply_plan_as_mask(copy.deepcopy(refit), plan)
+    with torch.no_grad():
+        assert (apply_plan(refit, plan)(INPUTS).logits - masked(INPUTS).logits).abs().max().item() <= 1e-5
+
+
+def test_bad_calibration_and_non_finite_refits_are_refused():
+    model = tiny_model("llama", 3)
+    plan = plan_for(model)
+    with pytest.raises(GqaPruneError, match="calibration token id 500 >= vocab size 96"):
+        reconstruct(copy.deepcopy(model), plan, torch.full((2, 8), 500))
+    with pytest.raises(GqaPruneError, match="calibration has 16 tokens but the refit of a projection with"):
+        reconstruct(copy.deepcopy(model), plan, BLOCKS[:1, :16])
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.model.layers[1].mlp.down_proj.weight[0, plan.layers[1].kept_mlp_channels[0]] = float("nan")
+    with pytest.raises(GqaPruneError, match="layer 1: the refit of down_proj is not finite"):
+        reconstruct(broken, plan, BLOCKS)
+    with pytest.raises(GqaPruneError, match="reconstruction ridge 0 must be a finite number > 0"):
+        reconstruct(copy.deepcopy(model), plan, BLOCKS, ReconstructionSettings(ridge=0))
