@@ -79,7 +79,9 @@ def _accumulate_gradients(model: torch.nn.Module, blocks: torch.Tensor, batch_si
             (loss * ids.shape[0] / n).backward()
 
 
-def torch_pruning_prune(model: torch.nn.Module, blocks: torch.Tensor, ratio: float, batch_size: int = 1) -> torch.nn.Module:
+def torch_pruning_prune(
+    model: torch.nn.Module, blocks: torch.Tensor, ratio: float, batch_size: int = 1
+) -> torch.nn.Module:
     """Prune a HF Llama/Qwen2/Mistral causal LM in place with torch-pruning (Taylor importance on ``blocks``).
 
     ``blocks`` are calibration token ids [n, seq_len]; ``ratio`` is the target fraction of attention + MLP
@@ -90,8 +92,13 @@ def torch_pruning_prune(model: torch.nn.Module, blocks: torch.Tensor, ratio: flo
     model.eval()
     cfg = model.config
     head_ratio, n_heads, channels = _plan(cfg, ratio)
-    log.info("torch-pruning: ratio %.3f -> %d heads per KV group, %d/%d MLP channels per layer",
-             ratio, n_heads, channels, cfg.intermediate_size)
+    log.info(
+        "torch-pruning: ratio %.3f -> %d heads per KV group, %d/%d MLP channels per layer",
+        ratio,
+        n_heads,
+        channels,
+        cfg.intermediate_size,
+    )
     if n_heads == 0 and channels == 0:
         return model
 
@@ -99,8 +106,13 @@ def torch_pruning_prune(model: torch.nn.Module, blocks: torch.Tensor, ratio: flo
     ratio_dict: dict[torch.nn.Module, float] = {}
     for layer in _layers(model):
         attn = layer.self_attn
-        num_heads.update({attn.q_proj: cfg.num_attention_heads, attn.k_proj: cfg.num_key_value_heads,
-                          attn.v_proj: cfg.num_key_value_heads})
+        num_heads.update(
+            {
+                attn.q_proj: cfg.num_attention_heads,
+                attn.k_proj: cfg.num_key_value_heads,
+                attn.v_proj: cfg.num_key_value_heads,
+            }
+        )
         ratio_dict[attn] = 1.0  # gate only: prune_head_dims=False removes no head dimensions
         ratio_dict[layer.mlp] = max(channels - 0.5, 0.0) / cfg.intermediate_size
 
@@ -143,8 +155,10 @@ def torch_pruning_prune(model: torch.nn.Module, blocks: torch.Tensor, ratio: flo
     cfg.num_attention_heads = first.self_attn.num_heads
     cfg.num_key_value_heads = first.self_attn.num_key_value_heads
     cfg.intermediate_size = first.mlp.intermediate_size
-    if any((layer.self_attn.num_heads, layer.mlp.intermediate_size) != (cfg.num_attention_heads, cfg.intermediate_size)
-           for layer in _layers(model)):
+    if any(
+        (layer.self_attn.num_heads, layer.mlp.intermediate_size) != (cfg.num_attention_heads, cfg.intermediate_size)
+        for layer in _layers(model)
+    ):
         log.warning("torch-pruning left layers of different widths; the config describes layer 0 only")
     return model
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+from .choices import STRATEGIES  # noqa: E402
 from .errors import GqaPruneError
 
-STRATEGIES = ("inverse", "proportional", "uniform")
 _EPSILON = 1e-6
 
 

@@ -65,7 +65,9 @@ def check_output(target: str | os.PathLike, is_dir: bool) -> Path:
     if is_dir and (target.is_file() or target.is_symlink()):
         raise GqaPruneError(f"output {str(target)!r} is an existing file; a folder output never replaces a file")
     if not is_dir and target.is_dir():
-        raise GqaPruneError(f"output {str(target)!r} is an existing directory; a file output never replaces a directory")
+        raise GqaPruneError(
+            f"output {str(target)!r} is an existing directory; a file output never replaces a directory"
+        )
     if is_dir and target.is_dir() and any(target.iterdir()):
         if not any((target / marker).is_file() for marker in OUTPUT_MARKERS):
             raise GqaPruneError(

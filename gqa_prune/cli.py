@@ -359,12 +359,9 @@ def cmd_profile_install(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from .allocation import STRATEGIES
-    from .criteria import STRUCTURAL_CRITERIA, UNIT_CRITERIA
-    from .plan import MODES
-    from .sources import DEVICES, DTYPES
+    from .choices import DEVICES, DTYPES, LAYER_CRITERIA, MODES, RECONSTRUCTION_TARGETS, STRATEGIES, UNIT_CRITERIA
 
-    layer_criteria = tuple(STRUCTURAL_CRITERIA)
+    layer_criteria = LAYER_CRITERIA
 
     parser = _OneLineParser(prog="gqa-prune", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -463,9 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibration blocks (from `calib`): refit the kept columns of o_proj/down_proj by least squares",
     )  # fmt: skip
     prune.add_argument("--no-reconstruct", action="store_true", help="slice only, even with --calib")
-    prune.add_argument("--ridge", type=float, default=0.1, help="refit ridge, relative to each input's Gram diagonal")
+    prune.add_argument("--ridge", type=float, default=1.0, help="refit ridge, relative to each input's Gram diagonal")
     prune.add_argument(
-        "--reconstruct-target", default="own", choices=("own", "dense"),
+        "--reconstruct-target", default="own", choices=RECONSTRUCTION_TARGETS,
         help="own: each layer matches the dense layer on the pruned inputs; dense: the dense model's outputs",
     )  # fmt: skip
     prune.add_argument("--batch-size", type=_positive_int, default=1, help="calibration blocks per refit batch")
@@ -593,7 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+    previous_handler = signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s: %(message)s",

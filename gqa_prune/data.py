@@ -219,7 +219,9 @@ def load_calibration(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
         ) from error
     blocks = tensors.get("input_ids")
     if blocks is None or blocks.dim() != 2 or blocks.dtype != torch.long:
-        raise GqaPruneError(f"{path}: not a calibration file written by `gqa-prune calib` (no [blocks, tokens] input_ids)")
+        raise GqaPruneError(
+            f"{path}: not a calibration file written by `gqa-prune calib` (no [blocks, tokens] input_ids)"
+        )
     return blocks, metadata
 
 

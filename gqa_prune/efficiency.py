@@ -1,7 +1,11 @@
 """Efficiency figures of a loaded model on the run's device: size, KV cache, memory, latency, throughput.
 
-Latency is measured at batch 1 with a KV cache: prefill = one forward over the prompt; decode = greedy
-steps of one token each, reusing the cache. Each is repeated after warm-up runs and the median is kept.
+On CPU, latency is measured at batch 1 with a dynamic KV cache: prefill = one forward over the prompt;
+decode = greedy steps of one token each, reusing the cache; each repeated after warm-up runs, median kept.
+On CUDA, eager decode at batch 1 is bound by kernel launches, not by the weights pruning removes, so decode
+runs through transformers' compiled static-cache generation (CUDA graphs) at batch 1 and 16, and each figure
+stands beside its memory-bound ideal: the bytes a decode step must read (weights and KV cache) over the
+device's measured copy bandwidth.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class LatencySettings:
     repeats: int = 3
     warmup: int = 1
     seed: int = 0
+    batch_sizes: tuple[int, ...] = (1, 16)  # CUDA: compiled static-cache decode at each of these
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
@@ -104,6 +109,69 @@ def latency(model: nn.Module, settings: LatencySettings) -> dict[str, float]:
     }
 
 
+def copy_bandwidth(device: torch.device, megabytes: int = 1024, repeats: int = 5) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s (a read and a write per byte copied), best of repeats."""
+    source = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        _synchronize(device)
+        start = time.perf_counter()
+        target.copy_(source)
+        _synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * source.numel() / best
+
+
+def decode_bytes_per_step(model: nn.Module, batch: int, context: int) -> int:
+    """Bytes one decode step reads at least: every weight once (an embedding row per sequence, not the table,
+    unless the head shares it) and the KV cache of every sequence."""
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight.data_ptr() == embedding.data_ptr()
+    weights = 0
+    for parameter in model.parameters():
+        if parameter is embedding and not tied:
+            weights += batch * embedding.shape[1] * embedding.element_size()
+        else:
+            weights += parameter.numel() * parameter.element_size()
+    return weights + batch * context * kv_cache_bytes_per_token(model)
+
+
+@torch.no_grad()
+def compiled_decode(model: nn.Module, settings: LatencySettings) -> dict[str, float]:
+    """CUDA: decode tokens/s at each batch size through compiled static-cache generation, with its ideal."""
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    bandwidth = copy_bandwidth(device)
+    figures: dict[str, float] = {"copy_bandwidth_gb_s": bandwidth / 1e9}
+    generator = torch.Generator().manual_seed(settings.seed)
+    for batch in settings.batch_sizes:
+        prompt = torch.randint(0, vocab, (batch, settings.prompt_tokens), generator=generator).to(device)
+
+        def generate(new_tokens: int) -> float:
+            _synchronize(device)
+            start = time.perf_counter()
+            model.generate(
+                prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                cache_implementation="static", pad_token_id=0,
+            )  # fmt: skip
+            _synchronize(device)
+            return time.perf_counter() - start
+
+        for _ in range(max(settings.warmup, 2)):  # compile and capture the graphs for this shape
+            generate(settings.decode_tokens)
+        one = statistics.median(generate(1) for _ in range(settings.repeats))
+        full = statistics.median(generate(settings.decode_tokens) for _ in range(settings.repeats))
+        rate = batch * (settings.decode_tokens - 1) / max(full - one, 1e-9)
+        context = settings.prompt_tokens + settings.decode_tokens // 2
+        ideal = batch * bandwidth / decode_bytes_per_step(model, batch, context)
+        figures[f"decode_tokens_per_s_b{batch}"] = rate
+        figures[f"decode_ideal_tokens_per_s_b{batch}"] = ideal
+        figures[f"decode_fraction_of_ideal_b{batch}"] = rate / ideal
+    return figures
+
+
 def measure(model: nn.Module, settings: LatencySettings, rss_before_load_mb: float) -> dict:
     """Every efficiency figure for a model already loaded on its device."""
     device = next(model.parameters()).device
@@ -116,6 +184,9 @@ def measure(model: nn.Module, settings: LatencySettings, rss_before_load_mb: flo
         **latency(model, settings),
         "latency_settings": asdict(settings),
     }
+    if device.type == "cuda":
+        figures.update(compiled_decode(model, settings))
+        figures["device_name"] = torch.cuda.get_device_name(device)
     if device.type == "cuda":
         figures["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         figures["peak_memory_kind"] = "cuda max_memory_allocated (load + latency runs)"

@@ -23,7 +23,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .data import WIKITEXT2_TEST
-from .errors import GqaPruneError
+from .errors import GqaPruneError, require
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def check_tasks(tasks: dict[str, int | None]) -> None:
 
 def write_offline_tasks(data_dir: str | os.PathLike, tasks: list[str], folder: Path) -> None:
     """Convert the data files and write one task YAML per task into ``folder`` (an lm-eval include path)."""
-    import lm_eval
+    lm_eval = require("lm_eval", "eval", "evaluation")
 
     lm_eval_tasks = Path(lm_eval.__file__).parent / "tasks"
     data_dir = Path(data_dir)
@@ -177,6 +177,7 @@ def run_lm_eval(
     max_length: int = 2048,
 ) -> dict:
     """Evaluate every task (each with its own limit) and return lm-eval's results per task, JSON-ready."""
+    require("lm_eval", "eval", "evaluation")
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager

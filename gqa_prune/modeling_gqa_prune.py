@@ -155,6 +155,18 @@ class _HeadLayoutValidationMixin:
     def validate_architecture(self):
         _validate_head_layout(self)
 
+    def validate_token_ids(self):
+        """The stock check reads every attribute, per-layer sizes included (a warning each on a heterogeneous
+        config); the special-token ids are all it needs."""
+        values = self.__dict__
+        vocab_size = values.get("vocab_size")
+        for name, value in values.items():
+            if name.endswith("_token_id") and isinstance(value, int) and vocab_size and not 0 <= value < vocab_size:
+                logging.getLogger(__name__).warning(
+                    "Model config: %s must be None or an integer within the vocabulary (0..%d), got %d",
+                    name, vocab_size - 1, value,
+                )  # fmt: skip
+
 
 class _PerLayerShapesMixin:
     """Build each decoder layer from ``config.per_layer_config`` after the stock constructor ran."""

@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 PLAN_FORMAT = "gqa-prune-plan"
 PLAN_VERSION = 2
-MODES = ("width", "depth", "hybrid")
+from .choices import MODES  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -403,7 +403,9 @@ def build_plan(scores: Scores, settings: PlanSettings, params_before: int | None
             "re-run importance with it in --layer-criteria"
         )
     builder = {"width": _width_plan, "depth": _depth_layers, "hybrid": _hybrid_layers}[settings.mode]
-    plan = PruningPlan(geometry=geometry, settings=settings, layers=builder(scores, settings), params_before=params_before)
+    plan = PruningPlan(
+        geometry=geometry, settings=settings, layers=builder(scores, settings), params_before=params_before
+    )
     _warn_on_shortfall(plan)
     return plan
 

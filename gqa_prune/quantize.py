@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._quiet import quiet_optional_imports
+from ._quiet import import_quietly
 from .arch import ALL_ROLES
-from .errors import GqaPruneError
+from .errors import GqaPruneError, require
 
 logger = logging.getLogger(__name__)
 
@@ -150,11 +150,8 @@ def _register_pruned_types() -> None:
 
 def _gptqmodel():
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, torch.get_num_threads())))
-    try:
-        with quiet_optional_imports():
-            import gptqmodel
-    except ImportError as error:
-        raise GqaPruneError("quantization needs GPTQModel: pip install 'gqa-prune[quantize]'") from error
+    import_quietly("gptqmodel")  # its banner; require() then finds it imported, or names the extra
+    gptqmodel = require("gptqmodel", "quantize", "quantization")
     _register_pruned_types()
     return gptqmodel
 
@@ -187,7 +184,9 @@ def quantize(
     model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir).resolve()
     remote = trust_remote_code(model_dir)
     with _working_directory(out_dir.parent):  # GPTQModel writes logs/*.log into the working directory
-        model = gptqmodel.GPTQModel.load(str(model_dir), gptqmodel.QuantizeConfig(**config_kwargs), trust_remote_code=remote)
+        model = gptqmodel.GPTQModel.load(
+            str(model_dir), gptqmodel.QuantizeConfig(**config_kwargs), trust_remote_code=remote
+        )
         model.quantize(samples, batch_size=batch_size, backend=gptqmodel.BACKEND(PACKING_BACKEND))
         model.save(str(out_dir))
 

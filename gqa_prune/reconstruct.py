@@ -36,7 +36,8 @@ from .units import GQA_GROUP, LAYER, MLP_CHANNEL, STRUCTURAL_KINDS, WIDTH_KINDS
 
 logger = logging.getLogger(__name__)
 
-TARGETS = ("own", "dense")
+from .choices import RECONSTRUCTION_TARGETS as TARGETS  # noqa: E402
+
 _DIAGONAL_FLOOR = 1e-8  # of the mean diagonal: a kept input that is always 0 still gets a ridge term
 
 
@@ -44,7 +45,7 @@ _DIAGONAL_FLOOR = 1e-8  # of the mean diagonal: a kept input that is always 0 st
 class ReconstructionSettings:
     """How the refit runs. ``ridge``: strength relative to each kept input's Gram diagonal."""
 
-    ridge: float = 0.1
+    ridge: float = 1.0
     target: str = "own"  # "own": the dense layer on the pruned inputs; "dense": the dense model's own outputs
     batch_size: int = 1
 

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._quiet import import_quietly
 from .arch import ALL_ROLES
-from .errors import GqaPruneError
+from .errors import GqaPruneError, require
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,9 @@ def _lr_factor(step: int, settings: RecoverySettings) -> float:
 
 def lora_model(model: nn.Module, settings: RecoverySettings) -> nn.Module:
     """Wrap ``model`` with LoRA adapters on every q/k/v/o/gate/up/down projection (seeded init)."""
-    from peft import LoraConfig, get_peft_model
+    import_quietly("gptqmodel")  # peft imports it when it dispatches LoRA layers: without its banner
+    peft = require("peft", "recover", "LoRA recovery")
+    LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
 
     torch.manual_seed(settings.seed)
     config = LoraConfig(

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from importlib import resources
 import logging
 import os
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -185,7 +185,9 @@ def trust_remote_code(path: str | os.PathLike) -> bool:
     foreign = sorted(
         module
         for module in _auto_map_modules(folder)
-        if "--" in module or not (folder / f"{module}.py").is_file() or (folder / f"{module}.py").read_bytes() != shipped
+        if "--" in module
+        or not (folder / f"{module}.py").is_file()
+        or (folder / f"{module}.py").read_bytes() != shipped
     )
     if not foreign:
         return False

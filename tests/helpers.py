@@ -146,4 +146,4 @@ def logits_in_fresh_process(
         [sys.executable, "-c", code], cwd=workdir, env=environment, capture_output=True, text=True, timeout=1200
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    return load_file(str(workdir / "logits.safetensors"))["logits"], done.stdout
+    return load_file(str(workdir / "logits.safetensors"))["logits"], done.stdout, done.stderr

@@ -307,3 +307,36 @@ def test_hand_split_with_a_non_width_mode_is_one_line_refusal(tmp_path, scored, 
     )  # fmt: skip
     assert_one_line_error(code, err, "--attn-ratio/--mlp-ratio set a hand split and apply to --mode width only")
     assert not (tmp_path / "plan.json").exists()
+
+
+def test_command_line_choices_are_the_registries():
+    from gqa_prune import choices
+    from gqa_prune.criteria import STRUCTURAL_CRITERIA, UNIT_CRITERIA
+    from gqa_prune.sources import DEVICES, DTYPES
+
+    assert tuple(UNIT_CRITERIA) == choices.UNIT_CRITERIA
+    assert tuple(STRUCTURAL_CRITERIA) == choices.LAYER_CRITERIA
+    assert tuple(DTYPES) == choices.DTYPES and tuple(DEVICES) == choices.DEVICES
+
+
+def test_import_is_light_and_registers_once_transformers_arrives():
+    code = (
+        "import sys, gqa_prune; assert 'torch' not in sys.modules and 'transformers' not in sys.modules; "
+        "from transformers.models.auto.configuration_auto import CONFIG_MAPPING; "
+        "assert 'gqa_pruned_llama' in CONFIG_MAPPING; "
+        "import gqa_prune.cli as cli; cli.build_parser(); print('ok')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    code = "import sys, gqa_prune.cli as cli; cli.build_parser(); assert 'torch' not in sys.modules; print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("module", "extra"), [("peft", "recover"), ("lm_eval", "eval"), ("gptqmodel", "quantize")])
+def test_a_missing_optional_package_is_one_line_naming_its_extra(monkeypatch, module, extra):
+    from gqa_prune.errors import GqaPruneError, require
+
+    monkeypatch.setitem(sys.modules, module, None)  # what Python does for a package that is not installed
+    with pytest.raises(GqaPruneError, match=rf"needs the optional package .*pip install 'gqa-prune\[{extra}\]'"):
+        require(module, extra, "this stage")

@@ -44,7 +44,7 @@ def test_documents_from_jsonl_txt_and_hf_folder(tmp_path):
     rows = [{"text": "first document"}, {"text": "  "}, {"text": "second document"}]
     (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
     assert read_documents(str(tmp_path / "rows.jsonl")) == ["first document", "second document"]
-    with pytest.raises(GqaPruneError, match="rows have no field 'content' \\(fields: text\\)"):
+    with pytest.raises(GqaPruneError, match="row 1 has no field 'content' \\(has: text\\)"):
         read_documents(str(tmp_path / "rows.jsonl"), text_field="content")
 
     (tmp_path / "notes.txt").write_text("para one\nstill one\n\npara two\n\n\n")

@@ -34,6 +34,11 @@ def test_untied_head_is_not_counted_as_non_embedding():
     assert counts["parameters"] - counts["non_embedding_parameters"] == embedding_and_head
 
 
-def test_latency_reports_medians_of_positive_times():
+def test_latency_reports_the_median_of_the_repeats(monkeypatch):
+    import gqa_prune.efficiency as efficiency
+
+    ticks = iter(range(1000))  # a fake clock: every reading is one second after the last
+    monkeypatch.setattr(efficiency.time, "perf_counter", lambda: float(next(ticks)))
     figures = latency(tiny_model("mistral", 4), LatencySettings(prompt_tokens=16, decode_tokens=4, repeats=3, warmup=1))
-    assert figures["prefill_ms"] > 0 and figures["decode_tokens_per_s"] > 0
+    # each run reads the clock 4 times: prefill start/end 1 s apart, decode start/end 1 s apart
+    assert figures["prefill_ms"] == 1000.0 and figures["decode_tokens_per_s"] == 4.0

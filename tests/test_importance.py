@@ -148,6 +148,10 @@ def test_non_finite_scores_are_refused_and_nothing_is_written(tmp_path):
         model.model.layers[2].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(GqaPruneError, match="NaN/Inf"):
         importance.score(model, BLOCKS, "magnitude")
+    result = importance.score(tiny_model("llama", 3), BLOCKS, "magnitude")
+    result.units["mlp_channel"][2][0] = float("nan")  # scores that turn non-finite after scoring are not saved either
+    with pytest.raises(GqaPruneError, match=r"mlp_channel\.2 contain NaN/Inf"):
+        scores.save(result, tmp_path / "scores")
     assert not list(tmp_path.iterdir())
 
 
@@ -187,7 +191,7 @@ def test_saved_scores_are_byte_identical_save_after_save(tmp_path):
 
 def test_bad_criteria_and_foreign_tokens_are_refused():
     model = tiny_model("llama", 3)
-    with pytest.raises(GqaPruneError, match="unit criterion 'hessian' is not one of taylor, fisher, magnitude"):
+    with pytest.raises(GqaPruneError, match="unit criterion 'hessian' is not one of taylor, fisher, obs, magnitude"):
         importance.score(model, BLOCKS, "hessian")
     with pytest.raises(GqaPruneError, match="layer criterion 'depth' is not one of"):
         importance.score(model, BLOCKS, "taylor", layer_criteria=("depth",))

@@ -87,8 +87,9 @@ def test_sequential_fits_use_the_pruned_models_activations():
     original = model.model.layers[last].mlp.down_proj.weight
     written = refit.model.layers[last].mlp.down_proj.weight[:, kept].double()
     # the refitted model's own activations reproduce what was written; the dense model's do not
-    from_pruned = refit_columns(original, down_proj_gram(refit), kept, 0.1)
-    from_dense = refit_columns(original, down_proj_gram(model), kept, 0.1)
+    ridge = ReconstructionSettings().ridge
+    from_pruned = refit_columns(original, down_proj_gram(refit), kept, ridge)
+    from_dense = refit_columns(original, down_proj_gram(model), kept, ridge)
     torch.testing.assert_close(written, from_pruned, rtol=1e-4, atol=1e-5)
     assert (written - from_dense).abs().max() > 1e-3
 

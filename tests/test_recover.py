@@ -80,3 +80,28 @@ def test_invalid_recovery_settings_are_refused():
     _, pruned, _ = _pruned()
     with pytest.raises(GqaPruneError, match="the kd loss needs the dense teacher model"):
         train(lora_model(pruned, RecoverySettings(loss="kd")), BLOCKS, RecoverySettings(loss="kd"))
+
+
+def test_recover_through_the_cli_prints_no_third_party_banner(tmp_path, tiny_tokenizer):
+    import subprocess
+    import sys
+
+    from helpers import calibration_ids, plan_for, tiny_model
+    from safetensors.torch import save_file
+
+    from gqa_prune.checkpoint import save_pruned
+    from gqa_prune.surgery import apply_plan
+
+    model = tiny_model("llama", 3, vocab_size=len(tiny_tokenizer))
+    plan = plan_for(model, protected_layers=(0,))
+    save_pruned(apply_plan(model, plan), tiny_tokenizer, plan, tmp_path / "pruned", source="org/tiny")
+    save_file({"input_ids": calibration_ids(len(tiny_tokenizer), blocks=4, length=16)}, str(tmp_path / "blocks.st"))
+    done = subprocess.run(
+        [sys.executable, "-m", "gqa_prune.cli", "recover", "--model", str(tmp_path / "pruned"),
+         "--train-blocks", str(tmp_path / "blocks.st"), "--steps", "1", "--warmup-steps", "0",
+         "--device", "cpu", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    for noise in ("GPT-QModel", "Python GIL", "Reading global config value", "Failed to load"):
+        assert noise not in done.stdout + done.stderr, noise

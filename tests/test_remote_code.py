@@ -68,6 +68,8 @@ def test_foreign_auto_map_is_refused_and_never_imported(tmp_path, evil_model, ca
 
 def test_trust_remote_code_lets_the_user_run_it(tmp_path, evil_model, capsys):
     folder, marker = evil_model
-    code, _, err = run(capsys, "--trust-remote-code", "stage", "--source", str(folder), "--out", str(tmp_path / "staged"))
+    code, _, err = run(
+        capsys, "--trust-remote-code", "stage", "--source", str(folder), "--out", str(tmp_path / "staged")
+    )
     assert marker.exists()  # the user asked for it
     assert code in (0, 2)  # whatever the evil class then does, it was allowed to run
