@@ -24,6 +24,8 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(OFFLINE) $(BIN)/snakemake --cores $(CORES) --rerun-incomplete $(SNAKEMAKE_ARGS)
+	$(OFFLINE) $(BIN)/snakemake --report results/report.html --quiet all $(SNAKEMAKE_ARGS) > /dev/null
+	@echo "HTML report (table, Pareto plots, plan plots): results/report.html"
 
 test: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m pytest $(PYTEST_ARGS)

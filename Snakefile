@@ -15,6 +15,7 @@ include: "workflow/rules/common.smk"  # validates the config first, before any j
 include: "workflow/rules/stage.smk"
 include: "workflow/rules/calib.smk"
 include: "workflow/rules/importance.smk"
+include: "workflow/rules/learn_masks.smk"
 include: "workflow/rules/plan.smk"
 include: "workflow/rules/prune.smk"
 include: "workflow/rules/recover.smk"

@@ -1,9 +1,12 @@
-"""One-pass Taylor scoring vs the seeds' scheme (one forward+backward per layer), on SmolLM2-135M.
+"""What unit scores cost on SmolLM2-135M: one-pass Taylor vs the seeds' scheme, and Fisher and OBS beside Taylor.
 
-Both use the same calibration blocks, the same gradient set (projection weights and biases) and the same
-reduction to unit scores; they differ only in passes: gqa-prune folds every layer's |w * dL/dw| during a
-single backward per batch, the seeds' code re-ran forward+backward for each layer it scored.
-Prints passes, wall time of each, their ratio, and how far the scores differ (they must agree).
+1. One-pass Taylor vs the seeds' scheme (one forward+backward per layer): the same calibration blocks, the
+   same gradient set (projection weights and biases) and the same reduction to unit scores; they differ
+   only in passes: gqa-prune folds every layer's |w * dL/dw| during a single backward per batch, the seeds'
+   code re-ran forward+backward for each layer it scored. Prints passes, wall time of each, their ratio,
+   and how far the scores differ (they must agree).
+2. The unit criteria side by side (taylor, fisher, obs; loss curves off, so only the scoring passes count):
+   wall time and passes of each on the same blocks.
 
     python bench/importance_cost.py [--model resources/models/smollm2-135m] [--blocks 4] [--seq-len 128]
 """
@@ -19,17 +22,21 @@ import torch
 
 from gqa_prune import importance
 from gqa_prune.arch import ALL_ROLES, adapter_for, geometry_of
+from gqa_prune.criteria import UNIT_CRITERIA
 from gqa_prune.data import calibration_blocks, read_documents
 from gqa_prune.reduce import bias_to_units, taylor_salience, weight_to_units
 from gqa_prune.sources import load_model, load_tokenizer, stage
+from gqa_prune.units import WIDTH_KINDS, width_kind
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def per_layer_passes(model, blocks: torch.Tensor, batch_size: int) -> tuple[importance.UnitScores, int]:
+def per_layer_passes(model, blocks: torch.Tensor, batch_size: int) -> tuple[dict[str, list[torch.Tensor]], int]:
     """The seeds' scheme: for every layer, forward+backward over the calibration batches, read that layer's grads."""
     adapter, geometry = adapter_for(model.config), geometry_of(model)
-    units = importance.UnitScores.zeros(geometry)
+    units = {
+        kind.name: [torch.zeros(kind.count(geometry, i)) for i in range(geometry.num_layers)] for kind in WIDTH_KINDS
+    }
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     projections = [
@@ -48,7 +55,7 @@ def per_layer_passes(model, blocks: torch.Tensor, batch_size: int) -> tuple[impo
             for role in ALL_ROLES:
                 projection = adapter.projection(layer, role)
                 width = geometry.indices_per_unit(role)
-                target = units.of(role.unit)[layer_index]
+                target = units[width_kind(role.unit).name][layer_index]
                 target.add_(weight_to_units(taylor_salience(projection.weight, projection.weight.grad), role, width))
                 if role.axis == "out" and projection.bias is not None:
                     target.add_(bias_to_units(taylor_salience(projection.bias, projection.bias.grad), width))
@@ -80,19 +87,16 @@ def main() -> None:
     )
 
     start = time.perf_counter()
-    one_pass = importance.score(model, blocks, "taylor", layer_criteria=(), batch_size=args.batch_size)
+    one_pass = importance.score(model, blocks, "taylor", layer_criteria=(), batch_size=args.batch_size, curves=False)
     one_pass_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
     seeds_units, seeds_passes = per_layer_passes(copy.deepcopy(model), blocks, args.batch_size)
     seeds_seconds = time.perf_counter() - start
 
-    ours = one_pass.units.to_tensors()
-    theirs = seeds_units.to_tensors()
-    absolute = max((ours[name] - theirs[name]).abs().max().item() for name in ours)
-    relative = max(
-        ((ours[name] - theirs[name]).abs() / theirs[name].abs().clamp_min(1e-12)).max().item() for name in ours
-    )
+    pairs = [(a, b) for kind in seeds_units for a, b in zip(one_pass.units[kind], seeds_units[kind])]
+    absolute = max((a - b).abs().max().item() for a, b in pairs)
+    relative = max(((a - b).abs() / b.abs().clamp_min(1e-12)).max().item() for a, b in pairs)
     print()
     print(f"{'scheme':<34}{'fwd+bwd passes':>15}{'wall time (s)':>15}")
     print(f"{'gqa-prune one pass':<34}{one_pass.info['forward_backward_passes']:>15}{one_pass_seconds:>15.1f}")
@@ -102,6 +106,13 @@ def main() -> None:
         f"scores: max |difference| {absolute:.3e}, max relative difference {relative:.3e} "
         f"({'agree' if relative < 1e-4 else 'DISAGREE'})"
     )
+
+    print(f"\n{'criterion':<12}{'wall time (s)':>15}  what it runs")
+    for criterion in ("taylor", "fisher", "obs"):
+        start = time.perf_counter()
+        result = importance.score(model, blocks, criterion, layer_criteria=(), batch_size=args.batch_size, curves=False)
+        seconds = time.perf_counter() - start
+        print(f"{criterion:<12}{seconds:>15.1f}  {UNIT_CRITERIA[criterion].description}; {result.info}")
 
 
 if __name__ == "__main__":

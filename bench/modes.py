@@ -55,7 +55,7 @@ def main() -> None:
     ]
     for ratio in (float(r) for r in args.ratios.split(",")):
         candidates = {
-            "width (attention = MLP ratio)": PlanSettings(ratio=ratio),
+            "width (attention = MLP ratio)": PlanSettings(ratio=ratio, mode="width"),
             "width, MLP only": PlanSettings(attn_ratio=0.0, mlp_ratio=ratio * (attention + mlp) / mlp),
             "width, 1/10 from attention": PlanSettings(
                 attn_ratio=0.1 * ratio * (attention + mlp) / attention,

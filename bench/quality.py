@@ -7,7 +7,8 @@ see bench/peers.py); gqa-prune width with Taylor scores and the attention/MLP sp
 default) without and with reconstruction; hybrid with Taylor, Fisher and OBS scores, without and with
 reconstruction; and the defaults (`gqa-prune importance` -> `plan --ratio R` -> `prune --calib C`, read
 from the code). Columns: parameters, WikiText-2 perplexity, mean accuracy over the offline lm-eval tasks,
-and the method's wall time (scoring + plan + prune/refit; shared scoring counted in every row using it).
+the scoring pass's wall time (shared by the rows using those scores) and the wall time of
+plan + prune + refit.
 
     python bench/quality.py [--ratios 0.1,0.2,0.3] [--task-limit 50] [--scores-dir results/bench]
 """
@@ -16,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import time
 from pathlib import Path
 
-import torch
 from common import DATA_DIR, REPO, load_bench, markdown
 
 from gqa_prune import importance
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument(
         "--scores-dir", type=Path, default=REPO / "results" / "bench", help="importance folders (reused)"
     )
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here after each one")
     parser.add_argument("--rows", default=None, help="only rows whose name contains one of these (comma-separated)")
     args = parser.parse_args()
     bench = load_bench()
@@ -82,7 +84,7 @@ def main() -> None:
 
     criterion, default_settings, default_refit = default_recipe()
     rows = [{"method": "dense", "ratio": "–", "parameters": f"{sum(p.numel() for p in bench.model.parameters()):,}",
-             **evaluate(bench.model), "wall time": "–"}]  # fmt: skip
+             **evaluate(bench.model)}]  # fmt: skip
     recipes = [
         ("ShortGPT (depth, block influence)", "taylor", dict(mode="depth"), None),
         ("gqa-prune width, Taylor, attention = MLP ratio (previous default)", "taylor", dict(mode="width"), None),
@@ -91,38 +93,66 @@ def main() -> None:
         ("gqa-prune hybrid, Taylor + reconstruction", "taylor", dict(mode="hybrid"), ReconstructionSettings()),
         ("gqa-prune hybrid, Fisher + reconstruction", "fisher", dict(mode="hybrid"), ReconstructionSettings()),
         ("gqa-prune hybrid, OBS + reconstruction", "obs", dict(mode="hybrid"), ReconstructionSettings()),
-        ("**gqa-prune defaults** (no flags)", criterion, dict(mode=default_settings.mode), default_refit),
     ]
-    for ratio in (float(r) for r in args.ratios.split(",")):
-        if not args.rows or "Torch-Pruning" in args.rows:
-            from peers import describe_settings, torch_pruning_prune
+    default = (criterion, dict(mode=default_settings.mode), default_refit)
+    for index, (name, *recipe) in enumerate(recipes):
+        if tuple(recipe) == default:  # the defaults are one of the rows above: mark it, do not run it twice
+            recipes[index] = (f"**{name} = the defaults** (no flags)", *recipe)
+            break
+    else:
+        recipes.append(("**gqa-prune defaults** (no flags)", *default))
+    columns = ["method", "ratio", "parameters", "PPL", "mean acc", "scoring", "plan + prune + refit"]
 
-            model = copy.deepcopy(bench.model)
-            start = time.perf_counter()
-            torch_pruning_prune(model, bench.blocks, ratio)
-            seconds = time.perf_counter() - start
-            rows.append({"method": f"Torch-Pruning ({describe_settings().split(',')[0]})", "ratio": f"{ratio:.2f}",
-                         "parameters": f"{sum(p.numel() for p in model.parameters()):,}", **evaluate(model),
-                         "wall time": f"{seconds:.0f} s"})  # fmt: skip
+    def add_row(name: str, ratio: float, build) -> None:
+        """Run one method (``build`` returns the pruned model, its parameter count and scoring seconds)."""
+        start = time.perf_counter()
+        try:
+            model, parameters, scoring = build()
+        except Exception as error:  # a failing method is a row that says so, not hours of work lost
+            rows.append({"method": name, "ratio": f"{ratio:.2f}", "PPL": f"failed: {error}"})
             print(rows[-1], flush=True)
-        for name, unit_criterion, plan_options, refit in recipes:
-            if args.rows and not any(part in name for part in args.rows.split(",")):
-                continue
+            return
+        seconds = time.perf_counter() - start
+        rows.append({"method": name, "ratio": f"{ratio:.2f}", "parameters": f"{parameters:,}", **evaluate(model),
+                     "scoring": scoring, "plan + prune + refit": f"{seconds:.0f} s"})  # fmt: skip
+        print(rows[-1], flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+
+    def torch_pruning(ratio: float):
+        from peers import torch_pruning_prune
+
+        model = torch_pruning_prune(copy.deepcopy(bench.model), bench.blocks, ratio)
+        return model, sum(p.numel() for p in model.parameters()), "in the pruner"
+
+    def ours(ratio: float, unit_criterion: str, plan_options: dict, refit):
+        def build():
             result = scores(unit_criterion)
-            start = time.perf_counter()
             plan = build_plan(result, PlanSettings(ratio=ratio, **plan_options))
             model = copy.deepcopy(bench.model)
             if refit is not None:
                 reconstruct(model, plan, bench.blocks, refit)
             apply_plan(model, plan)
-            seconds = time.perf_counter() - start + score_seconds.get(unit_criterion, 0.0)
-            rows.append({"method": name, "ratio": f"{ratio:.2f}", "parameters": f"{plan.params_after:,}",
-                         **evaluate(model), "wall time": f"{seconds:.0f} s"})  # fmt: skip
-            print(rows[-1], flush=True)
-            del model
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            scoring = f"{unit_criterion} {score_seconds.get(unit_criterion, float('nan')):.0f} s"
+            return (
+                model,
+                plan.params_after,
+                "block influence (one forward)" if plan_options["mode"] == "depth" else scoring,
+            )
+
+        return build
+
+    for ratio in (float(r) for r in args.ratios.split(",")):
+        if not args.rows or "Torch-Pruning" in args.rows:
+            from peers import describe_settings
+
+            add_row(f"Torch-Pruning ({describe_settings().split(',')[0]})", ratio, lambda: torch_pruning(ratio))
+        for name, unit_criterion, plan_options, refit in recipes:
+            if args.rows and not any(part in name for part in args.rows.split(",")):
+                continue
+            add_row(name, ratio, ours(ratio, unit_criterion, plan_options, refit))
     print()
-    print(markdown(rows, ["method", "ratio", "parameters", "PPL", "mean acc", "wall time"]))
+    print(markdown(rows, columns))
     print(
         f"\n{bench.describe()}; lm-eval {', '.join(TASKS)} (offline copies), first {args.task_limit} items each, "
         f"acc_norm (winogrande acc); chance {sum(CHANCE[t] for t in TASKS) / len(TASKS):.3f}"

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 UNIT_CRITERIA = ("taylor", "fisher", "obs", "magnitude", "activation", "random")
 LAYER_CRITERIA = ("block_influence", "activation", "removal")
-MODES = ("width", "depth", "hybrid")
+MODES = ("width", "depth", "hybrid", "learned")  # learned: keep exactly the units of learned (l0) masks
+UNIT_KINDS = ("layer", "attn_sublayer", "mlp_sublayer", "gqa_group", "mlp_channel")  # units.KINDS
+# The default plan mode: hybrid gave the lowest WikiText-2 perplexity at every ratio measured on SmolLM2
+# (README, "Plan modes"; bench/modes.py and bench/quality.py).
+DEFAULT_MODE = "hybrid"
 STRATEGIES = ("inverse", "proportional", "uniform")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")

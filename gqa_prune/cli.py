@@ -148,7 +148,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     scores = stored_scores.load(args.importance)
     settings = PlanSettings(
         ratio=args.ratio,
-        mode=args.mode,
+        mode=args.mode or ("learned" if scores.masks else None),  # learned masks: keep exactly their units
         attn_ratio=args.attn_ratio,
         mlp_ratio=args.mlp_ratio,
         strategy=args.strategy,
@@ -175,6 +175,37 @@ def cmd_plan(args: argparse.Namespace) -> None:
         f"plan ({settings.mode}): remove {summary['achieved_ratio']:.2%} of attention+MLP parameters "
         f"(attention {summary['achieved_attn_ratio']:.1%}, MLP {summary['achieved_mlp_ratio']:.1%}{structural}; "
         f"{summary['params_before']:,} -> {summary['params_after']:,}) -> {args.out}"
+    )
+
+
+def cmd_learn_masks(args: argparse.Namespace) -> None:
+    from .data import load_calibration
+    from .learn_masks import TRAINED_WEIGHTS_DIR, learn_masks, save_learned
+    from .mask_settings import MaskSettings
+    from .sources import load_model, load_tokenizer, read_provenance
+
+    settings = MaskSettings(
+        ratio=args.ratio, steps=args.steps, batch_size=args.batch_size, warmup_steps=args.warmup_steps,
+        mask_lr=args.mask_lr, lambda_lr=args.lambda_lr, lambda2_init=args.lambda2_init,
+        init_log_alpha=args.init_log_alpha, beta=args.beta, lower=args.limits[0], upper=args.limits[1],
+        kinds=args.kinds, channel_multiple=args.channel_multiple, train_weights=args.train_weights,
+        weight_lr=args.weight_lr, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )  # fmt: skip
+    settings.validate()  # before loading anything
+    blocks, calibration = load_calibration(args.calib)
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    result = learn_masks(model, blocks, settings)
+    result.scores.info.update(calibration=calibration)
+    source = read_provenance(args.model).get("source", str(args.model))
+    tokenizer = load_tokenizer(args.model) if result.trained_model is not None else None
+    save_learned(result, args.out, tokenizer=tokenizer, provenance={"source": source})
+    info = result.scores.info["l0"]
+    weights = f"; trained weights in {args.out / TRAINED_WEIGHTS_DIR}" if result.trained_model is not None else ""
+    print(
+        f"learned masks (l0, {settings.steps} steps): expected ratio {info['expected_ratio']:.4f}, deterministic "
+        f"{info['achieved_ratio']:.4f} (target {settings.ratio}); loss {result.scores.calibration_loss:.4f} dense "
+        f"-> {info['masked_loss']:.4f} masked{weights} -> {args.out}"
     )
 
 
@@ -271,7 +302,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_efficiency(args: argparse.Namespace) -> None:
     from .atomic import write_json
     from .efficiency import LatencySettings, measure, peak_rss_mb
-    from .quantize import linear_bits_per_parameter
+    from .gptq_format import linear_bits_per_parameter
     from .report import weight_bytes
     from .sources import load_model
 
@@ -358,8 +389,79 @@ def cmd_profile_install(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- parser
+def _limits(text: str) -> tuple[float, float]:
+    """'-0.1,1.1' -> (-0.1, 1.1): the hard-concrete stretch limits l < 0 < 1 < r."""
+    try:
+        lower, upper = (float(value) for value in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"limits {text!r} must look like '-0.1,1.1' (l < 0 < 1 < r)") from None
+    if not (lower < 0.0 and upper > 1.0):
+        raise argparse.ArgumentTypeError(f"limits {text!r} need l < 0 < 1 < r")
+    return lower, upper
+
+
+def _learn_masks_parser(commands, device_options) -> None:
+    """``learn-masks``: its options and defaults come from ``mask_settings.MaskSettings`` (no torch import)."""
+    from .choices import UNIT_KINDS
+    from .mask_settings import WEIGHT_TRAINING, MaskSettings
+    from .settings import default_of
+
+    def default(name: str):
+        return default_of(MaskSettings, name)
+
+    learn = commands.add_parser(
+        "learn-masks", help="learn GQA-tied hard-concrete (L0) masks to a target size: importance folder, criterion l0"
+    )
+    learn.add_argument("--model", required=True, type=Path)
+    learn.add_argument("--calib", required=True, type=Path, help="training blocks (from `calib`)")
+    learn.add_argument("--ratio", required=True, type=_ratio, help="fraction of attention+MLP parameters to remove")
+    learn.add_argument("--steps", type=_positive_int, default=default("steps"))
+    learn.add_argument("--batch-size", type=_positive_int, default=default("batch_size"))
+    learn.add_argument(
+        "--warmup-steps", type=int, default=default("warmup_steps"), help="the target rises from 0 over these steps"
+    )
+    learn.add_argument("--mask-lr", type=float, default=default("mask_lr"), help="Adam on the log-alphas")
+    learn.add_argument("--lambda-lr", type=float, default=default("lambda_lr"), help="ascent on lambda1, lambda2")
+    learn.add_argument("--lambda2-init", type=float, default=default("lambda2_init"), help="lambda2's start")
+    learn.add_argument("--init-log-alpha", type=float, default=default("init_log_alpha"))
+    learn.add_argument("--beta", type=float, default=default("beta"), help="hard-concrete temperature")
+    learn.add_argument(
+        "--limits", type=_limits, default=(default("lower"), default("upper")), help="stretch limits l,r"
+    )
+    learn.add_argument(
+        "--kinds", type=_csv(UNIT_KINDS), default=default("kinds"),
+        help=f"unit kinds that get masks, comma-separated from {', '.join(UNIT_KINDS)} (default: all)",
+    )  # fmt: skip
+    learn.add_argument(
+        "--channel-multiple", type=_positive_int, default=default("channel_multiple"),
+        help="kept MLP widths are multiples of this",
+    )  # fmt: skip
+    learn.add_argument(
+        "--train-weights", default=default("train_weights"), choices=WEIGHT_TRAINING,
+        help="none: masks only (frozen weights); full or lora: train weights jointly (GPU), saved under OUT/model",
+    )  # fmt: skip
+    learn.add_argument("--weight-lr", type=float, default=default("weight_lr"))
+    learn.add_argument("--lora-rank", type=_positive_int, default=default("lora_rank"))
+    learn.add_argument("--lora-alpha", type=float, default=default("lora_alpha"))
+    learn.add_argument("--seed", type=int, default=default("seed"))
+    learn.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    learn.add_argument("--out", required=True, type=Path, help="output folder (an importance folder, criterion l0)")
+    device_options(learn)
+    learn.set_defaults(run=cmd_learn_masks)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .choices import DEVICES, DTYPES, LAYER_CRITERIA, MODES, RECONSTRUCTION_TARGETS, STRATEGIES, UNIT_CRITERIA
+    from .choices import (
+        DEFAULT_MODE,
+        DEVICES,
+        DTYPES,
+        LAYER_CRITERIA,
+        MODES,
+        RECONSTRUCTION_TARGETS,
+        STRATEGIES,
+        UNIT_CRITERIA,
+    )
+    from .settings import LOSSES, PlanSettings, ReconstructionSettings, RecoverySettings, default_of
 
     layer_criteria = LAYER_CRITERIA
 
@@ -415,7 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     score.add_argument("--no-curves", action="store_true", help="skip the loss curves (no hybrid plans then)")
     score.add_argument(
-        "--channel-multiple", type=_positive_int, default=128, help="MLP width step the loss curves use (as plans)"
+        "--channel-multiple",
+        type=_positive_int,
+        default=default_of(PlanSettings, "channel_multiple"),
+        help="MLP width step the loss curves use (as plans)",
     )
     score.add_argument("--batch-size", type=_positive_int, default=4)
     score.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
@@ -430,26 +535,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--ratio", type=_ratio, required=True, help="fraction of attention+MLP parameters to remove, in [0, 1)"
     )
     plan.add_argument(
-        "--mode", default="width", choices=MODES,
+        "--mode", default=None, choices=MODES,
         help="width: GQA groups and MLP channels; depth: whole layers; hybrid: layers, sublayers, groups and "
-        "channels by measured loss per parameter",
+        f"channels by measured loss per parameter (default: {DEFAULT_MODE}; width when --attn-ratio or "
+        "--mlp-ratio sets a hand split)",
     )  # fmt: skip
     plan.add_argument(
         "--attn-ratio", type=_ratio, default=None, help="width mode: attention only (default: --ratio); 0 keeps it"
     )
     plan.add_argument("--mlp-ratio", type=_ratio, default=None, help="width mode: MLP only (default: --ratio)")
-    plan.add_argument("--strategy", default="inverse", choices=STRATEGIES)
-    plan.add_argument("--alpha", type=float, default=1.0, help="contrast between layers (0 = uniform)")
-    plan.add_argument("--min-rate", type=float, default=0.0)
-    plan.add_argument("--max-rate", type=float, default=0.8)
+    plan.add_argument("--strategy", default=default_of(PlanSettings, "strategy"), choices=STRATEGIES)
+    plan.add_argument(
+        "--alpha", type=float, default=default_of(PlanSettings, "alpha"), help="contrast between layers (0 = uniform)"
+    )
+    plan.add_argument("--min-rate", type=float, default=default_of(PlanSettings, "min_rate"))
+    plan.add_argument("--max-rate", type=float, default=default_of(PlanSettings, "max_rate"))
     plan.add_argument("--protect", type=parse_layer_list, default=(), help="layers never pruned, e.g. '0,1,28-29'")
     plan.add_argument(
-        "--channel-multiple", type=_positive_int, default=128, help="kept MLP widths are multiples of this"
+        "--channel-multiple",
+        type=_positive_int,
+        default=default_of(PlanSettings, "channel_multiple"),
+        help="kept MLP widths are multiples of this",
     )
-    plan.add_argument("--layer-criterion", default="block_influence", choices=layer_criteria)
+    plan.add_argument("--layer-criterion", default=default_of(PlanSettings, "layer_criterion"), choices=layer_criteria)
     plan.add_argument("--out", required=True, type=Path, help="output plan .json")
     plan.add_argument("--plot", type=Path, default=None, help="also draw the plan as PNG")
     plan.set_defaults(run=cmd_plan)
+
+    _learn_masks_parser(commands, device_options)
 
     prune = commands.add_parser("prune", help="apply a plan: physically smaller HF checkpoint")
     prune.add_argument("--model", required=True, type=Path)
@@ -460,12 +573,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibration blocks (from `calib`): refit the kept columns of o_proj/down_proj by least squares",
     )  # fmt: skip
     prune.add_argument("--no-reconstruct", action="store_true", help="slice only, even with --calib")
-    prune.add_argument("--ridge", type=float, default=1.0, help="refit ridge, relative to each input's Gram diagonal")
     prune.add_argument(
-        "--reconstruct-target", default="own", choices=RECONSTRUCTION_TARGETS,
+        "--ridge",
+        type=float,
+        default=default_of(ReconstructionSettings, "ridge"),
+        help="refit ridge, relative to each input's Gram diagonal",
+    )
+    prune.add_argument(
+        "--reconstruct-target", default=default_of(ReconstructionSettings, "target"), choices=RECONSTRUCTION_TARGETS,
         help="own: each layer matches the dense layer on the pruned inputs; dense: the dense model's outputs",
     )  # fmt: skip
-    prune.add_argument("--batch-size", type=_positive_int, default=1, help="calibration blocks per refit batch")
+    prune.add_argument(
+        "--batch-size", type=_positive_int, default=default_of(ReconstructionSettings, "batch_size"),
+        help="calibration blocks per refit batch",
+    )  # fmt: skip
     device_options(prune)
     prune.set_defaults(run=cmd_prune)
 
@@ -486,17 +607,24 @@ def build_parser() -> argparse.ArgumentParser:
     recover = commands.add_parser("recover", help="LoRA recovery of a pruned model (lm or kd loss), merged")
     recover.add_argument("--model", required=True, type=Path, help="pruned checkpoint (from `prune`)")
     recover.add_argument("--train-blocks", required=True, type=Path, help="training blocks (from `calib`)")
-    recover.add_argument("--loss", default="lm", choices=("lm", "kd"), help="lm: next-token CE; kd: KL to the teacher")
+    recover.add_argument(
+        "--loss",
+        default=default_of(RecoverySettings, "loss"),
+        choices=LOSSES,
+        help="lm: next-token CE; kd: KL to the teacher",
+    )
     recover.add_argument("--teacher", type=Path, default=None, help="dense model folder (kd)")
-    recover.add_argument("--rank", type=_positive_int, default=8)
-    recover.add_argument("--alpha", type=float, default=16.0)
-    recover.add_argument("--dropout", type=float, default=0.05)
-    recover.add_argument("--lr", type=float, default=2e-4)
-    recover.add_argument("--steps", type=_positive_int, default=50)
-    recover.add_argument("--batch-size", type=_positive_int, default=2)
-    recover.add_argument("--warmup-steps", type=int, default=5)
-    recover.add_argument("--temperature", type=float, default=2.0, help="kd softmax temperature")
-    recover.add_argument("--seed", type=int, default=0)
+    recover.add_argument("--rank", type=_positive_int, default=default_of(RecoverySettings, "rank"))
+    recover.add_argument("--alpha", type=float, default=default_of(RecoverySettings, "alpha"))
+    recover.add_argument("--dropout", type=float, default=default_of(RecoverySettings, "dropout"))
+    recover.add_argument("--lr", type=float, default=default_of(RecoverySettings, "lr"))
+    recover.add_argument("--steps", type=_positive_int, default=default_of(RecoverySettings, "steps"))
+    recover.add_argument("--batch-size", type=_positive_int, default=default_of(RecoverySettings, "batch_size"))
+    recover.add_argument("--warmup-steps", type=int, default=default_of(RecoverySettings, "warmup_steps"))
+    recover.add_argument(
+        "--temperature", type=float, default=default_of(RecoverySettings, "temperature"), help="kd softmax temperature"
+    )
+    recover.add_argument("--seed", type=int, default=default_of(RecoverySettings, "seed"))
     recover.add_argument("--gradient-checkpointing", action="store_true")
     recover.add_argument("--out", required=True, type=Path)
     device_options(recover)
@@ -569,6 +697,7 @@ OUTPUTS = {
     "calib": (("out", False),),
     "importance": (("out", True),),
     "plan": (("out", False), ("plot", False)),
+    "learn-masks": (("out", True),),
     "prune": (("out", True),),
     "ppl": (("out", False),),
     "recover": (("out", True),),
@@ -601,10 +730,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
 
-    try:
-        from .atomic import check_output
-        from .sources import allow_remote_code
+    from .atomic import check_output
+    from .remote_code import allow_remote_code
 
+    try:
         allow_remote_code(args.trust_remote_code)
 
         for option, is_dir in OUTPUTS.get(args.command, ()):
@@ -616,8 +745,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-        if "gqa_prune.sources" in sys.modules:
-            sys.modules["gqa_prune.sources"].allow_remote_code(False)
+        allow_remote_code(False)  # per call: main() may run again in the same process (tests, notebooks)
     return 0
 
 

@@ -7,6 +7,8 @@ layer), built from importance scores in one of three modes.
 - ``hybrid``: layers, sublayers, GQA groups and MLP channels compete in one currency, the estimated
   calibration-loss increase per parameter removed (estimates calibrated per kind against measured losses);
   the attention/MLP split falls out of the scores.
+- ``learned``: exactly the units whose learned hard-concrete mask is 1 (criterion ``l0``, ``learn-masks``),
+  at the size the masks were learned for.
 
 A plan is a value: it round-trips through JSON exactly, it is validated on construction (indices are
 integers, sorted, unique and in range; a layer that keeps a sublayer keeps at least one of its units; some
@@ -27,8 +29,6 @@ from pathlib import Path
 import torch
 
 from .allocation import (
-    STRATEGIES,
-    check_rate_bounds,
     continuous_rates,
     discretize,
     layer_pressure,
@@ -39,77 +39,13 @@ from .arch import Geometry
 from .atomic import write_text
 from .errors import GqaPruneError
 from .scores import Scores
-from .units import GQA_GROUP, MLP_CHANNEL, STRUCTURAL_KINDS, SUBLAYER_KINDS, WIDTH_KINDS
+from .settings import PlanSettings
+from .units import GQA_GROUP, KINDS, MLP_CHANNEL, STRUCTURAL_KINDS, SUBLAYER_KINDS, WIDTH_KINDS
 
 logger = logging.getLogger(__name__)
 
 PLAN_FORMAT = "gqa-prune-plan"
 PLAN_VERSION = 2
-from .choices import MODES  # noqa: E402
-
-
-@dataclass(frozen=True)
-class PlanSettings:
-    """How the plan was asked for.
-
-    ``ratio``: fraction of attention+MLP parameters to remove. ``attn_ratio`` / ``mlp_ratio`` (width mode
-    only) override each part; left None they equal ``ratio``.
-    """
-
-    attn_ratio: float | None = None
-    mlp_ratio: float | None = None
-    strategy: str = "inverse"
-    alpha: float = 1.0
-    min_rate: float = 0.0
-    max_rate: float = 0.8
-    protected_layers: tuple[int, ...] = ()
-    channel_multiple: int = 128
-    layer_criterion: str = "block_influence"
-    criterion: str = "taylor"  # the unit criterion of the scores the plan was built from
-    ratio: float | None = None
-    mode: str = "width"
-
-    @property
-    def width_ratios(self) -> tuple[float, float]:
-        """(attention, MLP) fraction to remove in width mode."""
-        attn = self.ratio if self.attn_ratio is None else self.attn_ratio
-        mlp = self.ratio if self.mlp_ratio is None else self.mlp_ratio
-        return attn, mlp
-
-    def validate(self, num_layers: int) -> None:
-        if self.mode not in MODES:
-            raise GqaPruneError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
-        if self.ratio is not None:
-            check_rate_bounds(self.ratio, "ratio")
-        if self.mode == "width":
-            attn, mlp = self.width_ratios
-            if attn is None or mlp is None:
-                raise GqaPruneError("a width plan needs a ratio, or both an attention and an MLP ratio")
-            check_rate_bounds(attn, "attention ratio")
-            check_rate_bounds(mlp, "MLP ratio")
-        else:
-            if self.ratio is None:
-                raise GqaPruneError(f"a {self.mode} plan needs a ratio")
-            if self.attn_ratio is not None or self.mlp_ratio is not None:
-                raise GqaPruneError(
-                    f"--attn-ratio/--mlp-ratio set a hand split and apply to --mode width only, not {self.mode} "
-                    "(where the scores decide the split)"
-                )
-        if self.strategy not in STRATEGIES:
-            raise GqaPruneError(f"strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
-        if not (0.0 <= self.min_rate <= self.max_rate < 1.0):
-            raise GqaPruneError(
-                f"need 0 <= min_rate <= max_rate < 1, got min_rate={self.min_rate}, max_rate={self.max_rate}"
-            )
-        if not (self.alpha >= 0.0):
-            raise GqaPruneError(f"alpha {self.alpha} must be >= 0 (0 = no contrast between layers)")
-        if self.channel_multiple < 1:
-            raise GqaPruneError(f"channel_multiple {self.channel_multiple} must be >= 1")
-        outside = [layer for layer in self.protected_layers if not 0 <= layer < num_layers]
-        if outside:
-            raise GqaPruneError(
-                f"protected layer {outside[0]} does not exist: the model has layers 0..{num_layers - 1}"
-            )
 
 
 @dataclass(frozen=True)
@@ -402,7 +338,9 @@ def build_plan(scores: Scores, settings: PlanSettings, params_before: int | None
             f"layer criterion {settings.layer_criterion!r} was not computed by the importance stage (has: {have}); "
             "re-run importance with it in --layer-criteria"
         )
-    builder = {"width": _width_plan, "depth": _depth_layers, "hybrid": _hybrid_layers}[settings.mode]
+    builder = {
+        "width": _width_plan, "depth": _depth_layers, "hybrid": _hybrid_layers, "learned": _learned_layers
+    }[settings.mode]  # fmt: skip
     plan = PruningPlan(
         geometry=geometry, settings=settings, layers=builder(scores, settings), params_before=params_before
     )
@@ -647,3 +585,59 @@ def _removed_params(geometry: Geometry, layer: LayerPlan) -> int:
 
 
 CURVE_FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.4)  # of all attention+MLP parameters, per kind, measured by importance
+
+
+# ---------------------------------------------------------------------------------------------- learned masks
+SIZE_TOLERANCE = 0.01  # learned masks land within 1 % of the target size (attention+MLP parameters kept)
+
+
+def _learned_layers(scores: Scores, settings: PlanSettings) -> tuple[LayerPlan, ...]:
+    """Mode ``learned``: keep exactly the units whose deterministic learned mask is 1 (``gqa-prune learn-masks``).
+
+    The masks fix the size, so ``settings.ratio`` must be the ratio they were learned for: the size they keep
+    must be within ``SIZE_TOLERANCE`` of the size the ratio asks for (for another size, learn masks to it).
+    """
+    if not scores.masks:
+        raise GqaPruneError(
+            f"mode learned keeps the units of learned masks, and these {scores.criterion} scores have none "
+            "(write them with `gqa-prune learn-masks`, or choose --mode width, depth or hybrid)"
+        )
+    geometry = scores.geometry
+    importance = scores.layer_scores[settings.layer_criterion]
+    learned = scores.structural.get(scores.criterion, {})
+    layers = []
+    for index in range(geometry.num_layers):
+
+        def mask(kind: str) -> torch.Tensor:
+            per_layer = scores.masks.get(kind)
+            return torch.ones(KINDS[kind].count(geometry, index)) if per_layer is None else per_layer[index]
+
+        removed = tuple(kind.name for kind in STRUCTURAL_KINDS if len(mask(kind.name)) and not mask(kind.name).any())
+        if "layer" in removed or {"attn_sublayer", "mlp_sublayer"} <= set(removed):
+            removed = ("layer",)
+        reasons = [
+            Removal(kind, 1, float(learned.get(kind, [0.0] * geometry.num_layers)[index]), "learned log-alpha")
+            for kind in removed
+        ]
+        kept = {}
+        for kind in (GQA_GROUP, MLP_CHANNEL):
+            if "layer" in removed or SUBLAYER_KINDS[kind.scopes[0]].name in removed:
+                continue
+            values = mask(kind.name)
+            kept[kind.name] = tuple(int(i) for i in torch.nonzero(values).flatten().tolist())
+            gone = len(values) - len(kept[kind.name])
+            if gone:
+                removed_scores = scores.units[kind.name][index][values == 0]
+                reasons.append(Removal(kind.name, gone, float(removed_scores.max()), "largest removed log-alpha"))
+        if index in settings.protected_layers and (removed or any(reason.kind in kept for reason in reasons)):
+            raise GqaPruneError(f"layer {index} is protected but the learned masks prune it; learn masks with it kept")
+        layers.append(LayerPlan(index, float(importance[index]), kept, removed, {}, tuple(reasons)))
+    total = _total_params(geometry)
+    achieved = sum(_removed_params(geometry, layer) for layer in layers) / total
+    if abs(achieved - settings.ratio) > SIZE_TOLERANCE * (1.0 - settings.ratio):
+        raise GqaPruneError(
+            f"the learned masks remove {achieved:.4f} of attention+MLP parameters; mode learned reproduces them "
+            f"exactly and takes only that ratio (within {SIZE_TOLERANCE:.0%} of the size), not {settings.ratio}: "
+            "learn masks to the ratio you want (`gqa-prune learn-masks --ratio`)"
+        )
+    return tuple(layers)

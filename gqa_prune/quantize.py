@@ -13,41 +13,29 @@ import json
 import logging
 import os
 import shutil
-import struct
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from ._quiet import import_quietly
-from .arch import ALL_ROLES
-from .errors import GqaPruneError, require
+from .atomic import atomic_dir
+from .errors import GqaPruneError
+from .gptq_format import (
+    KERNELS,
+    PACKING_BACKEND,
+    CpuKernel,
+    kernel_for,
+    linear_bits_per_parameter,
+    load_gptqmodel,
+    projection_in_features,
+)
+from .remote_code import trust_remote_code
+from .sources import PROVENANCE_FILE, read_provenance
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("gptq", "rtn")
-
-
-@dataclass(frozen=True)
-class CpuKernel:
-    """What a GPTQModel CPU inference kernel accepts, as measured with gptqmodel 7.6 on torch 2.13."""
-
-    backend: str  # gptqmodel BACKEND value
-    bits: tuple[int, ...]
-    group_sizes: tuple[int, ...]
-    group_divides_in_features: bool
-    note: str
-
-
-KERNELS = {
-    # ATen int4pack: the fast one; the op itself rejects group size 16 although the class lists it
-    "torch_aten": CpuKernel("gptq_torch_aten", (4,), (32, 64, 128), True, "fast int4 CPU kernel"),
-    "torch_int8": CpuKernel("gptq_torch_int8", (2, 4, 8), (16, 32, 64, 128), False, "int8 fused CPU kernel"),
-    "torch": CpuKernel("gptq_torch", (2, 3, 4, 5, 6, 7, 8), (16, 32, 64, 128, 256, 512, 1024), False, "generic, slow"),
-}
-PACKING_BACKEND = "gptq_torch"  # GPTQModel packs with this kernel whatever kernel later runs inference
 
 
 @dataclass(frozen=True)
@@ -65,36 +53,7 @@ class QuantSettings:
         return f"{self.method}-w{self.bits}g{self.group_size}"
 
     def resolved_kernel(self) -> str:
-        if self.kernel != "auto":
-            return self.kernel
-        return {4: "torch_aten", 8: "torch_int8"}.get(self.bits, "torch")
-
-
-def _decoder_linear_tensors(model_dir: str | os.PathLike) -> dict[str, dict[str, dict]]:
-    """Safetensors header entries of the decoder projections, grouped by layer name (no weights loaded)."""
-    projections = {role.module for role in ALL_ROLES}
-    layers: dict[str, dict[str, dict]] = {}
-    for file in sorted(Path(model_dir).glob("*.safetensors")):
-        header = _safetensors_header(file)
-        header.pop("__metadata__", None)
-        for name, info in header.items():
-            layer, _, part = name.rpartition(".")
-            if ".layers." in layer and layer.rpartition(".")[2] in projections:
-                layers.setdefault(layer, {})[part] = info
-    if not layers:
-        raise GqaPruneError(f"no decoder projections (q/k/v/o, gate/up/down) found in {model_dir}")
-    order = [role.module for role in ALL_ROLES]
-
-    def natural(name: str) -> tuple[int, int]:  # layer index, then q, k, v, o, gate, up, down
-        index = int(name.split(".layers.")[1].split(".")[0])
-        return index, order.index(name.rpartition(".")[2])
-
-    return {name: layers[name] for name in sorted(layers, key=natural)}
-
-
-def projection_in_features(model_dir: str | os.PathLike) -> dict[str, int]:
-    """in_features of every decoder projection of an unquantized checkpoint, from the headers."""
-    return {layer: parts["weight"]["shape"][1] for layer, parts in _decoder_linear_tensors(model_dir).items()}
+        return kernel_for(self.bits, self.kernel)
 
 
 def check_settings(settings: QuantSettings, in_features: dict[str, int]) -> CpuKernel:
@@ -136,26 +95,6 @@ def check_settings(settings: QuantSettings, in_features: dict[str, int]) -> CpuK
     return kernel
 
 
-def _register_pruned_types() -> None:
-    """GPTQModel picks its layer map by model_type: give the gqa_pruned_* types their family's map."""
-    from gptqmodel.models import auto
-
-    from .modeling_gqa_prune import PRUNED_CLASSES
-
-    for family, (config_class, _) in PRUNED_CLASSES.items():
-        if config_class.model_type not in auto.MODEL_MAP:
-            auto.MODEL_MAP[config_class.model_type] = auto.MODEL_MAP[family]
-            auto.SUPPORTED_MODELS.append(config_class.model_type)
-
-
-def _gptqmodel():
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, torch.get_num_threads())))
-    import_quietly("gptqmodel")  # its banner; require() then finds it imported, or names the extra
-    gptqmodel = require("gptqmodel", "quantize", "quantization")
-    _register_pruned_types()
-    return gptqmodel
-
-
 def quantize(
     model_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -164,7 +103,7 @@ def quantize(
     batch_size: int = 1,
 ) -> None:
     """Quantize the folder ``model_dir`` into ``out_dir`` (a GPTQ-format checkpoint; not atomic by itself)."""
-    gptqmodel = _gptqmodel()
+    gptqmodel = load_gptqmodel()
     config_kwargs = {
         "bits": settings.bits,
         "group_size": settings.group_size,
@@ -179,8 +118,6 @@ def quantize(
         if calibration is None or not len(calibration):
             raise GqaPruneError("GPTQ needs calibration blocks (--calib)")
         samples = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in calibration]
-    from .sources import trust_remote_code
-
     model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir).resolve()
     remote = trust_remote_code(model_dir)
     with _working_directory(out_dir.parent):  # GPTQModel writes logs/*.log into the working directory
@@ -204,84 +141,6 @@ def _working_directory(parent: Path):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def is_quantized(model_dir: str | os.PathLike) -> bool:
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    return config.get("quantization_config", {}).get("quant_method") == "gptq"
-
-
-def load_quantized(model_dir: str | os.PathLike, device: torch.device, kernel: str | None = None) -> nn.Module:
-    """Load a GPTQ-format checkpoint with GPTQModel's kernels; returns the underlying HF model."""
-    gptqmodel = _gptqmodel()
-    config = json.loads((Path(model_dir) / "config.json").read_text())["quantization_config"]
-    if device.type == "cpu":
-        name = kernel or QuantSettings(bits=config["bits"], group_size=config["group_size"]).resolved_kernel()
-        backend = gptqmodel.BACKEND(KERNELS[name].backend)
-    else:
-        backend = gptqmodel.BACKEND.AUTO
-    from .sources import trust_remote_code
-
-    wrapper = gptqmodel.GPTQModel.load(
-        str(model_dir), backend=backend, device=str(device), trust_remote_code=trust_remote_code(model_dir)
-    )
-    return wrapper.model.eval()
-
-
-def _safetensors_header(path: Path) -> dict:
-    try:
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            size = path.stat().st_size
-            if length > size - 8:
-                raise ValueError(f"header of {length} bytes in a file of {size}")
-            header = json.loads(handle.read(length))
-        ends = [info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"]
-        if 8 + length + max(ends, default=0) > size:
-            raise ValueError(f"its tensors need {8 + length + max(ends):,} bytes but the file has {size:,}")
-        return header
-    except (struct.error, ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError) as error:
-        raise GqaPruneError(f"{path}: not a readable safetensors file ({error})") from error
-
-
-_DTYPE_BITS = {
-    "F64": 64,
-    "F32": 32,
-    "F16": 16,
-    "BF16": 16,
-    "I64": 64,
-    "I32": 32,
-    "I16": 16,
-    "I8": 8,
-    "U8": 8,
-    "BOOL": 8,
-}
-
-
-def linear_bits_per_parameter(model_dir: str | os.PathLike) -> float:
-    """Storage bits per weight of the decoder's linear layers, scales, zeros and indices included.
-
-    Read from the safetensors headers only. A quantized layer counts qweight + qzeros + scales + g_idx over
-    in x out weights (g_idx has one entry per input feature); an unquantized one counts its weight's dtype.
-    """
-    stored_bits, weights = 0, 0
-    for parts in _decoder_linear_tensors(model_dir).values():
-        if "qweight" in parts:
-            weights += parts["g_idx"]["shape"][0] * parts["qweight"]["shape"][1]
-            stored_bits += sum(
-                _tensor_bits(parts[key]) for key in ("qweight", "qzeros", "scales", "g_idx") if key in parts
-            )
-        else:
-            weights += parts["weight"]["shape"][0] * parts["weight"]["shape"][1]
-            stored_bits += _tensor_bits(parts["weight"])
-    return stored_bits / weights
-
-
-def _tensor_bits(info: dict) -> int:
-    count = 1
-    for size in info["shape"]:
-        count *= size
-    return count * _DTYPE_BITS[info["dtype"]]
-
-
 def quantize_checkpoint(
     model_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -290,9 +149,6 @@ def quantize_checkpoint(
     batch_size: int = 1,
 ) -> dict:
     """Check, quantize, and write ``out_dir`` atomically with provenance, model card and the plan (if any)."""
-    from .atomic import atomic_dir
-    from .sources import PROVENANCE_FILE, read_provenance
-
     kernel = check_settings(settings, projection_in_features(model_dir))
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     with atomic_dir(out_dir) as temporary:

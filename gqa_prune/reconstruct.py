@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -31,31 +30,14 @@ from .arch import adapter_for
 from .errors import GqaPruneError
 from .passes import OUTPUT_ROLE, LayerInputs, capture_layer_inputs, run_layer
 from .plan import PruningPlan
+from .settings import ReconstructionSettings
 from .surgery import check_plan_fits
 from .units import GQA_GROUP, LAYER, MLP_CHANNEL, STRUCTURAL_KINDS, WIDTH_KINDS
 
 logger = logging.getLogger(__name__)
 
-from .choices import RECONSTRUCTION_TARGETS as TARGETS  # noqa: E402
 
 _DIAGONAL_FLOOR = 1e-8  # of the mean diagonal: a kept input that is always 0 still gets a ridge term
-
-
-@dataclass(frozen=True)
-class ReconstructionSettings:
-    """How the refit runs. ``ridge``: strength relative to each kept input's Gram diagonal."""
-
-    ridge: float = 1.0
-    target: str = "own"  # "own": the dense layer on the pruned inputs; "dense": the dense model's own outputs
-    batch_size: int = 1
-
-    def validate(self) -> None:
-        if not (isinstance(self.ridge, (int, float)) and math.isfinite(self.ridge) and self.ridge > 0):
-            raise GqaPruneError(f"reconstruction ridge {self.ridge!r} must be a finite number > 0")
-        if self.target not in TARGETS:
-            raise GqaPruneError(f"reconstruction target {self.target!r} is not one of {', '.join(TARGETS)}")
-        if self.batch_size < 1:
-            raise GqaPruneError(f"reconstruction batch size {self.batch_size} must be >= 1")
 
 
 def refit_columns(
@@ -126,10 +108,11 @@ def reconstruct(
     model: nn.Module,
     plan: PruningPlan,
     blocks: torch.Tensor,
-    settings: ReconstructionSettings = ReconstructionSettings(),
+    settings: ReconstructionSettings | None = None,
 ) -> dict:
     """Mask the plan's removals in ``model`` (in place) and refit the kept columns of every output projection
     layer by layer; ``surgery.apply_plan`` then slices the masked model. Returns a report per layer."""
+    settings = settings or ReconstructionSettings()
     settings.validate()
     geometry = check_plan_fits(plan, model)
     adapter = adapter_for(model.config)

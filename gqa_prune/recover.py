@@ -22,40 +22,11 @@ from tqdm.auto import tqdm
 from ._quiet import import_quietly
 from .arch import ALL_ROLES
 from .errors import GqaPruneError, require
+from .settings import RecoverySettings
 
 logger = logging.getLogger(__name__)
 
-LOSSES = ("lm", "kd")
 TARGET_MODULES = tuple(role.module for role in ALL_ROLES)  # q/k/v/o and gate/up/down
-
-
-@dataclass(frozen=True)
-class RecoverySettings:
-    loss: str = "lm"
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    lr: float = 2e-4
-    steps: int = 50
-    batch_size: int = 2
-    warmup_steps: int = 5
-    temperature: float = 2.0  # kd only
-    seed: int = 0
-    gradient_checkpointing: bool = False
-
-    def validate(self) -> None:
-        if self.loss not in LOSSES:
-            raise GqaPruneError(f"recovery loss {self.loss!r} is not one of {', '.join(LOSSES)}")
-        for name in ("rank", "steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise GqaPruneError(f"recovery {name} must be >= 1, got {getattr(self, name)}")
-        if not (self.lr > 0 and self.alpha > 0 and self.temperature > 0 and 0 <= self.dropout < 1):
-            raise GqaPruneError(
-                f"need lr > 0, alpha > 0, temperature > 0 and 0 <= dropout < 1; got lr={self.lr}, alpha={self.alpha}, "
-                f"temperature={self.temperature}, dropout={self.dropout}"
-            )
-        if not 0 <= self.warmup_steps < self.steps:
-            raise GqaPruneError(f"warmup_steps {self.warmup_steps} must be in [0, steps={self.steps})")
 
 
 @dataclass(frozen=True)

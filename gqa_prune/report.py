@@ -19,7 +19,7 @@ import pandas as pd
 
 from .atomic import write_json, write_text
 from .errors import GqaPruneError
-from .quantize import linear_bits_per_parameter
+from .gptq_format import linear_bits_per_parameter
 
 WEIGHT_SUFFIXES = (".safetensors",)
 

@@ -23,13 +23,14 @@ from safetensors.torch import save_file
 from .arch import Geometry
 from .atomic import atomic_dir
 from .errors import GqaPruneError
-from .units import WIDTH_KINDS
+from .units import KINDS, WIDTH_KINDS
 
 SCORES_FORMAT = "gqa-prune-scores"
 SCORES_VERSION = 2
 UNITS_FILE = "units.safetensors"
 SCORES_FILE = "scores.json"
 V1_GROUPS_FILE, V1_LAYERS_FILE = "groups.safetensors", "layers.json"
+MASK_PREFIX = "mask."  # tensors of deterministic learned masks: mask.<kind>.<layer>
 _V1_NAMES = {"attn_groups": "gqa_group", "mlp_channels": "mlp_channel"}
 
 
@@ -87,6 +88,9 @@ class Scores:
     calibration_loss: float
     curves: dict[str, LossCurve] = field(default_factory=dict)  # kind -> measured loss curve
     info: dict = field(default_factory=dict)  # calibration metadata, blocks, batch size, seed, parameters
+    # learned criteria (l0): every kind -> per-layer deterministic 0/1 masks (one value per unit); plans of
+    # mode "learned" keep exactly the units whose mask is 1. Stored as ``mask.<kind>.<layer>`` tensors.
+    masks: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
     @property
     def layer_scores(self) -> dict[str, list[float]]:
@@ -114,11 +118,19 @@ class Scores:
             raise GqaPruneError(f"{where}: calibration loss is {self.calibration_loss}; the model output is not finite")
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        return {
+        tensors = {
             f"{kind}.{layer}": values.contiguous()
             for kind, per in self.units.items()
             for layer, values in enumerate(per)
         }
+        tensors.update(
+            {
+                f"{MASK_PREFIX}{kind}.{layer}": values.float().contiguous()
+                for kind, per in self.masks.items()
+                for layer, values in enumerate(per)
+            }
+        )
+        return tensors
 
 
 def check_layers(scores: Scores, where: str) -> None:
@@ -138,6 +150,16 @@ def check_layers(scores: Scores, where: str) -> None:
                     f"{where}: layer {layer} has {len(values)} {kind.name} scores but "
                     f"{kind.count(scores.geometry, layer)} units"
                 )
+    for kind_name, per_layer in scores.masks.items():
+        if kind_name not in KINDS or len(per_layer) != layers:
+            raise GqaPruneError(f"{where}: masks of {kind_name!r} do not match the model's unit kinds and layers")
+        for layer, values in enumerate(per_layer):
+            binary = bool(((values == 0) | (values == 1)).all())
+            if len(values) != KINDS[kind_name].count(scores.geometry, layer) or not binary:
+                raise GqaPruneError(
+                    f"{where}: layer {layer} {kind_name} mask must hold one 0/1 value per unit "
+                    f"({KINDS[kind_name].count(scores.geometry, layer)})"
+                )
 
 
 def save(scores: Scores, out_dir: str | os.PathLike) -> Path:
@@ -145,21 +167,26 @@ def save(scores: Scores, out_dir: str | os.PathLike) -> Path:
     scores.check_finite("importance")
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as temporary:
-        # one metadata key: safetensors writes several in a random order, and artefacts must be byte-reproducible
-        metadata = {"gqa_prune": json.dumps({"criterion": scores.criterion, "format": SCORES_FORMAT}, sort_keys=True)}
-        save_file(scores._tensors(), str(temporary / UNITS_FILE), metadata=metadata)
-        record = {
-            "format": SCORES_FORMAT,
-            "version": SCORES_VERSION,
-            "criterion": scores.criterion,
-            "geometry": scores.geometry.to_dict(),
-            "structural": scores.structural,
-            "curves": {kind: curve.to_dict() for kind, curve in scores.curves.items()},
-            "calibration_loss": scores.calibration_loss,
-            "info": scores.info,
-        }
-        (temporary / SCORES_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        write_files(scores, temporary)
     return out_dir
+
+
+def write_files(scores: Scores, folder: Path) -> None:
+    """Write the two files into an existing (temporary) folder; ``save`` wraps this atomically."""
+    # one metadata key: safetensors writes several in a random order, and artefacts must be byte-reproducible
+    metadata = {"gqa_prune": json.dumps({"criterion": scores.criterion, "format": SCORES_FORMAT}, sort_keys=True)}
+    save_file(scores._tensors(), str(folder / UNITS_FILE), metadata=metadata)
+    record = {
+        "format": SCORES_FORMAT,
+        "version": SCORES_VERSION,
+        "criterion": scores.criterion,
+        "geometry": scores.geometry.to_dict(),
+        "structural": scores.structural,
+        "curves": {kind: curve.to_dict() for kind, curve in scores.curves.items()},
+        "calibration_loss": scores.calibration_loss,
+        "info": scores.info,
+    }
+    (folder / SCORES_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -194,12 +221,15 @@ def load(in_dir: str | os.PathLike) -> Scores:
     return scores
 
 
-def _split(tensors: dict[str, torch.Tensor], num_layers: int) -> dict[str, list[torch.Tensor]]:
-    """'<kind>.<layer>' tensors -> kind -> per-layer list."""
+def _split(
+    tensors: dict[str, torch.Tensor], num_layers: int, allowed: set[str] | None = None
+) -> dict[str, list[torch.Tensor]]:
+    """'<kind>.<layer>' tensors -> kind -> per-layer list (``allowed``: the kinds that may appear)."""
+    allowed = {width.name for width in WIDTH_KINDS} if allowed is None else allowed
     table: dict[str, dict[int, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         kind, _, layer = name.rpartition(".")
-        if kind not in {width.name for width in WIDTH_KINDS} or not layer.isdigit():
+        if kind not in allowed or not layer.isdigit():
             raise GqaPruneError(f"unexpected tensor {name!r} in {UNITS_FILE}")
         table.setdefault(kind, {})[int(layer)] = tensor
     return {kind: [per_layer[i] for i in sorted(per_layer)] for kind, per_layer in table.items()}
@@ -212,10 +242,12 @@ def _load_v2(in_dir: Path) -> Scores:
     try:
         geometry = Geometry.from_dict(record["geometry"])
         tensors = _read_tensors(in_dir / UNITS_FILE)
+        masks = {name[len(MASK_PREFIX) :]: tensors.pop(name) for name in list(tensors) if name.startswith(MASK_PREFIX)}
         return Scores(
             criterion=record["criterion"],
             geometry=geometry,
             units=_split(tensors, geometry.num_layers),
+            masks=_split(masks, geometry.num_layers, set(KINDS)) if masks else {},
             structural=record["structural"],
             calibration_loss=record["calibration_loss"],
             curves={kind: LossCurve.from_dict(curve) for kind, curve in record.get("curves", {}).items()},

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -20,6 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from .arch import check_config_supported
 from .atomic import atomic_dir
 from .errors import GqaPruneError
+from .gptq_format import is_quantized, load_quantized
+from .remote_code import remote_code_allowed, trust_remote_code
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def _load_source(source: str, dtype: torch.dtype | str) -> tuple[PreTrainedModel
         )
     else:
         kind, location = "hub", source
-    remote = trust_remote_code(local) if kind == "local" else _REMOTE_CODE["allowed"]
+    remote = trust_remote_code(local) if kind == "local" else remote_code_allowed()
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=remote)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, trust_remote_code=remote)
@@ -147,59 +148,6 @@ def require_model_dir(path: str | os.PathLike) -> Path:
     return folder
 
 
-_REMOTE_CODE = {"allowed": False}  # set once per process by the CLI's --trust-remote-code
-
-
-def allow_remote_code(allowed: bool) -> None:
-    """Whether code shipped in a model folder (other than gqa-prune's own modeling file) may run."""
-    _REMOTE_CODE["allowed"] = bool(allowed)
-
-
-def _auto_map_modules(folder: Path) -> set[str]:
-    """Modules that config.json / tokenizer_config.json point their auto_map at ("repo--module" kept whole)."""
-    modules = set()
-    for name in ("config.json", "tokenizer_config.json"):
-        file = folder / name
-        if not file.is_file():
-            continue
-        try:
-            auto_map = json.loads(file.read_text()).get("auto_map") or {}
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
-            raise GqaPruneError(f"{file}: not a valid JSON object ({error})") from error
-        for value in auto_map.values():
-            for reference in value if isinstance(value, list) else [value]:
-                if isinstance(reference, str):
-                    modules.add(reference.rsplit(".", 1)[0])
-    return modules
-
-
-def trust_remote_code(path: str | os.PathLike) -> bool:
-    """Whether loading this folder must run code from it.
-
-    False when it has none, or only gqa-prune's own modeling file (byte-identical to the package's: the
-    classes registered by ``import gqa_prune`` load it instead). A folder with any other code is refused in
-    one line unless ``allow_remote_code(True)`` (the CLI's ``--trust-remote-code``) was called.
-    """
-    folder = Path(path)
-    shipped = resources.files("gqa_prune").joinpath("modeling_gqa_prune.py").read_bytes()
-    foreign = sorted(
-        module
-        for module in _auto_map_modules(folder)
-        if "--" in module
-        or not (folder / f"{module}.py").is_file()
-        or (folder / f"{module}.py").read_bytes() != shipped
-    )
-    if not foreign:
-        return False
-    if _REMOTE_CODE["allowed"]:
-        logger.warning("running code from %s (%s): --trust-remote-code was given", folder, ", ".join(foreign))
-        return True
-    raise GqaPruneError(
-        f"model folder {str(folder)!r} ships its own code ({', '.join(foreign)}) that loading would run; "
-        "gqa-prune runs no code from a model folder unless you pass --trust-remote-code"
-    )
-
-
 def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
@@ -213,7 +161,6 @@ def load_model(
     """
     folder = require_model_dir(path)
     remote = trust_remote_code(folder)
-    from .quantize import is_quantized, load_quantized
 
     if is_quantized(folder):
         return load_quantized(folder, resolve_device(device))

@@ -71,7 +71,9 @@ def slurm_problem() -> str | None:
     if missing:
         return f"{', '.join(missing)} not installed"
     try:
-        states = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30).stdout.split()
+        states = subprocess.run(
+            ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=1200
+        ).stdout.split()
     except subprocess.TimeoutExpired:
         return "sinfo timed out (controller not running?)"
     if not {"idle", "mixed", "allocated"} & set(states):

@@ -105,7 +105,7 @@ def test_stage_calib_importance_plan_prune_ppl(tmp_path, tiny_model_dir, scored,
         "--plot",
         str(tmp_path / "plan.png"),
     )
-    assert code == 0 and "plan (width): remove" in out
+    assert code == 0 and "plan (hybrid): remove" in out  # the default mode
     plan = PruningPlan.load(tmp_path / "plan.json")
     assert plan.settings.layer_criterion == "removal" and plan.settings.protected_layers == (0,)
     assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
@@ -181,6 +181,8 @@ def test_plan_that_would_empty_a_layer_is_refused(tmp_path, tiny_model_dir, scor
         str(scored / "importance"),
         "--ratio",
         "0.2",
+        "--mode",
+        "width",
         "--channel-multiple",
         "8",
         "--out",
@@ -208,6 +210,8 @@ def test_plan_that_would_empty_a_layer_is_refused(tmp_path, tiny_model_dir, scor
         str(scored / "importance"),
         "--ratio",
         "0.9",
+        "--mode",
+        "width",
         "--max-rate",
         "0.5",
         "--out",

@@ -16,13 +16,8 @@ from helpers import calibration_ids, logits_in_fresh_process, plan_for, quantiza
 from gqa_prune.checkpoint import save_pruned
 from gqa_prune.cli import main
 from gqa_prune.errors import GqaPruneError
-from gqa_prune.quantize import (
-    QuantSettings,
-    check_settings,
-    linear_bits_per_parameter,
-    projection_in_features,
-    quantize_checkpoint,
-)
+from gqa_prune.gptq_format import linear_bits_per_parameter, projection_in_features
+from gqa_prune.quantize import QuantSettings, check_settings, quantize_checkpoint
 from gqa_prune.sources import load_model
 from gqa_prune.surgery import apply_plan
 

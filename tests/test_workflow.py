@@ -245,14 +245,15 @@ def test_killed_run_leaves_nothing_a_rerun_accepts(tmp_path, tiny_model_dir):
 
 
 def test_cluster_example_validates_and_plans_the_8b_grid(tmp_path):
-    # config/examples/llama-3.1-8b.yaml: 5 ratios x 2 criteria x 2 strategies + 1 baseline = 21 pruned variants
+    # config/examples/llama-3.1-8b.yaml: 5 ratios x 2 criteria x (2 width strategies + hybrid) + 1 baseline
+    # = 31 pruned variants
     example = yaml.safe_load((REPO / "config/examples/llama-3.1-8b.yaml").read_text())
     done = snakemake(tmp_path, example, "--dry-run", "--cores", "1")
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", done.stdout.split("Job stats:")[1], re.M))
-    assert counts["plan"] == counts["prune"] == "21" and counts["stage"] == "1"
-    # + 2 pruned x {lm, kd} recovered + 3 bases x {gptq, rtn} quantized, all through lm-eval: self-contained,
+    assert counts["plan"] == counts["prune"] == "31" and counts["stage"] == "1"
+    # + 3 pruned x {lm, kd} recovered + 3 bases x {gptq, rtn} quantized, all through lm-eval: self-contained,
     # nothing of the CPU demo's config leaks in
-    assert (counts["recover"], counts["quantize"], counts["evaluate"]) == ("4", "6", "32")
+    assert (counts["recover"], counts["quantize"], counts["evaluate"]) == ("6", "6", "44")
     blocks = rule_blocks(done.stdout)
     assert "gpu=1" in blocks["importance"] and "gpu=1" in blocks["recover"] and "gpu" not in blocks["plan"]
 

@@ -32,6 +32,7 @@ def tiny_config(model_dir: Path, **overrides) -> dict:
             "ratios": [0.2, 0.3],
             "criteria": ["taylor"],
             "strategies": ["inverse"],
+            "modes": ["width"],
             "baselines": [{"criterion": "random", "strategy": "inverse", "ratio": 0.2}],
             "channel_multiple": 32,
         },
@@ -71,7 +72,8 @@ def snakemake(workdir: Path, config: dict, *args: str, snakefile: Path = REPO / 
     config_file = workdir / f"config-{time.monotonic_ns()}.yaml"
     config_file.write_text(yaml.safe_dump(config))
     command = [SNAKEMAKE, "-s", str(snakefile), "--directory", str(workdir), "--configfile", str(config_file), *args]
-    done = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=900)
+    # a guard against a hung Snakemake only (a busy machine must not trip it): two hours
+    done = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=7200)
     if check:
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     return done

@@ -61,8 +61,8 @@ def test_prune_save_and_reload_in_bf16_on_cuda(tmp_path, tiny_tokenizer):
     reloaded = load_model(tmp_path / "pruned", dtype="bfloat16", device="cuda")
     for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
         assert torch.equal(a.to(CUDA), b), name  # bit for bit
-    with torch.no_grad():
-        assert torch.equal(reloaded(INPUTS.to(CUDA)).logits, expected)
+    with torch.no_grad():  # same weights; the fresh model may run another attention kernel: bf16 rounding apart
+        torch.testing.assert_close(reloaded(INPUTS.to(CUDA)).logits, expected, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -90,6 +90,9 @@ def check_config_values(config: dict) -> None:
         data_dir = data_dir if data_dir.is_absolute() else REPO / data_dir
         if not data_dir.is_dir():
             problems.append(f"data_dir: {config['data_dir']!r} is not a folder (resolved: {data_dir})")
+    learn = config["learn_masks"]
+    if learn["warmup_steps"] > learn["steps"]:
+        problems.append(f"learn_masks.warmup_steps: {learn['warmup_steps']} is above learn_masks.steps {learn['steps']}")
     if problems:
         raise WorkflowError("invalid config:\n" + "\n".join(f"  {problem}" for problem in problems))
 
@@ -118,13 +121,19 @@ DATA_DIR_ARG = f"--data-dir {shlex.quote(DATA_DIR)}" if DATA_DIR else ""
 # ------------------------------------------------------------------------------------------ the grid
 # A variant id reads left to right: what was pruned, how it was recovered, how it was quantized:
 #   dense | taylor-inverse-r0.20 | taylor-inverse-r0.20-lora-kd | taylor-inverse-r0.20-lora-kd-gptq-w4g64
-PRUNED_PATTERN = r"[a-z]+-[a-z]+-r[0-9]+(?:\.[0-9]+)?"  # <criterion>-<strategy or mode>-r<ratio>
+PRUNED_PATTERN = r"[a-z][a-z0-9]*-[a-z]+-r[0-9]+(?:\.[0-9]+)?"  # <criterion>-<strategy or mode>-r<ratio> (l0)
 VARIANT_PATTERN = (
     rf"(?P<prune>dense|{PRUNED_PATTERN})(?:-lora-(?P<recovery>lm|kd))?(?:-(?P<quant>(?:gptq|rtn)-w[0-9]+g[0-9]+))?"
 )
 
 
-MODES_BY_NAME = ("depth", "hybrid")  # plan modes named in ids; width plans are named by their strategy
+MODES_BY_NAME = ("depth", "hybrid", "learned")  # plan modes named in ids; width plans are named by their strategy
+LEARNED = "l0"  # learned masks: always mode learned (l0-learned-r0.20), from importance/<data>-l0-r<ratio>/
+
+
+def grid_middles(criterion: str, middles) -> list[str]:
+    """The strategies/modes a criterion's variants take: learned masks are only ever reproduced (mode learned)."""
+    return ["learned"] if criterion == LEARNED else list(middles)
 
 
 def variant_id(criterion: str, strategy_or_mode: str, ratio: float) -> str:
@@ -176,8 +185,8 @@ for _ratio in _ALL_RATIOS:
     if _other != _ratio:
         raise WorkflowError(f"invalid config:\n  plans.ratios: {_other!r} and {_ratio!r} would share a variant id")
 PRUNED_VARIANTS = sorted(
-    {variant_id(c, m, r) for r in PLANS["ratios"] for c in PLANS["criteria"] for m in GRID_MIDDLES}
-    | {variant_id(b["criterion"], b.get("mode", "width") if b.get("mode", "width") != "width" else b.get("strategy", "inverse"), b["ratio"])
+    {variant_id(c, m, r) for r in PLANS["ratios"] for c in PLANS["criteria"] for m in grid_middles(c, GRID_MIDDLES)}
+    | {variant_id(b["criterion"], grid_middles(b["criterion"], [b.get("mode", "width") if b.get("mode", "width") != "width" else b.get("strategy", "inverse")])[0], b["ratio"])
        for b in PLANS["baselines"]}
 )  # fmt: skip
 RECOVERED_VARIANTS = [
@@ -244,6 +253,19 @@ def cli_flags(flags: dict) -> str:
     return " ".join(text)
 
 
+LEARN = config["learn_masks"]
+LEARN_DATA = (config["calibration"] if LEARN["data"] == "calibration" else RECOVERY["data"])["name"]
+
+
+def importance_dir(model: str, variant: str) -> str:
+    """The importance folder a plan reads: per criterion, or for learned masks per ratio (masks fix the size)."""
+    parsed = parse_variant(variant)
+    if parsed["criterion"] == LEARNED:
+        ratio = variant.rpartition("-r")[2]
+        return f"results/{model}/importance/{LEARN_DATA}-{LEARNED}-r{ratio}"
+    return f"results/{model}/importance/{CALIB}-{parsed['criterion']}"
+
+
 def plan_args(variant: str) -> str:
     """Every plan setting as CLI flags."""
     parsed = parse_variant(variant)
@@ -269,7 +291,7 @@ HEAVY_THREADS = config["resources"]["threads"]
 RETRIES = config["resources"]["retries"]
 RUNTIME = {  # minutes; generous for an 8B model on one GPU
     "stage": 120, "calib": 30, "importance": 360, "plan": 10, "prune": 60, "recover": 720, "quantize": 240,
-    "ppl": 180, "evaluate": 480, "efficiency": 30, "aggregate": 10,
+    "ppl": 180, "evaluate": 480, "efficiency": 30, "aggregate": 10, "learn_masks": 720,
     **config["resources"].get("runtime", {}),
 }  # fmt: skip
 

@@ -1,7 +1,7 @@
 # importance scores -> plans/<variant>.json (+ PNG): cheap; one per ratio x criterion x strategy.
 rule plan:
     input:
-        importance=lambda wildcards: f"results/{wildcards.model}/importance/{CALIB}-{parse_variant(wildcards.variant)['criterion']}",
+        importance=lambda wildcards: importance_dir(wildcards.model, wildcards.variant),
     output:
         plan=f"{RESULTS}/plans/{{variant}}.json",
         plot=report(
