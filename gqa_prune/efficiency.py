@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .arch import ALL_ROLES, adapter_for, geometry_of
+from .arch import adapter_for, geometry_of
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,10 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     the input embedding and an untied output head.
     """
     adapter = adapter_for(model.config)
-    projections = {
-        id(adapter.projection(layer, role)): adapter.projection(layer, role)
+    projections = {  # removed sublayers have none
+        id(projection): projection
         for layer in adapter.decoder_layers(model)
-        for role in ALL_ROLES
+        for _, projection in adapter.projections(layer)
     }
     total = 0
     for projection in projections.values():

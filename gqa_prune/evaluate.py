@@ -193,7 +193,13 @@ def run_lm_eval(
         else:
             manager = TaskManager()
         for task, limit in tasks.items():
-            result = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, log_samples=False)
+            try:
+                result = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, log_samples=False)
+            except AssertionError as error:  # lm-eval asserts when an answer alone exceeds max_length
+                raise GqaPruneError(
+                    f"lm-eval task {task}: an item does not fit max_length {max_length} tokens; "
+                    "a model with more positions (and a larger --max-length) is needed for this task"
+                ) from error
             raw[task] = json.loads(json.dumps(result, default=handle_non_serializable))
     return raw
 

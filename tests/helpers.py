@@ -114,7 +114,7 @@ def quantizable_model(vocab_size: int, seed: int = 0):
         num_attention_heads=12,
         num_key_value_heads=4,
         head_dim=32,
-        max_position_embeddings=128,
+        max_position_embeddings=512,  # lm-eval's longest tiny-tokenizer items fit (the workflow's max_length)
     )
     return LlamaForCausalLM(config).eval()
 

@@ -148,8 +148,8 @@ def test_editing_a_rules_shell_reruns_that_rule_and_downstream(workflow_run, tmp
         (shutil.copytree if source.is_dir() else shutil.copy)(source, copy / part)
     prune_rule = copy / "workflow/rules/prune.smk"
     text = prune_rule.read_text()
-    assert '" --out {output} > {log} 2>&1"' in text
-    prune_rule.write_text(text.replace('" --out {output} > {log} 2>&1"', '" --out {output} >> {log} 2>&1"'))
+    assert ' --out {output} > {log} 2>&1"' in text
+    prune_rule.write_text(text.replace(' --out {output} > {log} 2>&1"', ' --out {output} >> {log} 2>&1"'))
     jobs = planned_jobs(workdir, config, snakefile=copy / "Snakefile")
     assert jobs == downstream_of_plan(PRUNED) - jobs_for("plan", PRUNED)
 
@@ -240,22 +240,23 @@ def test_killed_run_leaves_nothing_a_rerun_accepts(tmp_path, tiny_model_dir):
     snakemake(tmp_path, config, "--unlock")
     assert ("importance", "calib=c4, criterion=taylor, model=tiny") in planned_jobs(tmp_path, config)
     snakemake(tmp_path, config, "--cores", "1", "--rerun-incomplete", target)
-    assert (tmp_path / target / "groups.safetensors").is_file()
+    assert (tmp_path / target / "units.safetensors").is_file()
     assert not [path for path in (tmp_path / "results").rglob("*") if ".tmp-" in path.name]
 
 
 def test_cluster_example_validates_and_plans_the_8b_grid(tmp_path):
-    # config/examples/llama-3.1-8b.yaml: 5 ratios x 2 criteria x (2 width strategies + hybrid) + 1 baseline
-    # = 31 pruned variants
+    # config/examples/llama-3.1-8b.yaml: 5 ratios x 2 criteria x (2 width strategies + hybrid) + 2 baselines
+    # (random, l0 learned masks) = 32 pruned variants
     example = yaml.safe_load((REPO / "config/examples/llama-3.1-8b.yaml").read_text())
     done = snakemake(tmp_path, example, "--dry-run", "--cores", "1")
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", done.stdout.split("Job stats:")[1], re.M))
-    assert counts["plan"] == counts["prune"] == "31" and counts["stage"] == "1"
+    assert counts["plan"] == counts["prune"] == "32" and counts["stage"] == "1" and counts["learn_masks"] == "1"
     # + 3 pruned x {lm, kd} recovered + 3 bases x {gptq, rtn} quantized, all through lm-eval: self-contained,
     # nothing of the CPU demo's config leaks in
-    assert (counts["recover"], counts["quantize"], counts["evaluate"]) == ("6", "6", "44")
+    assert (counts["recover"], counts["quantize"], counts["evaluate"]) == ("6", "6", "45")
     blocks = rule_blocks(done.stdout)
     assert "gpu=1" in blocks["importance"] and "gpu=1" in blocks["recover"] and "gpu" not in blocks["plan"]
+    assert "gpu=1" in blocks["learn_masks"]
 
 
 def test_plan_modes_are_part_of_variant_ids(tmp_path, tiny_model_dir):
@@ -265,7 +266,7 @@ def test_plan_modes_are_part_of_variant_ids(tmp_path, tiny_model_dir):
     text = done.stdout
     commands = {line for line in text.splitlines() if " plan --importance " in line}
     for variant, flags, absent in (
-        ("taylor-inverse-r0.20", "--ratio 0.2 --strategy inverse", "--mode"),
+        ("taylor-inverse-r0.20", "--ratio 0.2 --mode width --strategy inverse", "--mode hybrid"),
         ("taylor-depth-r0.20", "--ratio 0.2 --mode depth", "--strategy"),
         ("taylor-hybrid-r0.20", "--ratio 0.2 --mode hybrid", "--strategy"),
     ):

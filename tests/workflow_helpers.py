@@ -27,7 +27,7 @@ def tiny_config(model_dir: Path, **overrides) -> dict:
         "model": {"name": "tiny", "source": str(model_dir)},
         "device": "cpu",
         "data_dir": str(DATA_DIR),
-        "calibration": {"n_samples": 8, "seq_len": 32},
+        "calibration": {"n_samples": 8, "seq_len": 64},  # 512 tokens: enough rows for the refit
         "plans": {
             "ratios": [0.2, 0.3],
             "criteria": ["taylor"],
@@ -54,7 +54,7 @@ def tiny_config(model_dir: Path, **overrides) -> dict:
         "eval": {
             "ppl": {"window": 32, "max_tokens": 256},
             "tasks": {"arc_easy": 4, "piqa": 4, "winogrande": 4, "hellaswag": 2, "arc_challenge": 2, "wikitext": 1},
-            "max_length": 512,
+            "max_length": 512,  # the tiny model's positions (more is refused)
             "efficiency": {"prompt_tokens": 8, "decode_tokens": 2, "repeats": 1, "warmup": 0},
         },
         "resources": {"threads": 1, "model_mb": 1},

@@ -21,6 +21,19 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 CUDA = torch.device("cuda")
+
+
+@pytest.fixture(scope="session")
+def c4_texts() -> list[str]:
+    """Seeded word salad instead of the C4 shard: only the checkout travels to a GPU machine (no
+    ../shared/data), and the tiny byte-level tokenizer needs only some text to merge on."""
+    import random
+
+    words = "the model prunes groups of heads and channels while the loss stays low on every layer".split()
+    rng = random.Random(0)
+    return [" ".join(rng.choice(words) for _ in range(60)) for _ in range(200)]
+
+
 BLOCKS = calibration_ids(blocks=8, length=32, seed=4)
 INPUTS = calibration_ids(blocks=2, length=12, seed=1)
 

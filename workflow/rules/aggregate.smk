@@ -14,7 +14,11 @@ def tradeoff_manifest(model: str) -> dict:
         else:
             entry["ratio"] = parts["ratio"]
             entry["plan"] = f"results/{model}/plans/{parts['prune']}.json"
-            benchmarks["importance"] = f"results/{model}/benchmarks/importance/{CALIB}-{parts['criterion']}.tsv"
+            if parts["criterion"] == LEARNED:  # the masks' training is this variant's scoring cost
+                scoring = Path(importance_dir(model, parts["prune"])).name
+                benchmarks["learn_masks"] = f"results/{model}/benchmarks/learn_masks/{scoring}.tsv"
+            else:
+                benchmarks["importance"] = f"results/{model}/benchmarks/importance/{CALIB}-{parts['criterion']}.tsv"
             benchmarks["prune"] = f"results/{model}/benchmarks/prune/{parts['prune']}.tsv"
         if parts["recovery"]:
             benchmarks["recover"] = f"results/{model}/benchmarks/recover/{parts['prune']}-lora-{parts['recovery']}.tsv"

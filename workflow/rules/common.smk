@@ -271,7 +271,7 @@ def plan_args(variant: str) -> str:
     parsed = parse_variant(variant)
     return cli_flags({
         "--ratio": parsed["ratio"],
-        "--mode": parsed["mode"] if parsed["mode"] != "width" else None,
+        "--mode": parsed["mode"],  # always explicit: the CLI's default mode is hybrid
         "--strategy": parsed["strategy"],
         "--alpha": PLANS["alpha"],
         "--min-rate": PLANS["min_rate"],
