@@ -31,8 +31,8 @@ from .errors import GqaPruneError
 from .passes import OUTPUT_ROLE, LayerInputs, capture_layer_inputs, run_layer
 from .plan import PruningPlan
 from .settings import ReconstructionSettings
-from .surgery import check_plan_fits
-from .units import GQA_GROUP, LAYER, MLP_CHANNEL, STRUCTURAL_KINDS, WIDTH_KINDS
+from .surgery import check_plan_fits, mask_layer
+from .units import GQA_GROUP, LAYER, MLP_CHANNEL, WIDTH_KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -152,13 +152,7 @@ def reconstruct(
             for scope in ("attn", "mlp"):
                 if adapter.sublayer(layer, scope) is not None:
                     originals[scope] = adapter.projection(layer, OUTPUT_ROLE[scope]).weight.detach().clone()
-            with torch.no_grad():
-                for kind in STRUCTURAL_KINDS:
-                    if kind.name in layer_plan.removed:
-                        kind.mask(layer, adapter)
-                for kind in WIDTH_KINDS:
-                    if layer_plan.keeps(kind.scopes[0]):
-                        kind.mask(layer, adapter, geometry, layer_plan.kept[kind.name])
+            mask_layer(layer, layer_plan, adapter, geometry)
             for kind in (GQA_GROUP, MLP_CHANNEL):
                 scope = kind.scopes[0]
                 if not layer_plan.keeps(scope):

@@ -15,7 +15,7 @@ from torch import nn
 from .arch import Geometry, adapter_for, geometry_of
 from .errors import GqaPruneError
 from .modeling_gqa_prune import assign_cache_indices
-from .plan import PruningPlan
+from .plan import LayerPlan, PruningPlan
 from .units import SKIP_NAMES, STRUCTURAL_KINDS, WIDTH_KINDS
 
 _SHAPE_FIELDS = ("head_dim", "heads_per_group", "kv_groups", "intermediate_sizes", "hidden_size")
@@ -119,12 +119,17 @@ def apply_plan_as_mask(model: nn.Module, plan: PruningPlan) -> nn.Module:
     """Reference: zero what every removed unit, sublayer and layer adds to the residual stream (in place)."""
     geometry = check_plan_fits(plan, model)
     adapter = adapter_for(model.config)
-    with torch.no_grad():
-        for layer, layer_plan in zip(adapter.decoder_layers(model), plan.layers):
-            for kind in STRUCTURAL_KINDS:
-                if kind.name in layer_plan.removed:
-                    kind.mask(layer, adapter)
-            for kind in WIDTH_KINDS:
-                if layer_plan.keeps(kind.scopes[0]):
-                    kind.mask(layer, adapter, geometry, layer_plan.kept[kind.name])
+    for layer, layer_plan in zip(adapter.decoder_layers(model), plan.layers):
+        mask_layer(layer, layer_plan, adapter, geometry)
     return model
+
+
+@torch.no_grad()
+def mask_layer(layer: nn.Module, layer_plan: LayerPlan, adapter, geometry) -> None:
+    """Zero what one layer's removed units, sublayers or the layer itself add to the residual stream."""
+    for kind in STRUCTURAL_KINDS:
+        if kind.name in layer_plan.removed:
+            kind.mask(layer, adapter)
+    for kind in WIDTH_KINDS:
+        if layer_plan.keeps(kind.scopes[0]):
+            kind.mask(layer, adapter, geometry, layer_plan.kept[kind.name])
