@@ -15,8 +15,6 @@ from pathlib import Path
 
 from .errors import GqaPruneError
 
-logger = logging.getLogger("gqa_prune")
-
 
 class _OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is a single line (the value, and what is allowed)."""

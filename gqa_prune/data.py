@@ -194,6 +194,9 @@ def calibration_blocks(
             f"calibration text has {len(stream):,} tokens but {n_blocks} blocks x {block_len} tokens need "
             f"{needed:,}: lower n_samples or seq_len, or give more text"
         )
+    logger.debug(
+        "calibration: %d blocks x %d tokens from %d documents (seed %d)", n_blocks, block_len, len(documents), seed
+    )
     return torch.tensor(stream[:needed], dtype=torch.long).view(n_blocks, block_len)
 
 

@@ -193,6 +193,7 @@ def run_lm_eval(
         else:
             manager = TaskManager()
         for task, limit in tasks.items():
+            logger.info("lm-eval %s (%s items)", task, "all" if limit is None else limit)
             try:
                 result = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, log_samples=False)
             except AssertionError as error:  # lm-eval asserts when an answer alone exceeds max_length

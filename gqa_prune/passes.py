@@ -392,6 +392,7 @@ def capture_layer_inputs(
                     pass
     finally:
         handle.remove()
+    logger.debug("captured the first layer's inputs of %d batches", len(captured.hidden))
     return captured
 
 

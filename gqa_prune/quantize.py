@@ -119,6 +119,7 @@ def quantize(
             raise GqaPruneError("GPTQ needs calibration blocks (--calib)")
         samples = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in calibration]
     model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir).resolve()
+    logger.info("%s %d-bit, group size %d: %s", settings.method, settings.bits, settings.group_size, model_dir)
     remote = trust_remote_code(model_dir)
     with _working_directory(out_dir.parent):  # GPTQModel writes logs/*.log into the working directory
         model = gptqmodel.GPTQModel.load(

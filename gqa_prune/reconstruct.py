@@ -180,6 +180,9 @@ def reconstruct(
                     weight[:, kept] = refit.to(weight.dtype)
                     projection.weight.copy_(weight)
                 entry[projection_name(scope)] = {"sliced_error": plain, "refit_error": fitted, "kept_inputs": len(kept)}
+                logger.debug(
+                    "layer %d %s: output error %.4g sliced -> %.4g refit", index, projection_name(scope), plain, fitted
+                )
                 del gram, cross
         with torch.no_grad():
             captured.hidden = [run_layer(layer, h, k) for h, k in zip(captured.hidden, captured.kwargs)]

@@ -71,7 +71,12 @@ def lora_model(model: nn.Module, settings: RecoverySettings) -> nn.Module:
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    return get_peft_model(model, config)
+    wrapped = get_peft_model(model, config)
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    logger.info(
+        "LoRA rank %d on %s: %s trainable parameters", settings.rank, "/".join(TARGET_MODULES), f"{trainable:,}"
+    )
+    return wrapped
 
 
 def train(

@@ -33,6 +33,15 @@ def test_json_round_trip_is_exact(tmp_path, scores):
     assert json.loads(plan.to_json())["summary"]["params_after"] == plan.params_after
 
 
+def test_the_library_plans_from_scores_alone():
+    """importance.score records what build_plan needs (the parameter count): no CLI threading."""
+    model = tiny_model("llama", 3, layers=4)
+    scores = importance.score(model, calibration_ids(), "taylor", curves=False)
+    plan = build_plan(scores, PlanSettings(ratio=0.3, mode="width", channel_multiple=8))
+    assert plan.params_before == parameter_count(model)
+    assert 0 < plan.params_after < plan.params_before
+
+
 def test_plans_are_deterministic_for_a_fixed_seed():
     model = tiny_model("qwen2", 3, layers=4)
     blocks = calibration_ids()

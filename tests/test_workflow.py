@@ -259,6 +259,15 @@ def test_cluster_example_validates_and_plans_the_8b_grid(tmp_path):
     assert "gpu=1" in blocks["learn_masks"]
 
 
+@pytest.mark.parametrize("example", ["llama-3.1-8b.yaml", "smollm2-grid.yaml"])
+def test_snakemake_lint_is_clean(tmp_path, example):
+    """The workflow catalog's convention: `snakemake --lint` finds nothing to say about the workflow."""
+    config = yaml.safe_load((REPO / "config/examples" / example).read_text())
+    done = snakemake(tmp_path, config, "--lint", check=False)
+    assert "Congratulations, your workflow is in a good condition!" in done.stdout + done.stderr, done.stdout[-3000:]
+    assert done.returncode == 0
+
+
 def test_plan_modes_are_part_of_variant_ids(tmp_path, tiny_model_dir):
     # width plans keep their <criterion>-<strategy> ids; depth and hybrid plans are <criterion>-<mode>
     config = tiny_config(tiny_model_dir, **{"plans.modes": ["width", "depth", "hybrid"], "plans.ratios": [0.2]})

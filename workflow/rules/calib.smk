@@ -22,6 +22,6 @@ rule calib:
     conda:
         "../../envs/core.yaml"
     shell:
-        "{CLI} calib --model {input.model} --source {params.source:q} {params.data_dir}"
+        "python -m gqa_prune.cli calib --model {input.model} --source {params.source:q} {params.data_dir}"
         " --text-field {params.text_field:q} --split {params.split:q} --n-samples {params.n_samples}"
         " --seq-len {params.seq_len} --seed {params.seed} --out {output} > {log} 2>&1"

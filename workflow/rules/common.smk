@@ -1,6 +1,7 @@
 # Shared helpers: config validation, paths, the variant grid, resources, the CLI every rule calls.
 # Plain Python (no torch): it runs on every Snakemake invocation, dry runs included.
 import json
+import os
 import re
 import shlex
 import sys
@@ -50,7 +51,7 @@ def check_config(config: dict) -> None:
         if source.removeprefix("embedded:") not in EMBEDDED_MODELS:
             raise WorkflowError(f"invalid config:\n  model.source: {source!r} is not one of "
                                 + ", ".join(f"embedded:{name}" for name in EMBEDDED_MODELS))
-    elif source.startswith((".", "/", "~")) or source.count("/") != 1:  # a local path, not org/name
+    elif source.startswith((".", "~")) or Path(source).is_absolute() or source.count("/") != 1:  # a path, not org/name
         if not (Path(source).expanduser() / "config.json").is_file():
             raise WorkflowError(f"invalid config:\n  model.source: {source!r} is not a model folder "
                                 "(no config.json there); give a local HF folder, a hub id or embedded:smollm2-135m")
@@ -208,7 +209,7 @@ VARIANTS = ["dense", *PRUNED_VARIANTS, *RECOVERED_VARIANTS, *QUANTIZED_VARIANTS]
 CRITERIA = sorted({parse_variant(variant)["criterion"] for variant in PRUNED_VARIANTS})
 # layer scores the importance stage computes: those asked for, plus the one plans are built from
 LAYER_CRITERIA = sorted(set(config["importance"]["layer_criteria"]) | {PLANS["layer_criterion"]})
-# token-block sets the calib rule can make: importance (and GPTQ) calibration, and recovery training text
+# token-block sets the calib job can make: importance (and GPTQ) calibration, and recovery training text
 TEXT_SETS = {config["calibration"]["name"]: config["calibration"], RECOVERY["data"]["name"]: RECOVERY["data"]}
 if len(TEXT_SETS) < 2:
     raise WorkflowError("invalid config:\n  recovery.data.name: must differ from calibration.name")
@@ -284,8 +285,95 @@ def plan_args(variant: str) -> str:
     })
 
 
+# ------------------------------------------------------------------------------------------ rule helpers
+def quantize_args(quant: str) -> str:
+    """CLI flags of one quantization method; calibration-only settings are passed to GPTQ only, so
+    changing them never re-runs the round-to-nearest jobs."""
+    method = QUANT_METHODS[quant]
+    gptq = method["method"] == "gptq"
+    return cli_flags({
+        "--method": method["method"],
+        "--bits": method["bits"],
+        "--group-size": method["group_size"],
+        "--asym": not QUANTIZATION["sym"],
+        "--kernel": QUANTIZATION["kernel"],
+        "--desc-act": QUANTIZATION["desc_act"] if gptq else None,
+        "--n-samples": QUANTIZATION["n_samples"] if gptq else None,
+        "--batch-size": QUANTIZATION["batch_size"] if gptq else None,
+    })
+
+
+def tradeoff_manifest(model: str) -> dict:
+    """Which artefact each figure of the table comes from (written beside the table as tradeoff.sources.json)."""
+    entries = []
+    for variant in VARIANTS:
+        parts = parse_variant(variant)
+        benchmarks = {"ppl": f"results/{model}/benchmarks/ppl/{variant}.tsv"}
+        entry = {"variant": variant, "model": model_path(model, variant), "ppl": f"results/{model}/eval/{variant}/ppl.json",
+                 "recovery": parts["recovery"] or "none", "quant": parts["quant"] or "none"}
+        if parts["prune"] == "dense":
+            benchmarks["stage"] = f"results/{model}/benchmarks/stage.tsv"
+        else:
+            entry["ratio"] = parts["ratio"]
+            entry["plan"] = f"results/{model}/plans/{parts['prune']}.json"
+            if parts["criterion"] == LEARNED:  # the masks' training is this variant's scoring cost
+                scoring = Path(importance_dir(model, parts["prune"])).name
+                benchmarks["learn_masks"] = f"results/{model}/benchmarks/learn_masks/{scoring}.tsv"
+            else:
+                benchmarks["importance"] = f"results/{model}/benchmarks/importance/{CALIB}-{parts['criterion']}.tsv"
+            benchmarks["prune"] = f"results/{model}/benchmarks/prune/{parts['prune']}.tsv"
+        if parts["recovery"]:
+            benchmarks["recover"] = f"results/{model}/benchmarks/recover/{parts['prune']}-lora-{parts['recovery']}.tsv"
+        if parts["quant"]:
+            benchmarks["quantize"] = f"results/{model}/benchmarks/quantize/{variant}.tsv"
+        entry["efficiency"] = f"results/{model}/eval/{variant}/efficiency.json"
+        if variant in EVALUATED_VARIANTS:
+            entry["lm_eval"] = f"results/{model}/eval/{variant}/lm_eval.json"
+            benchmarks["evaluate"] = f"results/{model}/benchmarks/evaluate/{variant}.tsv"
+        entry["benchmarks"] = benchmarks
+        entries.append(entry)
+    ppl = config["eval"]["ppl"]
+    notes = [
+        "PPL: WikiText-2 raw test, GPTQ-style text, non-overlapping windows of "
+        f"{ppl['window'] or 'min(2048, model max)'} tokens, "
+        + (f"first {ppl['max_tokens']:,} tokens." if ppl["max_tokens"] else "the whole test set."),
+        "linear_bits: storage bits per weight of the decoder's linear layers (scales, zeros, indices included); "
+        "bytes: weight files on disk.",
+        f"Wall times (*_s) and peak resident memory (*_max_rss_mb) are Snakemake benchmarks on device '{config['device']}'.",
+    ]
+    if EVALUATED_VARIANTS:
+        limits = ", ".join(f"{task} {limit or 'all'}" for task, limit in sorted(EVAL["tasks"].items()))
+        source = "offline copies of lm-eval's tasks (lm-eval's prompts and metrics)" if DATA_DIR else "lm-eval's hub tasks"
+        latency = EVAL["efficiency"]
+        notes += [
+            f"Tasks: {source}, zero-shot; items scored: {limits} (wikitext: documents). mean_acc averages acc_norm "
+            "(acc for winogrande) over the multiple-choice tasks.",
+            f"Latency on '{config['device']}' with {HEAVY_THREADS} threads at batch 1: prefill of {latency['prompt_tokens']} "
+            f"tokens, decode of {latency['decode_tokens']} tokens, median of {latency['repeats']} after "
+            f"{latency['warmup']} warm-up; peak_memory_mb is the resident-memory growth while loading and timing.",
+            "pareto_*: on the front of weight bytes vs mean accuracy, bytes vs perplexity, decode speed vs accuracy.",
+        ]
+    if RECOVERED_VARIANTS:
+        notes.append(f"Recovery: LoRA r={RECOVERY['rank']}, {RECOVERY['steps']} steps of {RECOVERY['batch_size']} x "
+                     f"{RECOVERY['data']['seq_len']} tokens of {RECOVERY['data']['source']}, lr {RECOVERY['lr']}; "
+                     "lm = language-modelling loss, kd = distillation from the dense model's logits.")
+    if config["model"]["source"] == "embedded:smollm2-135m":
+        notes.append("SmolLM2-135M weights are dequantized from 4-bit GGUF (Q4_1): re-quantizing them to 4 bits "
+                     "looks unrealistically good.")
+    return {"model": model, "variants": entries, "notes": notes}
+
+
+def tradeoff_inputs(wildcards) -> list[str]:
+    manifest = tradeoff_manifest(wildcards.model)
+    files = []
+    for entry in manifest["variants"]:
+        files += [entry["model"], entry["ppl"], *entry["benchmarks"].values()]
+        files += [entry[key] for key in ("plan", "lm_eval", "efficiency") if key in entry]
+    return files
+
+
 # ------------------------------------------------------------------------------------------ resources
-# Per-rule resources live in the rules, not in profiles/default: Snakemake lets a workflow profile replace a
+# Resources live in each rule's own definition, not in profiles/default; Snakemake lets a workflow profile replace a
 # global profile's keys wholesale, so a set-resources there would silently drop a site's own settings.
 HEAVY_THREADS = config["resources"]["threads"]
 RETRIES = config["resources"]["retries"]
@@ -319,13 +407,16 @@ def gpu_resources() -> dict:
 
 
 # ------------------------------------------------------------------------------------------ the CLI
-def _python() -> str:
-    """With --sdm conda the rule's environment provides python; otherwise the interpreter running Snakemake."""
-    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
-        return "python"
-    return sys.executable
+# Rules run "python -m gqa_prune.cli <stage> ...": the shell text (what Snakemake's code trigger hashes) is
+# the same on every machine and names nothing outside the rule. Which python and which package that is, is set
+# here in the environment every job inherits; each Slurm job runs its own Snakemake, which sets it again.
+# PYTHONPATH puts this checkout's package first, even inside conda environments (--sdm conda), where the
+# environment's own python leads PATH; otherwise the interpreter running Snakemake does.
+def _job_environment() -> dict[str, str]:
+    paths = {"PYTHONPATH": str(REPO)}
+    if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+        paths["PATH"] = str(Path(sys.executable).parent)
+    return {name: os.pathsep.join([value, *filter(None, [os.environ.get(name)])]) for name, value in paths.items()}
 
 
-# Rules write "{CLI} <stage> ...": the shell text Snakemake hashes stays the same on every machine, while
-# PYTHONPATH makes the package importable from this checkout even inside conda environments.
-CLI = f"PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}} {shlex.quote(_python())} -m gqa_prune.cli"
+os.environ.update(_job_environment())

@@ -29,7 +29,7 @@ rule evaluate:
     conda:
         "../../envs/eval.yaml"
     shell:
-        "{CLI} --threads {threads} evaluate --model {input.model} --tasks {params.tasks} {params.data_dir}"
+        "python -m gqa_prune.cli --threads {threads} evaluate --model {input.model} --tasks {params.tasks} {params.data_dir}"
         " {params.max_length} --batch-size {params.batch_size} --device {params.device} --dtype {params.dtype}"
         " --out {output} > {log} 2>&1"
 
@@ -55,5 +55,5 @@ rule efficiency:
     conda:
         "../../envs/eval.yaml"
     shell:
-        "{CLI} --threads {threads} efficiency --model {input.model} {params.settings}"
+        "python -m gqa_prune.cli --threads {threads} efficiency --model {input.model} {params.settings}"
         " --device {params.device} --dtype {params.dtype} --out {output} > {log} 2>&1"

@@ -33,7 +33,7 @@ rule importance:
     conda:
         "../../envs/core.yaml"
     shell:
-        "{CLI} --threads {threads} importance --model {input.model} --calib {input.calib}"
+        "python -m gqa_prune.cli --threads {threads} importance --model {input.model} --calib {input.calib}"
         " --criterion {wildcards.criterion} --layer-criteria {params.layer_criteria} --batch-size {params.batch_size}"
         " --seed {params.seed} {params.checkpointing} {params.curves} --device {params.device} --dtype {params.dtype}"
         " --out {output} > {log} 2>&1"

@@ -39,5 +39,5 @@ rule learn_masks:
     conda:
         "../../envs/train.yaml"
     shell:
-        "{CLI} --threads {threads} learn-masks --model {input.model} --calib {input.blocks} --ratio {wildcards.ratio}"
+        "python -m gqa_prune.cli --threads {threads} learn-masks --model {input.model} --calib {input.blocks} --ratio {wildcards.ratio}"
         " {params.settings} --device {params.device} --dtype {params.dtype} --out {output} > {log} 2>&1"

@@ -21,5 +21,5 @@ rule plan:
     conda:
         "../../envs/core.yaml"
     shell:
-        "{CLI} plan --importance {input.importance} {params.settings}"
+        "python -m gqa_prune.cli plan --importance {input.importance} {params.settings}"
         " --out {output.plan} --plot {output.plot} > {log} 2>&1"

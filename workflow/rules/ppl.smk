@@ -26,5 +26,5 @@ rule ppl:
     conda:
         "../../envs/core.yaml"
     shell:
-        "{CLI} --threads {threads} ppl --model {input.model} {params.data_dir} {params.window} {params.max_tokens}"
+        "python -m gqa_prune.cli --threads {threads} ppl --model {input.model} {params.data_dir} {params.window} {params.max_tokens}"
         " --batch-size {params.batch_size} --device {params.device} --dtype {params.dtype} --out {output} > {log} 2>&1"

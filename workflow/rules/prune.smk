@@ -29,5 +29,5 @@ rule prune:
     conda:
         "../../envs/core.yaml"
     shell:
-        "{CLI} --threads {threads} prune --model {input.model} --plan {input.plan} {params.calib}"
+        "python -m gqa_prune.cli --threads {threads} prune --model {input.model} --plan {input.plan} {params.calib}"
         " {params.reconstruction} --device {params.device} --dtype {params.dtype} --out {output} > {log} 2>&1"

@@ -38,5 +38,5 @@ rule recover:
     conda:
         "../../envs/train.yaml"
     shell:
-        "{CLI} --threads {threads} recover --model {input.model} --train-blocks {input.blocks} {params.teacher}"
+        "python -m gqa_prune.cli --threads {threads} recover --model {input.model} --train-blocks {input.blocks} {params.teacher}"
         " {params.settings} --device {params.device} --dtype {params.dtype} --out {output} > {log} 2>&1"

@@ -17,4 +17,4 @@ rule stage:
     conda:
         "../../envs/core.yaml"
     shell:
-        "{CLI} --threads {threads} stage --source {params.source:q} --dtype {params.dtype} --out {output} > {log} 2>&1"
+        "python -m gqa_prune.cli --threads {threads} stage --source {params.source:q} --dtype {params.dtype} --out {output} > {log} 2>&1"
