@@ -140,10 +140,12 @@ def cmd_importance(args: argparse.Namespace) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> None:
     from . import scores as stored_scores
+    from .mask_settings import TRAINED_WEIGHTS_DIR
     from .plan import PlanSettings, build_plan
     from .plotting import plot_plan
 
     scores = stored_scores.load(args.importance)
+    trained = args.importance / TRAINED_WEIGHTS_DIR
     settings = PlanSettings(
         ratio=args.ratio,
         mode=args.mode or ("learned" if scores.masks else None),  # learned masks: keep exactly their units
@@ -157,6 +159,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         channel_multiple=args.channel_multiple,
         layer_criterion=args.layer_criterion,
         criterion=scores.criterion,
+        weights=str(trained.resolve()) if (trained / "config.json").is_file() else None,
     )
     plan = build_plan(scores, settings)
     plan.save(args.out)
@@ -178,8 +181,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 def cmd_learn_masks(args: argparse.Namespace) -> None:
     from .data import load_calibration
-    from .learn_masks import TRAINED_WEIGHTS_DIR, learn_masks, save_learned
-    from .mask_settings import MaskSettings
+    from .learn_masks import learn_masks, save_learned
+    from .mask_settings import TRAINED_WEIGHTS_DIR, MaskSettings
     from .sources import load_model, load_tokenizer, read_provenance
 
     settings = MaskSettings(
@@ -214,6 +217,11 @@ def cmd_prune(args: argparse.Namespace) -> None:
     from .surgery import apply_plan
 
     plan = PruningPlan.load(args.plan)
+    if plan.settings.weights and Path(args.model).resolve() != Path(plan.settings.weights):
+        raise GqaPruneError(
+            f"plan {str(args.plan)!r} keeps units learned together with trained weights: prune those "
+            f"(--model {plan.settings.weights}), not {str(args.model)!r}"
+        )
     settings = None
     if args.calib is not None and not args.no_reconstruct:
         from .reconstruct import ReconstructionSettings

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .arch import Geometry, adapter_for, geometry_of
 from .errors import GqaPruneError
 from .hard_concrete import HardConcrete, deterministic_count, kept_sizes, top_k_mask
-from .mask_settings import CRITERION, MaskSettings
+from .mask_settings import CRITERION, TRAINED_WEIGHTS_DIR, MaskSettings
 from .passes import StructuralStatsCollector, frozen, unit_masks
 from .plan import SIZE_TOLERANCE
 from .scores import Scores
@@ -45,7 +45,6 @@ from .units import KINDS, WIDTH_KINDS, width_kind
 
 logger = logging.getLogger(__name__)
 
-TRAINED_WEIGHTS_DIR = "model"  # where trained weights go inside the output folder (an HF checkpoint)
 FINAL_LR_FACTOR = 0.05  # the mask learning rate decays to this fraction after the warm-up
 
 

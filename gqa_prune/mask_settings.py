@@ -10,6 +10,7 @@ from .choices import UNIT_KINDS
 from .errors import GqaPruneError
 
 CRITERION = "l0"  # the learned criterion's name in importance folders, plans and variant ids
+TRAINED_WEIGHTS_DIR = "model"  # where trained weights go inside the output folder (an HF checkpoint)
 WEIGHT_TRAINING = ("none", "full", "lora")  # frozen weights (masks only), every weight, or LoRA adapters
 
 

@@ -46,6 +46,7 @@ class PlanSettings:
     criterion: str = "taylor"  # the unit criterion of the scores the plan was built from
     ratio: float | None = None
     mode: str | None = None  # None: "width" when a hand split (attn_ratio / mlp_ratio) is given, else DEFAULT_MODE
+    weights: str | None = None  # masks learned with trained weights: that checkpoint (prune refuses any other)
 
     def __post_init__(self) -> None:
         if self.mode is None:

@@ -29,7 +29,7 @@ from gqa_prune.learn_masks import (
 )
 from gqa_prune.mask_settings import MaskSettings
 from gqa_prune.passes import unit_masks
-from gqa_prune.plan import SIZE_TOLERANCE, PlanSettings, build_plan
+from gqa_prune.plan import SIZE_TOLERANCE, PlanSettings, PruningPlan, build_plan
 from gqa_prune.surgery import apply_plan
 from gqa_prune.units import KINDS
 
@@ -268,6 +268,28 @@ def test_cli_learns_masks_and_plan_reproduces_them(tmp_path, cli_inputs, capsys)
     assert main(["plan", "--importance", str(out), "--ratio", "0.3", "--channel-multiple", "1",
                  "--out", str(plan_file)]) == 0  # fmt: skip
     assert "plan (learned)" in capsys.readouterr().out
+    assert PruningPlan.load(plan_file).settings.weights is None  # frozen weights: any copy of the model will do
+
+
+def test_prune_takes_the_weights_the_masks_were_learned_with(tmp_path, cli_inputs, capsys):
+    model_dir, blocks = cli_inputs
+    out = tmp_path / "l0"
+    assert main(["learn-masks", "--model", str(model_dir), "--calib", str(blocks), "--ratio", "0.2",
+                 "--steps", str(STEPS), "--warmup-steps", "50", "--channel-multiple", "1", "--train-weights", "full",
+                 "--weight-lr", "1e-3", "--out", str(out)]) == 0  # fmt: skip
+    assert main(["plan", "--importance", str(out), "--ratio", "0.2", "--channel-multiple", "1",
+                 "--out", str(tmp_path / "plan.json")]) == 0  # fmt: skip
+    assert PruningPlan.load(tmp_path / "plan.json").settings.weights == str((out / "model").resolve())
+    capsys.readouterr()
+    prune = ["prune", "--plan", str(tmp_path / "plan.json")]
+    assert main([*prune, "--model", str(model_dir), "--out", str(tmp_path / "wrong")]) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.endswith(
+        f"plan {str(tmp_path / 'plan.json')!r} keeps units learned together with trained weights: prune those "
+        f"(--model {(out / 'model').resolve()}), not {str(model_dir)!r}"
+    )
+    assert not (tmp_path / "wrong").exists()
+    assert main([*prune, "--model", str(out / "model"), "--out", str(tmp_path / "pruned")]) == 0
 
 
 def test_a_non_finite_loss_stops_at_its_step_and_writes_nothing(tmp_path, cli_inputs, capsys):
