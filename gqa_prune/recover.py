@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -71,7 +72,9 @@ def lora_model(model: nn.Module, settings: RecoverySettings) -> nn.Module:
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    wrapped = get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated alias: a warning for peft, not for users
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        wrapped = get_peft_model(model, config)
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     logger.info(
         "LoRA rank %d on %s: %s trainable parameters", settings.rank, "/".join(TARGET_MODULES), f"{trainable:,}"

@@ -103,5 +103,5 @@ def test_recover_through_the_cli_prints_no_third_party_banner(tmp_path, tiny_tok
         capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    for noise in ("GPT-QModel", "Python GIL", "Reading global config value", "Failed to load"):
+    for noise in ("GPT-QModel", "Python GIL", "Reading global config value", "Failed to load", "is deprecated"):
         assert noise not in done.stdout + done.stderr, noise
