@@ -112,7 +112,8 @@ def main() -> None:
         start = time.perf_counter()
         result = importance.score(model, blocks, criterion, layer_criteria=(), batch_size=args.batch_size, curves=False)
         seconds = time.perf_counter() - start
-        print(f"{criterion:<12}{seconds:>15.1f}  {UNIT_CRITERIA[criterion].description}; {result.info}")
+        passes = result.info["forward_backward_passes"]
+        print(f"{criterion:<12}{seconds:>15.1f}  {UNIT_CRITERIA[criterion].description}; {passes} fwd+bwd passes")
 
 
 if __name__ == "__main__":

@@ -35,10 +35,18 @@ BLOCK_LEN, BATCH = 256, 2
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
 
+class CommandFailed(Exception):
+    """A gqa-prune command exited non-zero; the message is its last stderr line (the one-line error)."""
+
+
 def cli(*args: str | Path) -> float:
     """Run one gqa-prune command in a fresh process; its wall time in seconds."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "gqa_prune.cli", *map(str, args)], check=True, env=ENV)
+    done = subprocess.run([sys.executable, "-m", "gqa_prune.cli", *map(str, args)], env=ENV, stderr=subprocess.PIPE,
+                          text=True)  # fmt: skip
+    sys.stderr.write(done.stderr)
+    if done.returncode:
+        raise CommandFailed((done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1])
     return time.perf_counter() - start
 
 
@@ -109,9 +117,14 @@ def main() -> None:
 
     for total, mask_steps in budgets:
         masks = out / f"l0-{tag}-m{mask_steps}"
-        mask_seconds = once(masks, "learn-masks", "--model", MODEL_DIR, "--calib", train, "--ratio", args.ratio,
-                            "--steps", mask_steps, "--batch-size", BATCH, "--warmup-steps", mask_steps // 4,
-                            "--out", masks)  # fmt: skip
+        try:
+            mask_seconds = once(masks, "learn-masks", "--model", MODEL_DIR, "--calib", train, "--ratio", args.ratio,
+                                "--steps", mask_steps, "--batch-size", BATCH, "--warmup-steps", mask_steps // 4,
+                                "--out", masks)  # fmt: skip
+        except CommandFailed as error:  # e.g. too few steps to reach the target size: a row that says so
+            rows.append({"arm": f"l0 masks: {str(error).removeprefix('gqa-prune learn-masks: error: ')}",
+                         "mask steps": mask_steps, "training tokens": f"{total * BATCH * BLOCK_LEN:,}"})  # fmt: skip
+            continue
         plan = out / f"{masks.name}.json"
         once(plan, "plan", "--importance", masks, "--ratio", args.ratio, "--out", plan)
         pruned = out / f"{masks.name}-pruned"
