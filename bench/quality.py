@@ -10,7 +10,7 @@ from the code). Columns: parameters, WikiText-2 perplexity, mean accuracy over t
 the scoring pass's wall time (shared by the rows using those scores) and the wall time of
 plan + prune + refit.
 
-    python bench/quality.py [--ratios 0.1,0.2,0.3] [--task-limit 50] [--scores-dir results/bench]
+    python bench/quality.py [--ratios 0.1,0.2,0.3] [--task-limit 50] [--scores-dir results/bench] [--curve-blocks 4]
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here after each one")
     parser.add_argument("--rows", default=None, help="only rows whose name contains one of these (comma-separated)")
+    parser.add_argument(
+        "--curve-blocks", type=int, default=4, help="blocks the hybrid plans' loss curves are measured on"
+    )
     args = parser.parse_args()
     bench = load_bench()
     tasks = dict.fromkeys(TASKS, args.task_limit)
@@ -71,13 +74,16 @@ def main() -> None:
     score_seconds: dict[str, float] = {}
 
     def scores(criterion: str):
-        folder = args.scores_dir / f"quality-{criterion}-8x2048"
+        folder = (
+            args.scores_dir
+            / f"quality-{criterion}-8x2048{'' if args.curve_blocks == 4 else f'-curves{args.curve_blocks}'}"
+        )
         if folder.is_dir():
             loaded = stored.load(folder)
             score_seconds[criterion] = loaded.info.get("seconds", float("nan"))
             return loaded
         start = time.perf_counter()
-        result = importance.score(bench.model, bench.blocks, criterion, batch_size=1, curve_blocks=4)
+        result = importance.score(bench.model, bench.blocks, criterion, batch_size=1, curve_blocks=args.curve_blocks)
         result.info["seconds"] = score_seconds[criterion] = time.perf_counter() - start
         stored.save(result, folder)
         return result
