@@ -416,7 +416,11 @@ def _job_environment() -> dict[str, str]:
     paths = {"PYTHONPATH": str(REPO)}
     if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
         paths["PATH"] = str(Path(sys.executable).parent)
-    return {name: os.pathsep.join([value, *filter(None, [os.environ.get(name)])]) for name, value in paths.items()}
+    # first, once: a Slurm job's Snakemake inherits these and sets them again, so nothing grows
+    return {
+        name: os.pathsep.join(dict.fromkeys([value, *filter(None, os.environ.get(name, "").split(os.pathsep))]))
+        for name, value in paths.items()
+    }
 
 
 os.environ.update(_job_environment())
