@@ -64,7 +64,7 @@ def main() -> None:
     record("plan_params_after", plan.params_after)
 
     torch.cuda.reset_peak_memory_stats()
-    report = reconstruct(model, plan, blocks, ReconstructionSettings(batch_size=1))
+    plan, report = reconstruct(model, plan, blocks, ReconstructionSettings(batch_size=1))
     record("reconstruction", {k: report[k] for k in ("seconds", "peak_memory_mb", "calibration_tokens")})
     apply_plan(model, plan)
     torch.cuda.empty_cache()

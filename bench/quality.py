@@ -5,9 +5,10 @@ Rows: dense; ShortGPT-style depth (gqa-prune's depth mode, which tests/test_smol
 independent ShortGPT); Torch-Pruning (the PyPI package, its LLM example's GQA settings, Taylor importance;
 see bench/peers.py); gqa-prune width with Taylor scores and the attention/MLP split equal (the previous
 default) without and with reconstruction; hybrid with Taylor, Fisher and OBS scores, without and with
-reconstruction; and the defaults (`gqa-prune importance` -> `plan --ratio R` -> `prune --calib C`, read
-from the code). Columns: parameters, WikiText-2 perplexity, mean accuracy over the offline lm-eval tasks,
-the scoring pass's wall time (shared by the rows using those scores) and the wall time of
+reconstruction of the plan's units (``select="plan"``); and the defaults (`gqa-prune importance` ->
+`plan --ratio R` -> `prune --calib C`, read from the code), whose reconstruction re-chooses the units of each
+layer by greedy structured OBS. Columns: parameters, WikiText-2 perplexity, mean accuracy over the offline
+lm-eval tasks, the scoring pass's wall time (shared by the rows using those scores) and the wall time of
 plan + prune + refit.
 
     python bench/quality.py [--ratios 0.1,0.2,0.3] [--task-limit 50] [--scores-dir results/bench] [--curve-blocks 4]
@@ -42,7 +43,9 @@ def default_recipe() -> tuple[str, PlanSettings, ReconstructionSettings]:
     prune_actions = {action.dest: action for action in parser._subparsers._group_actions[0].choices["prune"]._actions}
     settings = PlanSettings(ratio=0.0, mode=plan_actions["mode"].default, strategy=plan_actions["strategy"].default)
     refit = ReconstructionSettings(
-        ridge=prune_actions["ridge"].default, target=prune_actions["reconstruct_target"].default
+        ridge=prune_actions["ridge"].default,
+        target=prune_actions["reconstruct_target"].default,
+        select=prune_actions["select"].default,
     )
     return actions["criterion"].default, settings, refit
 
@@ -91,14 +94,15 @@ def main() -> None:
     criterion, default_settings, default_refit = default_recipe()
     rows = [{"method": "dense", "ratio": "–", "parameters": f"{sum(p.numel() for p in bench.model.parameters()):,}",
              **evaluate(bench.model)}]  # fmt: skip
+    units = ReconstructionSettings(select="plan")  # the refit keeps the plan's units (select obs re-chooses them)
     recipes = [
         ("ShortGPT (depth, block influence)", "taylor", dict(mode="depth"), None),
         ("gqa-prune width, Taylor, attention = MLP ratio (previous default)", "taylor", dict(mode="width"), None),
-        ("… + reconstruction", "taylor", dict(mode="width"), ReconstructionSettings()),
+        ("… + reconstruction", "taylor", dict(mode="width"), units),
         ("gqa-prune hybrid, Taylor", "taylor", dict(mode="hybrid"), None),
-        ("gqa-prune hybrid, Taylor + reconstruction", "taylor", dict(mode="hybrid"), ReconstructionSettings()),
-        ("gqa-prune hybrid, Fisher + reconstruction", "fisher", dict(mode="hybrid"), ReconstructionSettings()),
-        ("gqa-prune hybrid, OBS + reconstruction", "obs", dict(mode="hybrid"), ReconstructionSettings()),
+        ("gqa-prune hybrid, Taylor + reconstruction of the plan's units", "taylor", dict(mode="hybrid"), units),
+        ("gqa-prune hybrid, Fisher + reconstruction of the plan's units", "fisher", dict(mode="hybrid"), units),
+        ("gqa-prune hybrid, OBS + reconstruction of the plan's units", "obs", dict(mode="hybrid"), units),
     ]
     default = (criterion, dict(mode=default_settings.mode), default_refit)
     for index, (name, *recipe) in enumerate(recipes):
@@ -139,7 +143,7 @@ def main() -> None:
             plan = build_plan(result, PlanSettings(ratio=ratio, **plan_options))
             model = copy.deepcopy(bench.model)
             if refit is not None:
-                reconstruct(model, plan, bench.blocks, refit)
+                plan, _ = reconstruct(model, plan, bench.blocks, refit)
             apply_plan(model, plan)
             scoring = f"{unit_criterion} {score_seconds.get(unit_criterion, float('nan')):.0f} s"
             return (

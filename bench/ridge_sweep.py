@@ -43,8 +43,9 @@ def main() -> None:
                 continue
             model = copy.deepcopy(bench.model)
             start = time.perf_counter()
-            reconstruct(model, plan, bench.blocks, ReconstructionSettings(ridge=ridge, target=target))
-            apply_plan(model, plan)
+            refit = ReconstructionSettings(ridge=ridge, target=target, select="plan")  # the plan's units, as measured
+            applied, _ = reconstruct(model, plan, bench.blocks, refit)
+            apply_plan(model, applied)
             done.append({"key": key, "ppl": bench.ppl(model).perplexity, "seconds": time.perf_counter() - start})
             with args.out.open("a") as handle:
                 handle.write(json.dumps(done[-1]) + "\n")

@@ -17,3 +17,5 @@ STRATEGIES = ("inverse", "proportional", "uniform")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 RECONSTRUCTION_TARGETS = ("own", "dense")
+# obs: reconstruction re-chooses which units of each layer go (the plan's counts stay); plan: the plan's units
+RECONSTRUCTION_SELECTIONS = ("obs", "plan")

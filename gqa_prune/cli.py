@@ -226,7 +226,9 @@ def cmd_prune(args: argparse.Namespace) -> None:
     if args.calib is not None and not args.no_reconstruct:
         from .reconstruct import ReconstructionSettings
 
-        settings = ReconstructionSettings(ridge=args.ridge, target=args.reconstruct_target, batch_size=args.batch_size)
+        settings = ReconstructionSettings(
+            ridge=args.ridge, target=args.reconstruct_target, select=args.select, batch_size=args.batch_size
+        )
         settings.validate()
     model = load_model(args.model, dtype=args.dtype, device=args.device if settings else "cpu")
     tokenizer = load_tokenizer(args.model)
@@ -236,7 +238,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         from .reconstruct import reconstruct, summary_line
 
         blocks, calibration = load_calibration(args.calib)
-        report = reconstruct(model, plan, blocks, settings)
+        plan, report = reconstruct(model, plan, blocks, settings)
         report["calibration"] = calibration
         provenance["reconstruction"] = report
         sections.append(f"## Reconstruction\n\n{summary_line(report)}")
@@ -463,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
         DTYPES,
         LAYER_CRITERIA,
         MODES,
+        RECONSTRUCTION_SELECTIONS,
         RECONSTRUCTION_TARGETS,
         STRATEGIES,
         UNIT_CRITERIA,
@@ -588,6 +591,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--reconstruct-target", default=default_of(ReconstructionSettings, "target"), choices=RECONSTRUCTION_TARGETS,
         help="own: each layer matches the dense layer on the pruned inputs; dense: the dense model's outputs",
+    )  # fmt: skip
+    prune.add_argument(
+        "--select", default=default_of(ReconstructionSettings, "select"), choices=RECONSTRUCTION_SELECTIONS,
+        help="obs: the refit re-chooses which units of each layer go (greedy structured OBS; the plan's counts "
+        "stay, learned masks keep theirs); plan: keep the plan's units",
     )  # fmt: skip
     prune.add_argument(
         "--batch-size", type=_positive_int, default=default_of(ReconstructionSettings, "batch_size"),

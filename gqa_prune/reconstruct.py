@@ -9,7 +9,12 @@ so errors do not compound unseen. For an output projection W reading inputs X, w
 
 the ridge least-squares fit of W X by W'_K X_K, pulled towards the original columns W_K (never towards 0)
 by ``ridge`` relative to each input's own Gram diagonal. At ``ridge`` -> inf it is plain slicing, so the
-fit never has a larger calibration error than slicing. With ``target="dense"`` the layer instead matches
+fit never has a larger calibration error than slicing.
+
+With ``select="obs"`` (the default) the plan fixes only how many units of each kind a layer loses: which
+ones go is chosen just before the refit by greedy structured OBS on the same Gram (ZipLM, SlimGPT), scoring
+each removal by the exact rise of the refit's own ridge objective, so the layer loses what the refit can
+best make up for. With ``target="dense"`` the layer instead matches
 the dense model's own output on the dense model's activations, which also absorbs what upstream removals
 (sublayers, layers) took away. Grams accumulate in float64 whatever the model dtype; only one layer's Grams
 exist at a time (an 8B model's down_proj Gram is 14336^2 float64 = 1.6 GB).
@@ -20,24 +25,22 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import adapter_for
+from .arch import Geometry, adapter_for
+from .criteria.obs import DIAGONAL_FLOOR, greedy_obs_keep
 from .errors import GqaPruneError
 from .passes import OUTPUT_ROLE, LayerInputs, capture_layer_inputs, run_layer
-from .plan import PruningPlan
+from .plan import LayerPlan, PruningPlan
 from .settings import ReconstructionSettings
 from .surgery import check_plan_fits, mask_layer
-from .units import GQA_GROUP, LAYER, MLP_CHANNEL, WIDTH_KINDS
+from .units import GQA_GROUP, LAYER, MLP_CHANNEL, WIDTH_KINDS, WidthKind
 
 logger = logging.getLogger(__name__)
-
-
-_DIAGONAL_FLOOR = 1e-8  # of the mean diagonal: a kept input that is always 0 still gets a ridge term
 
 
 def refit_columns(
@@ -50,7 +53,7 @@ def refit_columns(
     original = weight.detach().to(torch.float64)
     gram_kept = gram[kept][:, kept]
     diagonal = gram_kept.diagonal()
-    floor = _DIAGONAL_FLOOR * max(float(diagonal.mean()), 1e-30)
+    floor = DIAGONAL_FLOOR * max(float(diagonal.mean()), 1e-30)
     damping = ridge * diagonal.clamp(min=floor)
     system = gram_kept + torch.diag(damping)
     right = (original @ gram[:, kept]).T if cross is None else cross
@@ -73,10 +76,9 @@ def _gram(
     layer: nn.Module,
     projection: nn.Linear,
     captured: LayerInputs,
-    kept: torch.Tensor,
     dense: tuple[nn.Module, nn.Linear, list[torch.Tensor]] | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Input Gram of ``projection`` over the calibration batches (float64), and X_K^T Y_dense if ``dense``."""
+    """Input Gram of ``projection`` over the calibration batches (float64), and X^T Y_dense if ``dense``."""
     gram, cross, inputs = None, None, []
     handle = projection.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach()))
     dense_outputs: list[torch.Tensor] = []
@@ -95,7 +97,7 @@ def _gram(
                 if dense is not None:
                     run_layer(dense[0], dense[2][index], kwargs)
                     y = dense_outputs.pop().flatten(0, -2).to(torch.float64)
-                    part = x[:, kept].T @ y
+                    part = x.T @ y
                     cross = part if cross is None else cross + part
     finally:
         handle.remove()
@@ -109,9 +111,10 @@ def reconstruct(
     plan: PruningPlan,
     blocks: torch.Tensor,
     settings: ReconstructionSettings | None = None,
-) -> dict:
+) -> tuple[PruningPlan, dict]:
     """Mask the plan's removals in ``model`` (in place) and refit the kept columns of every output projection
-    layer by layer; ``surgery.apply_plan`` then slices the masked model. Returns a report per layer."""
+    layer by layer. Returns the plan as applied (with ``select="obs"`` each layer keeps as many units as the
+    plan says, chosen by OBS; give it to ``surgery.apply_plan`` to slice the masked model) and a report."""
     settings = settings or ReconstructionSettings()
     settings.validate()
     geometry = check_plan_fits(plan, model)
@@ -140,10 +143,14 @@ def reconstruct(
     batches = list(blocks.split(settings.batch_size))
     captured = capture_layer_inputs(model, layers, batches, device)
     dense_hidden = [hidden.clone() for hidden in captured.hidden] if settings.target == "dense" else None
-    report = []
+    reselect = settings.select == "obs" and plan.settings.mode != "learned"
+    if settings.select == "obs" and not reselect:
+        logger.info("the plan keeps the units of learned masks: reconstruction does not re-choose them")
+    report, applied = [], []
     for index, (layer, layer_plan) in enumerate(tqdm(list(zip(layers, plan.layers)), desc="reconstruct", unit="layer")):
         dense_layer = copy.deepcopy(layer) if settings.target == "dense" else None
         entry = {"layer": index}
+        kept_units = dict(layer_plan.kept)
         if layer_plan.removes_layer:
             with torch.no_grad():
                 LAYER.mask(layer, adapter)  # the layer adds nothing: the stream passes it
@@ -158,14 +165,16 @@ def reconstruct(
                 if not layer_plan.keeps(scope):
                     continue
                 projection = adapter.projection(layer, OUTPUT_ROLE[scope])
-                kept = kind.kept_indices(OUTPUT_ROLE[scope], geometry, layer_plan.kept[kind.name]).to(device)
                 dense = None
                 if dense_layer is not None:
                     dense = (dense_layer, adapter.projection(dense_layer, OUTPUT_ROLE[scope]), dense_hidden)
-                gram, cross = _gram(layer, projection, captured, kept, dense)
+                gram, cross = _gram(layer, projection, captured, dense)
                 original = originals[scope].to(gram.device)
+                units, changed = _select(kind, layer_plan, geometry, original, gram, reselect, settings.ridge)
+                kept_units[kind.name] = units
+                kept = kind.kept_indices(OUTPUT_ROLE[scope], geometry, units).to(gram.device)
                 try:
-                    refit = refit_columns(original, gram, kept, settings.ridge, cross)
+                    refit = refit_columns(original, gram, kept, settings.ridge, None if cross is None else cross[kept])
                 except torch.linalg.LinAlgError as error:
                     raise GqaPruneError(
                         f"layer {index}: the Gram matrix of {projection_name(scope)} is singular even with ridge "
@@ -179,7 +188,9 @@ def reconstruct(
                     weight = torch.zeros_like(projection.weight)
                     weight[:, kept] = refit.to(weight.dtype)
                     projection.weight.copy_(weight)
-                entry[projection_name(scope)] = {"sliced_error": plain, "refit_error": fitted, "kept_inputs": len(kept)}
+                entry[projection_name(scope)] = {
+                    "sliced_error": plain, "refit_error": fitted, "kept_inputs": len(kept), "units_changed": changed
+                }  # fmt: skip
                 logger.debug(
                     "layer %d %s: output error %.4g sliced -> %.4g refit", index, projection_name(scope), plain, fitted
                 )
@@ -189,15 +200,39 @@ def reconstruct(
             if dense_hidden is not None:
                 dense_hidden = [run_layer(dense_layer, h, k) for h, k in zip(dense_hidden, captured.kwargs)]
         report.append(entry)
+        applied.append(replace(layer_plan, kept=kept_units))
     summary = {
         "settings": asdict(settings),
+        "reselected": reselect,
         "calibration_tokens": tokens,
         "seconds": time.perf_counter() - start,
         "layers": report,
     }
     if device.type == "cuda":
         summary["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return summary
+    return replace(plan, layers=tuple(applied)), summary
+
+
+def _select(
+    kind: WidthKind,
+    layer_plan: LayerPlan,
+    geometry: Geometry,
+    original: torch.Tensor,
+    gram: torch.Tensor,
+    reselect: bool,
+    ridge: float,
+) -> tuple[tuple[int, ...], int]:
+    """The units of ``kind`` this layer keeps, and how many of them the plan had removed: the plan's own, or
+    as many chosen by greedy structured OBS on the Gram of the pruned model's inputs (scored by the exact
+    rise of the refit's ridge objective)."""
+    planned = tuple(layer_plan.kept[kind.name])
+    count = kind.count(geometry, layer_plan.layer)
+    if not reselect or len(planned) == count:
+        return planned, 0
+    width = geometry.indices_per_unit(OUTPUT_ROLE[kind.scopes[0]])
+    kept = greedy_obs_keep(original, gram, width, count - len(planned), ridge=ridge)
+    units = tuple(int(unit) for unit in kept)
+    return units, len(set(units) - set(planned))
 
 
 def projection_name(scope: str) -> str:
@@ -208,18 +243,26 @@ def summary_line(report: dict) -> str:
     """One paragraph for a model card: what was refit, how, and how much the calibration error fell."""
     settings = report["settings"]
     totals = {"o_proj": [0.0, 0.0], "down_proj": [0.0, 0.0]}
+    changed = 0
     for entry in report["layers"]:
         for name, total in totals.items():
             if name in entry:
                 total[0] += entry[name]["sliced_error"]
                 total[1] += entry[name]["refit_error"]
+                changed += entry[name].get("units_changed", 0)
     parts = [
         f"{name}: {after / before:.1%} of the sliced model's output error"
         for name, (before, after) in totals.items()
         if before > 0
     ]
+    chosen = (
+        f"Each layer kept as many GQA groups and MLP channels as the plan says, chosen by greedy structured OBS on "
+        f"the pruned model's activations ({changed} units differ from the plan's). "
+        if report.get("reselected")
+        else ""
+    )
     return (
-        f"The kept columns of every o_proj and down_proj were refit layer by layer by ridge least squares "
+        chosen + f"The kept columns of every o_proj and down_proj were refit layer by layer by ridge least squares "
         f"(ridge {settings['ridge']} relative to each input's Gram diagonal, target `{settings['target']}`) on "
         f"{report['calibration_tokens']:,} calibration tokens, in {report['seconds']:.0f} s; "
         + ("; ".join(parts) or "nothing was removed")

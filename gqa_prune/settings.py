@@ -10,7 +10,7 @@ import math
 from dataclasses import MISSING, dataclass, fields
 
 from .allocation import check_rate_bounds
-from .choices import DEFAULT_MODE, MODES, RECONSTRUCTION_TARGETS, STRATEGIES
+from .choices import DEFAULT_MODE, MODES, RECONSTRUCTION_SELECTIONS, RECONSTRUCTION_TARGETS, STRATEGIES
 from .errors import GqaPruneError
 
 LOSSES = ("lm", "kd")
@@ -98,10 +98,14 @@ class PlanSettings:
 
 @dataclass(frozen=True)
 class ReconstructionSettings:
-    """How the refit runs. ``ridge``: strength relative to each kept input's Gram diagonal."""
+    """How the refit runs. ``ridge``: strength relative to each kept input's Gram diagonal. ``select``: "obs"
+    re-chooses which units of each layer go by greedy structured OBS on the pruned model's activations (the
+    plan's count per layer and kind stays; plans of learned masks always keep their units); "plan" keeps the
+    plan's units."""
 
     ridge: float = 1.0
     target: str = "own"  # "own": the dense layer on the pruned inputs; "dense": the dense model's own outputs
+    select: str = "obs"
     batch_size: int = 1
 
     def validate(self) -> None:
@@ -110,6 +114,10 @@ class ReconstructionSettings:
         if self.target not in RECONSTRUCTION_TARGETS:
             raise GqaPruneError(
                 f"reconstruction target {self.target!r} is not one of {', '.join(RECONSTRUCTION_TARGETS)}"
+            )
+        if self.select not in RECONSTRUCTION_SELECTIONS:
+            raise GqaPruneError(
+                f"reconstruction selection {self.select!r} is not one of {', '.join(RECONSTRUCTION_SELECTIONS)}"
             )
         if self.batch_size < 1:
             raise GqaPruneError(f"reconstruction batch size {self.batch_size} must be >= 1")

@@ -147,6 +147,34 @@ def test_stage_calib_importance_plan_prune_ppl(tmp_path, tiny_model_dir, scored,
     assert not [path for path in tmp_path.rglob("*") if ".tmp-" in path.name]
 
 
+def test_prune_with_calibration_records_the_units_obs_chose(tmp_path, tiny_model_dir, scored, capsys):
+    plan_path = tmp_path / "plan.json"
+    argv = ["--importance", str(scored / "importance"), "--ratio", "0.3", "--channel-multiple", "8"]
+    assert run(capsys, "plan", *argv, "--mode", "width", "--out", str(plan_path))[0] == 0
+    plan = PruningPlan.load(plan_path)
+    kept = {}
+    for select in ("obs", "plan"):
+        out_dir = tmp_path / f"pruned-{select}"
+        code, out, _ = run(
+            capsys, "prune", "--model", str(tiny_model_dir), "--plan", str(plan_path), "--calib",
+            str(scored / "calib.safetensors"), "--select", select, "--out", str(out_dir),
+        )  # fmt: skip
+        assert code == 0 and "refitted by least squares" in out
+        recorded = PruningPlan.load(out_dir / "pruning_plan.json")
+        assert [{k: len(v) for k, v in layer.kept.items()} for layer in recorded.layers] == [
+            {k: len(v) for k, v in layer.kept.items()} for layer in plan.layers
+        ]
+        state = load_file(str(out_dir / "model.safetensors"))
+        for layer in recorded.layers:  # the checkpoint holds exactly the recorded units' weights
+            assert state[f"model.layers.{layer.layer}.mlp.down_proj.weight"].shape[1] == len(layer.kept_mlp_channels)
+        card = (out_dir / "README.md").read_text()
+        assert ("chosen by greedy structured OBS" in card) == (select == "obs")
+        provenance = json.loads((out_dir / "gqa_prune.json").read_text())
+        assert provenance["reconstruction"]["settings"]["select"] == select
+        kept[select] = recorded
+    assert kept["plan"].layers == plan.layers and kept["obs"].layers != plan.layers
+
+
 def test_console_script_is_installed():
     done = subprocess.run([sys.executable, "-m", "gqa_prune.cli", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "importance" in done.stdout

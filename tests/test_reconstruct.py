@@ -4,13 +4,14 @@ nothing, the closed form equals a direct least-squares solve, sequential fits us
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 from helpers import LAYOUTS, calibration_ids, plan_for, tiny_model
 
 from gqa_prune.errors import GqaPruneError
-from gqa_prune.reconstruct import ReconstructionSettings, reconstruct, refit_columns
+from gqa_prune.reconstruct import ReconstructionSettings, output_error, reconstruct, refit_columns
 from gqa_prune.surgery import apply_plan, apply_plan_as_mask
 
 BLOCKS = calibration_ids(blocks=8, length=32, seed=4)
@@ -37,12 +38,19 @@ def test_refit_equals_a_direct_least_squares_solve():
 
 
 @pytest.mark.parametrize(("family", "heads_per_group"), LAYOUTS)
-@pytest.mark.parametrize("target", ["own", "dense"])
-def test_reconstruction_never_increases_a_layers_error_and_prunes_equivalently(family, heads_per_group, target):
+@pytest.mark.parametrize(("target", "select"), [("own", "obs"), ("own", "plan"), ("dense", "obs")])
+def test_reconstruction_never_increases_a_layers_error_and_prunes_equivalently(family, heads_per_group, target, select):
     model = tiny_model(family, heads_per_group)
     plan = plan_for(model, protected_layers=(0,))
     refit = copy.deepcopy(model)
-    report = reconstruct(refit, plan, BLOCKS, ReconstructionSettings(target=target))
+    applied, report = reconstruct(refit, plan, BLOCKS, ReconstructionSettings(target=target, select=select))
+    for planned, kept in zip(plan.layers, applied.layers):  # as many units as the plan says, of each kind
+        assert {kind: len(units) for kind, units in kept.kept.items()} == {
+            kind: len(units) for kind, units in planned.kept.items()
+        }
+        assert kept.removed == planned.removed
+    if select == "plan":
+        assert applied == plan
     for entry in report["layers"]:
         for name in ("o_proj", "down_proj"):
             if name in entry:
@@ -50,7 +58,7 @@ def test_reconstruction_never_increases_a_layers_error_and_prunes_equivalently(f
     assert any(entry.get("down_proj", {}).get("refit_error", 0) < entry.get("down_proj", {}).get("sliced_error", 0)
                for entry in report["layers"])  # fmt: skip
     masked = copy.deepcopy(refit)
-    pruned = apply_plan(refit, plan)  # the refitted masked model slices to an equivalent pruned one
+    pruned = apply_plan(refit, applied)  # the refitted masked model slices to an equivalent pruned one
     with torch.no_grad():
         assert (pruned(INPUTS).logits - masked(INPUTS).logits).abs().max().item() <= 1e-5
 
@@ -69,9 +77,9 @@ def test_sequential_fits_use_the_pruned_models_activations():
     model = tiny_model("llama", 3)
     plan = plan_for(model)
     refit = copy.deepcopy(model)
-    reconstruct(refit, plan, BLOCKS, ReconstructionSettings())
+    applied, _ = reconstruct(refit, plan, BLOCKS, ReconstructionSettings())
     last = len(model.model.layers) - 1
-    kept = torch.tensor(plan.layers[last].kept_mlp_channels)
+    kept = torch.tensor(applied.layers[last].kept_mlp_channels)
 
     def down_proj_gram(source) -> torch.Tensor:
         grams = []
@@ -100,12 +108,12 @@ def test_removed_sublayers_and_layers_are_masked_and_their_neighbours_refit():
     model = tiny_model("llama", 3, layers=5)
     plan = mixed_plan(model)
     refit = copy.deepcopy(model)
-    report = reconstruct(refit, plan, BLOCKS, ReconstructionSettings(target="dense"))
+    applied, report = reconstruct(refit, plan, BLOCKS, ReconstructionSettings(target="dense"))
     assert "o_proj" not in report["layers"][1] and "down_proj" not in report["layers"][2]
     assert report["layers"][3] == {"layer": 3}
-    masked = apply_plan_as_mask(copy.deepcopy(refit), plan)
+    masked = apply_plan_as_mask(copy.deepcopy(refit), applied)
     with torch.no_grad():
-        assert (apply_plan(refit, plan)(INPUTS).logits - masked(INPUTS).logits).abs().max().item() <= 1e-5
+        assert (apply_plan(refit, applied)(INPUTS).logits - masked(INPUTS).logits).abs().max().item() <= 1e-5
 
 
 def test_bad_calibration_and_non_finite_refits_are_refused():
@@ -122,3 +130,54 @@ def test_bad_calibration_and_non_finite_refits_are_refused():
         reconstruct(broken, plan, BLOCKS)
     with pytest.raises(GqaPruneError, match="reconstruction ridge 0 must be a finite number > 0"):
         reconstruct(copy.deepcopy(model), plan, BLOCKS, ReconstructionSettings(ridge=0))
+
+
+def _objective(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, ridge: float | None) -> float:
+    """Brute force: the least error left when only ``kept`` columns stay, each refit by an explicit solve: plain
+    least squares on the damped Gram (ridge None, OBS), or the refit's own ridge objective (data + pull)."""
+    from gqa_prune.criteria.obs import DAMPING
+
+    if ridge is None:
+        damped = gram + DAMPING * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+        root = torch.linalg.cholesky(damped).T  # damped = root^T root: the rows of root act as inputs
+        fit = torch.linalg.lstsq(root[:, kept], root @ weight.T).solution
+        return float(((root @ weight.T - root[:, kept] @ fit) ** 2).sum())
+    refit = refit_columns(weight, gram, kept, ridge)
+    pull = ridge * gram.diagonal()[kept] * (refit - weight[:, kept]).pow(2).sum(0)
+    return output_error(weight, refit, gram, kept) + float(pull.sum())
+
+
+@pytest.mark.parametrize("ridge", [None, 0.5])
+@pytest.mark.parametrize("width", [1, 3])
+def test_greedy_obs_selection_equals_brute_force_sequential_least_squares(width, ridge):
+    from gqa_prune.criteria.obs import greedy_obs_keep
+
+    generator = torch.Generator().manual_seed(width)
+    groups = 6
+    inputs = torch.randn(300, groups * width, generator=generator, dtype=torch.float64)
+    inputs[:, width : 2 * width] = inputs[:, :width] + 0.01 * inputs[:, width : 2 * width]  # near-duplicate groups
+    weight = torch.randn(4, groups * width, generator=generator, dtype=torch.float64)
+    gram = inputs.T @ inputs
+    alive = list(range(groups))
+
+    def columns(units: list[int]) -> torch.Tensor:
+        return torch.tensor([unit * width + i for unit in units for i in range(width)])
+
+    for remove in range(1, 4):
+        alive.remove(min(alive, key=lambda g: _objective(weight, gram, columns([a for a in alive if a != g]), ridge)))
+        assert greedy_obs_keep(weight, gram, width, remove, ridge=ridge).tolist() == alive
+    assert not {0, 1} <= set(alive)  # one of the near-duplicates went
+
+
+def test_obs_selection_lowers_the_output_error_of_the_plans_units_and_learned_plans_keep_theirs():
+    model = tiny_model("llama", 3)
+    plan = plan_for(model)
+    _, by_plan = reconstruct(copy.deepcopy(model), plan, BLOCKS, ReconstructionSettings(select="plan"))
+    applied, by_obs = reconstruct(copy.deepcopy(model), plan, BLOCKS, ReconstructionSettings(select="obs"))
+    first = 0  # the first layer sees the same inputs either way: its refit errors compare like for like
+    assert by_obs["layers"][first]["down_proj"]["refit_error"] < by_plan["layers"][first]["down_proj"]["refit_error"]
+    assert by_obs["layers"][first]["down_proj"]["units_changed"] > 0
+    assert applied.layers[first].kept_mlp_channels != plan.layers[first].kept_mlp_channels
+    learned = dataclasses.replace(plan, settings=dataclasses.replace(plan.settings, mode="learned"))
+    kept, report = reconstruct(copy.deepcopy(model), learned, BLOCKS, ReconstructionSettings(select="obs"))
+    assert kept == learned and not report["reselected"]

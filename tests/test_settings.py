@@ -18,7 +18,8 @@ SCHEMA = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow/schemas
 SECTIONS = {
     "plans": (PlanSettings, {"alpha": "alpha", "min_rate": "min_rate", "max_rate": "max_rate",
                              "channel_multiple": "channel_multiple", "layer_criterion": "layer_criterion"}),
-    "reconstruction": (ReconstructionSettings, {"ridge": "ridge", "target": "target", "batch_size": "batch_size"}),
+    "reconstruction": (ReconstructionSettings, {"ridge": "ridge", "target": "target", "select": "select",
+                                                  "batch_size": "batch_size"}),
     "recovery": (RecoverySettings, {name: name for name in ("rank", "alpha", "dropout", "lr", "steps", "batch_size",
                                                            "warmup_steps", "temperature", "seed",
                                                            "gradient_checkpointing")}),

@@ -8,6 +8,10 @@ Q and optimally refitting the other columns raises the layer's output error by
 
 with H damped by 1 % of its mean diagonal. Computed layer by layer on the dense model's activations, so
 only one layer's Grams exist at a time.
+
+``greedy_obs_keep`` is the sequential form reconstruction uses to choose which units of a layer go (ZipLM,
+SlimGPT): remove the unit of least E_Q, apply the OBS update to W and H^-1, and score the rest again, so
+units that duplicate each other are not all kept or all removed.
 """
 
 from __future__ import annotations
@@ -20,21 +24,77 @@ from ..units import GQA_GROUP, MLP_CHANNEL
 from .base import PassResults, UnitCriterion
 
 DAMPING = 0.01
+DIAGONAL_FLOOR = 1e-8  # of the mean diagonal: an input that is always 0 still gets a ridge term
+
+
+MAX_GREEDY_STEPS = 1024  # greedy removal takes at most this many OBS updates per projection (else several units each)
+
+
+def damped_inverse(gram: torch.Tensor) -> torch.Tensor:
+    """(H + DAMPING * mean(diag H) * I)^-1 of a Gram matrix (float64)."""
+    size = gram.shape[0]
+    damped = gram + DAMPING * gram.diagonal().mean() * torch.eye(size, dtype=gram.dtype, device=gram.device)
+    return torch.cholesky_inverse(torch.linalg.cholesky(damped))
+
+
+def _group_errors(weight: torch.Tensor, inverse: torch.Tensor, width: int, groups: torch.Tensor) -> torch.Tensor:
+    """E_Q of the given groups of ``width`` consecutive columns, batched."""
+    if width == 1:  # single columns (MLP channels): sum_r W_rq^2 / (H^-1)_qq
+        return weight[:, groups].pow(2).sum(0) / inverse.diagonal()[groups]
+    columns = groups.unsqueeze(1) * width + torch.arange(width, device=groups.device)  # [groups, width]
+    blocks = inverse[columns.unsqueeze(2), columns.unsqueeze(1)]  # [groups, width, width]
+    parts = weight[:, columns].transpose(0, 1)  # [groups, out, width]
+    return torch.einsum("goi,gij,goj->g", parts, torch.linalg.inv(blocks), parts)
 
 
 def obs_errors(weight: torch.Tensor, gram: torch.Tensor, width: int) -> torch.Tensor:
     """E_Q for consecutive groups of ``width`` input columns of ``weight`` [out, in] (float64)."""
-    size = gram.shape[0]
-    damped = gram + DAMPING * gram.diagonal().mean() * torch.eye(size, dtype=gram.dtype, device=gram.device)
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped))
+    groups = torch.arange(gram.shape[0] // width, device=gram.device)
+    return _group_errors(weight.detach().to(torch.float64), damped_inverse(gram), width, groups).float().cpu()
+
+
+def greedy_obs_keep(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    width: int,
+    remove: int,
+    ridge: float | None = None,
+) -> torch.Tensor:
+    """The ``groups - remove`` groups of ``width`` columns of ``weight`` [out, in] to keep, ascending: remove
+    the group whose removal raises the refit's error least, update W and H^-1 as OBS does, repeat.
+
+    ``ridge`` None: the plain OBS error (H damped by DAMPING). A number: the exact increase of the objective
+    ``reconstruct.refit_columns`` minimises with that ridge (pull towards the original columns, relative to
+    each input's Gram diagonal): OBS on H + ridge * diag(H), less the pull term the removed columns no longer
+    pay. Past MAX_GREEDY_STEPS removals (8B MLPs), each step removes the several groups of least error at once.
+    """
+    groups = gram.shape[0] // width
+    if not 0 <= remove < groups:
+        raise ValueError(f"cannot remove {remove} of {groups} groups")
+    gram = gram.to(torch.float64)
     weight = weight.detach().to(torch.float64)
-    errors = []
-    for start in range(0, size, width):
-        columns = slice(start, start + width)
-        block = torch.linalg.inv(inverse[columns, columns])
-        part = weight[:, columns]
-        errors.append(torch.einsum("oi,ij,oj->", part, block, part))
-    return torch.stack(errors).float().cpu()
+    if ridge is None:
+        inverse, pull = damped_inverse(gram), torch.zeros(groups, dtype=gram.dtype, device=gram.device)
+    else:
+        diagonal = gram.diagonal().clamp(min=DIAGONAL_FLOOR * max(float(gram.diagonal().mean()), 1e-30))
+        inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram + torch.diag(ridge * diagonal)))
+        pull = (ridge * diagonal * weight.pow(2).sum(0)).view(groups, width).sum(1)
+    weight = weight.clone()
+    alive = torch.ones(groups, dtype=torch.bool, device=gram.device)
+    per_step = -(-remove // MAX_GREEDY_STEPS)
+    while remove > 0:
+        candidates = torch.nonzero(alive).flatten()
+        errors = _group_errors(weight, inverse, width, candidates) - pull[candidates]
+        chosen = torch.sort(candidates[torch.argsort(errors, stable=True)[: min(per_step, remove)]]).values
+        columns = (chosen.unsqueeze(1) * width + torch.arange(width, device=gram.device)).flatten()
+        block_inverse = torch.linalg.inv(inverse[columns][:, columns])
+        rows = inverse[columns]  # [removed columns, in]
+        weight -= weight[:, columns] @ block_inverse @ rows
+        inverse -= rows.T @ block_inverse @ rows
+        weight[:, columns] = 0
+        alive[chosen] = False
+        remove -= len(chosen)
+    return torch.nonzero(alive).flatten().cpu()
 
 
 class Obs(UnitCriterion):

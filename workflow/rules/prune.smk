@@ -13,6 +13,7 @@ rule prune:
         reconstruction=cli_flags({
             "--ridge": RECONSTRUCTION["ridge"],
             "--reconstruct-target": RECONSTRUCTION["target"],
+            "--select": RECONSTRUCTION["select"],
             "--batch-size": RECONSTRUCTION["batch_size"],
         }) if RECONSTRUCTION["enabled"] else "",
         calib=lambda wildcards, input: f"--calib {input.calib}" if RECONSTRUCTION["enabled"] else "",
