@@ -132,22 +132,15 @@ def test_bad_calibration_and_non_finite_refits_are_refused():
         reconstruct(copy.deepcopy(model), plan, BLOCKS, ReconstructionSettings(ridge=0))
 
 
-def _objective(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, ridge: float | None) -> float:
-    """Brute force: the least error left when only ``kept`` columns stay, each refit by an explicit solve: plain
-    least squares on the damped Gram (ridge None, OBS), or the refit's own ridge objective (data + pull)."""
-    from gqa_prune.criteria.obs import DAMPING
-
-    if ridge is None:
-        damped = gram + DAMPING * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
-        root = torch.linalg.cholesky(damped).T  # damped = root^T root: the rows of root act as inputs
-        fit = torch.linalg.lstsq(root[:, kept], root @ weight.T).solution
-        return float(((root @ weight.T - root[:, kept] @ fit) ** 2).sum())
+def _objective(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, ridge: float) -> float:
+    """Brute force: the refit's own objective (output error + pull to the original columns) left when only
+    ``kept`` columns stay, refit by ``refit_columns`` (itself checked against lstsq above)."""
     refit = refit_columns(weight, gram, kept, ridge)
     pull = ridge * gram.diagonal()[kept] * (refit - weight[:, kept]).pow(2).sum(0)
     return output_error(weight, refit, gram, kept) + float(pull.sum())
 
 
-@pytest.mark.parametrize("ridge", [None, 0.5])
+@pytest.mark.parametrize("ridge", [0.01, 0.5])
 @pytest.mark.parametrize("width", [1, 3])
 def test_greedy_obs_selection_equals_brute_force_sequential_least_squares(width, ridge):
     from gqa_prune.criteria.obs import greedy_obs_keep
@@ -167,6 +160,19 @@ def test_greedy_obs_selection_equals_brute_force_sequential_least_squares(width,
         alive.remove(min(alive, key=lambda g: _objective(weight, gram, columns([a for a in alive if a != g]), ridge)))
         assert greedy_obs_keep(weight, gram, width, remove, ridge=ridge).tolist() == alive
     assert not {0, 1} <= set(alive)  # one of the near-duplicates went
+
+
+def test_greedy_obs_past_its_step_limit_removes_several_groups_per_step(monkeypatch):
+    from gqa_prune.criteria import obs
+
+    generator = torch.Generator().manual_seed(7)
+    inputs = torch.randn(200, 8, generator=generator, dtype=torch.float64)
+    weight = torch.randn(3, 8, generator=generator, dtype=torch.float64)
+    gram = inputs.T @ inputs
+    monkeypatch.setattr(obs, "MAX_GREEDY_STEPS", 1)  # one step: the 3 groups of least single-removal error go
+    single = {g: _objective(weight, gram, torch.tensor([c for c in range(8) if c != g]), 0.5) for g in range(8)}
+    expected = sorted(sorted(single, key=single.get)[3:])
+    assert obs.greedy_obs_keep(weight, gram, 1, 3, ridge=0.5).tolist() == expected
 
 
 def test_obs_selection_lowers_the_output_error_of_the_plans_units_and_learned_plans_keep_theirs():

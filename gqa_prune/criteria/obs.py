@@ -10,8 +10,8 @@ with H damped by 1 % of its mean diagonal. Computed layer by layer on the dense 
 only one layer's Grams exist at a time.
 
 ``greedy_obs_keep`` is the sequential form reconstruction uses to choose which units of a layer go (ZipLM,
-SlimGPT): remove the unit of least E_Q, apply the OBS update to W and H^-1, and score the rest again, so
-units that duplicate each other are not all kept or all removed.
+SlimGPT): remove the unit of least error, apply the OBS update to W and H^-1, and score the rest again, so
+units that duplicate each other are not all kept or all removed; its H carries the refit's ridge.
 """
 
 from __future__ import annotations
@@ -58,27 +58,24 @@ def greedy_obs_keep(
     gram: torch.Tensor,
     width: int,
     remove: int,
-    ridge: float | None = None,
+    ridge: float,
 ) -> torch.Tensor:
     """The ``groups - remove`` groups of ``width`` columns of ``weight`` [out, in] to keep, ascending: remove
     the group whose removal raises the refit's error least, update W and H^-1 as OBS does, repeat.
 
-    ``ridge`` None: the plain OBS error (H damped by DAMPING). A number: the exact increase of the objective
-    ``reconstruct.refit_columns`` minimises with that ridge (pull towards the original columns, relative to
-    each input's Gram diagonal): OBS on H + ridge * diag(H), less the pull term the removed columns no longer
-    pay. Past MAX_GREEDY_STEPS removals (8B MLPs), each step removes the several groups of least error at once.
+    The error is the exact increase of the objective ``reconstruct.refit_columns`` minimises with ``ridge``
+    (pull towards the original columns, relative to each input's Gram diagonal): OBS on H + ridge * diag(H),
+    less the pull term the removed columns no longer pay. Past MAX_GREEDY_STEPS removals (8B MLPs), each step
+    removes the several groups of least error at once.
     """
     groups = gram.shape[0] // width
     if not 0 <= remove < groups:
         raise ValueError(f"cannot remove {remove} of {groups} groups")
     gram = gram.to(torch.float64)
     weight = weight.detach().to(torch.float64)
-    if ridge is None:
-        inverse, pull = damped_inverse(gram), torch.zeros(groups, dtype=gram.dtype, device=gram.device)
-    else:
-        diagonal = gram.diagonal().clamp(min=DIAGONAL_FLOOR * max(float(gram.diagonal().mean()), 1e-30))
-        inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram + torch.diag(ridge * diagonal)))
-        pull = (ridge * diagonal * weight.pow(2).sum(0)).view(groups, width).sum(1)
+    diagonal = gram.diagonal().clamp(min=DIAGONAL_FLOOR * max(float(gram.diagonal().mean()), 1e-30))
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram + torch.diag(ridge * diagonal)))
+    pull = (ridge * diagonal * weight.pow(2).sum(0)).view(groups, width).sum(1)
     weight = weight.clone()
     alive = torch.ones(groups, dtype=torch.bool, device=gram.device)
     per_step = -(-remove // MAX_GREEDY_STEPS)
