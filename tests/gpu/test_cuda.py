@@ -85,13 +85,17 @@ def test_reconstruction_on_cuda_never_worse_than_slicing_and_matches_the_cpu(dty
     cpu_model = tiny_model("llama", 3, layers=4)
     plan = build_plan(scores_for(cpu_model), PlanSettings(0.5, 0.4, channel_multiple=8), parameter_count(cpu_model))
     gpu_model = copy.deepcopy(cpu_model).to(CUDA, dtype)
-    _, report = reconstruct(gpu_model, plan, BLOCKS, ReconstructionSettings(select="plan"))
+    applied, report = reconstruct(copy.deepcopy(gpu_model), plan, BLOCKS, ReconstructionSettings())  # OBS choice
+    assert [len(layer.kept_mlp_channels) for layer in applied.layers] == [
+        len(layer.kept_mlp_channels) for layer in plan.layers
+    ]
     for entry in report["layers"]:
         for name in ("o_proj", "down_proj"):
             if name in entry:
                 assert entry[name]["refit_error"] <= entry[name]["sliced_error"] * (1 + 1e-6)
     assert report["peak_memory_mb"] > 0
-    reconstruct(cpu_model, plan, BLOCKS, ReconstructionSettings(select="plan"))  # the same units on both devices
+    reconstruct(gpu_model, plan, BLOCKS, ReconstructionSettings(select="plan"))  # the same units on both devices
+    reconstruct(cpu_model, plan, BLOCKS, ReconstructionSettings(select="plan"))
     tolerance = 1e-3 if dtype == torch.float32 else 3e-2
     for a, b in zip(cpu_model.parameters(), gpu_model.parameters()):
         torch.testing.assert_close(b.float().cpu(), a, rtol=tolerance, atol=tolerance)
