@@ -4,14 +4,21 @@ method, at several fractions of attention+MLP parameters removed. No recovery fi
 Rows: dense; ShortGPT-style depth (gqa-prune's depth mode, which tests/test_smollm2.py checks against an
 independent ShortGPT); Torch-Pruning (the PyPI package, its LLM example's GQA settings, Taylor importance;
 see bench/peers.py); gqa-prune width with Taylor scores and the attention/MLP split equal (the previous
-default) without and with reconstruction; hybrid with Taylor, Fisher and OBS scores, without and with
-reconstruction of the plan's units (``select="plan"``); and the defaults (`gqa-prune importance` ->
-`plan --ratio R` -> `prune --calib C`, read from the code), whose reconstruction re-chooses the units of each
-layer by greedy structured OBS. Columns: parameters, WikiText-2 perplexity, mean accuracy over the offline
-lm-eval tasks, the scoring pass's wall time (shared by the rows using those scores) and the wall time of
-plan + prune + refit.
+default) without and with reconstruction; hybrid with Taylor scores without reconstruction, with Fisher and
+OBS scores with it, and with Taylor scores and reconstruction of the plan's own units (``select="plan"``); and
+the defaults (`gqa-prune importance` -> `plan --ratio R` -> `prune --calib C`, read from the code): hybrid
+Taylor plans whose reconstruction re-chooses the units of each layer by greedy structured OBS. Every
+"+ reconstruction" row uses the defaults' reconstruction settings. Columns: parameters, WikiText-2
+perplexity, mean accuracy over the offline lm-eval tasks, the scoring pass's wall time (shared by the rows
+using those scores) and the wall time of plan + prune + refit. Every method gets the same calibration blocks
+(``--blocks`` x 2048 tokens of C4, seed 0, 32 by default as `gqa-prune calib` gives): scores and refits use
+all of them, the loss curves the first 8,192 tokens (the CLI's default).
 
-    python bench/quality.py [--ratios 0.1,0.2,0.3] [--task-limit 50] [--scores-dir results/bench] [--curve-blocks 4]
+    python bench/quality.py [--ratios 0.1,0.2,0.3] [--task-limit 50] [--blocks 32] [--json rows.json]
+        [--scores-dir results/bench] [--curve-blocks N]
+
+With ``--json`` the rows are written after each one, and a second run with the same file skips the rows it
+already holds (an interrupted run goes on where it stopped).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import argparse
 import copy
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from common import DATA_DIR, REPO, load_bench, markdown
@@ -60,10 +68,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here after each one")
     parser.add_argument("--rows", default=None, help="only rows whose name contains one of these (comma-separated)")
     parser.add_argument(
-        "--curve-blocks", type=int, default=4, help="blocks the hybrid plans' loss curves are measured on"
+        "--curve-blocks", type=int, default=None, help="blocks the loss curves use (default: the CLI's)"
     )
+    parser.add_argument("--blocks", type=int, default=32, help="C4 calibration blocks of 2048 tokens (seed 0)")
     args = parser.parse_args()
-    bench = load_bench()
+    bench = load_bench(n_blocks=args.blocks)
     tasks = dict.fromkeys(TASKS, args.task_limit)
 
     def evaluate(model) -> dict:
@@ -77,44 +86,42 @@ def main() -> None:
     score_seconds: dict[str, float] = {}
 
     def scores(criterion: str):
-        folder = (
-            args.scores_dir
-            / f"quality-{criterion}-8x2048{'' if args.curve_blocks == 4 else f'-curves{args.curve_blocks}'}"
-        )
+        curves = "" if args.curve_blocks is None else f"-curves{args.curve_blocks}"
+        folder = args.scores_dir / f"quality-{criterion}-{args.blocks}x2048{curves}"
         if folder.is_dir():
             loaded = stored.load(folder)
             score_seconds[criterion] = loaded.info.get("seconds", float("nan"))
             return loaded
         start = time.perf_counter()
-        result = importance.score(bench.model, bench.blocks, criterion, batch_size=1, curve_blocks=args.curve_blocks)
+        result = importance.score(bench.model, bench.blocks, criterion, curve_blocks=args.curve_blocks)
         result.info["seconds"] = score_seconds[criterion] = time.perf_counter() - start
         stored.save(result, folder)
         return result
 
     criterion, default_settings, default_refit = default_recipe()
-    rows = [{"method": "dense", "ratio": "–", "parameters": f"{sum(p.numel() for p in bench.model.parameters()):,}",
-             **evaluate(bench.model)}]  # fmt: skip
-    units = ReconstructionSettings(select="plan")  # the refit keeps the plan's units (select obs re-chooses them)
-    recipes = [
+    # rows already in --json are kept and not run again: an interrupted run goes on where it stopped
+    rows = json.loads(args.json.read_text()) if args.json and args.json.is_file() else []
+    done = {(row["method"], row["ratio"]) for row in rows if not row["PPL"].startswith("failed")}
+    if ("dense", "–") not in done:
+        parameters = sum(p.numel() for p in bench.model.parameters())
+        rows.insert(0, {"method": "dense", "ratio": "–", "parameters": f"{parameters:,}", **evaluate(bench.model)})
+    units = replace(default_refit, select="plan")  # the refit keeps the plan's units (select obs re-chooses them)
+    recipes = [  # the defaults first: the row every other one is measured against
+        ("**gqa-prune defaults** (no flags)", criterion, dict(mode=default_settings.mode), default_refit),
         ("ShortGPT (depth, block influence)", "taylor", dict(mode="depth"), None),
         ("gqa-prune width, Taylor, attention = MLP ratio (previous default)", "taylor", dict(mode="width"), None),
-        ("… + reconstruction", "taylor", dict(mode="width"), units),
+        ("… + reconstruction", "taylor", dict(mode="width"), default_refit),
         ("gqa-prune hybrid, Taylor", "taylor", dict(mode="hybrid"), None),
+        ("gqa-prune hybrid, Fisher + reconstruction", "fisher", dict(mode="hybrid"), default_refit),
+        ("gqa-prune hybrid, OBS + reconstruction", "obs", dict(mode="hybrid"), default_refit),
         ("gqa-prune hybrid, Taylor + reconstruction of the plan's units", "taylor", dict(mode="hybrid"), units),
-        ("gqa-prune hybrid, Fisher + reconstruction of the plan's units", "fisher", dict(mode="hybrid"), units),
-        ("gqa-prune hybrid, OBS + reconstruction of the plan's units", "obs", dict(mode="hybrid"), units),
     ]
-    default = (criterion, dict(mode=default_settings.mode), default_refit)
-    for index, (name, *recipe) in enumerate(recipes):
-        if tuple(recipe) == default:  # the defaults are one of the rows above: mark it, do not run it twice
-            recipes[index] = (f"**{name} = the defaults** (no flags)", *recipe)
-            break
-    else:
-        recipes.append(("**gqa-prune defaults** (no flags)", *default))
     columns = ["method", "ratio", "parameters", "PPL", "mean acc", "scoring", "plan + prune + refit"]
 
     def add_row(name: str, ratio: float, build) -> None:
         """Run one method (``build`` returns the pruned model, its parameter count and scoring seconds)."""
+        if (name, f"{ratio:.2f}") in done:
+            return
         start = time.perf_counter()
         try:
             model, parameters, scoring = build()
@@ -155,11 +162,11 @@ def main() -> None:
         return build
 
     for ratio in (float(r) for r in args.ratios.split(",")):
-        if not args.rows or "Torch-Pruning" in args.rows:
-            from peers import describe_settings
+        for index, (name, unit_criterion, plan_options, refit) in enumerate(recipes):
+            if index == 1 and (not args.rows or "Torch-Pruning" in args.rows):  # the strongest peer second
+                from peers import describe_settings
 
-            add_row(f"Torch-Pruning ({describe_settings().split(',')[0]})", ratio, lambda: torch_pruning(ratio))
-        for name, unit_criterion, plan_options, refit in recipes:
+                add_row(f"Torch-Pruning ({describe_settings().split(',')[0]})", ratio, lambda: torch_pruning(ratio))
             if args.rows and not any(part in name for part in args.rows.split(",")):
                 continue
             add_row(name, ratio, ours(ratio, unit_criterion, plan_options, refit))

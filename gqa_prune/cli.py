@@ -470,7 +470,16 @@ def build_parser() -> argparse.ArgumentParser:
         STRATEGIES,
         UNIT_CRITERIA,
     )
-    from .settings import LOSSES, PlanSettings, ReconstructionSettings, RecoverySettings, default_of
+    from .settings import (
+        CURVE_TOKENS,
+        IMPORTANCE_BATCH_SIZE,
+        LOSSES,
+        CalibrationSettings,
+        PlanSettings,
+        ReconstructionSettings,
+        RecoverySettings,
+        default_of,
+    )
 
     layer_criteria = LAYER_CRITERIA
 
@@ -504,9 +513,19 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--text-field", default="text")
     calib.add_argument("--split", default="train", help="split of an hf: dataset")
     calib.add_argument("--dataset-config", default=None, help="config name of an hf: dataset")
-    calib.add_argument("--n-samples", type=_positive_int, default=32)
-    calib.add_argument("--seq-len", type=_positive_int, default=256)
-    calib.add_argument("--seed", type=int, default=0)
+    calib.add_argument(
+        "--n-samples",
+        type=_positive_int,
+        default=default_of(CalibrationSettings, "n_samples"),
+        help="blocks (default: %(default)s)",
+    )
+    calib.add_argument(
+        "--seq-len",
+        type=_positive_int,
+        default=default_of(CalibrationSettings, "seq_len"),
+        help="tokens per block (default: %(default)s)",
+    )
+    calib.add_argument("--seed", type=int, default=default_of(CalibrationSettings, "seed"))
     calib.add_argument("--out", required=True, type=Path, help="output .safetensors")
     calib.set_defaults(run=cmd_calib)
 
@@ -522,7 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument(
         "--curve-blocks", type=_positive_int, default=None,
-        help="measure the per-kind loss curves (for --mode hybrid) on the first N blocks (default: all)",
+        help=f"measure the per-kind loss curves (for --mode hybrid) on the first N blocks (default: as many as hold "
+        f"{CURVE_TOKENS:,} tokens)",
     )  # fmt: skip
     score.add_argument("--no-curves", action="store_true", help="skip the loss curves (no hybrid plans then)")
     score.add_argument(
@@ -531,7 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=default_of(PlanSettings, "channel_multiple"),
         help="MLP width step the loss curves use (as plans)",
     )
-    score.add_argument("--batch-size", type=_positive_int, default=4)
+    score.add_argument(
+        "--batch-size", type=_positive_int, default=IMPORTANCE_BATCH_SIZE, help="calibration blocks per pass"
+    )
     score.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
     score.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory (large models)")
     score.add_argument("--out", required=True, type=Path, help="output folder")

@@ -29,6 +29,7 @@ from .passes import (
 )
 from .plan import CURVE_FRACTIONS, HYBRID_KINDS, PlanSettings, compose
 from .scores import LossCurve, Scores
+from .settings import CURVE_TOKENS, IMPORTANCE_BATCH_SIZE
 from .units import KINDS
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def score(
     blocks: torch.Tensor,
     criterion: str,
     layer_criteria: Sequence[str] = DEFAULT_LAYER_CRITERIA,
-    batch_size: int = 4,
+    batch_size: int = IMPORTANCE_BATCH_SIZE,
     seed: int = 0,
     gradient_checkpointing: bool = False,
     curves: bool = True,
@@ -67,8 +68,8 @@ def score(
 ) -> Scores:
     """Score every unit, sublayer and layer of ``model`` on calibration ``blocks`` [n, seq_len].
 
-    ``curves`` also measures each kind's loss curve on the first ``curve_blocks`` blocks (default all), with
-    MLP widths in multiples of ``channel_multiple`` as plans keep them.
+    ``curves`` also measures each kind's loss curve on the first ``curve_blocks`` blocks (default: as many
+    as hold ``CURVE_TOKENS`` tokens), with MLP widths in multiples of ``channel_multiple`` as plans keep them.
     """
     _check_inputs(model, blocks, criterion, layer_criteria, batch_size)
     if "block_influence" not in layer_criteria:
@@ -125,7 +126,9 @@ def score(
         )
         scores.check_finite("importance")
         if curves:
-            measure = list(blocks[:curve_blocks].split(batch_size)) if curve_blocks else batches
+            if curve_blocks is None:
+                curve_blocks = -(-CURVE_TOKENS // int(blocks.shape[1]))
+            measure = list(blocks[:curve_blocks].split(batch_size)) if curve_blocks < len(blocks) else batches
             base = loss if measure is batches else mean_loss(model, measure, device)
             scores.curves = loss_curves(results, scores, measure, device, base, channel_multiple)
             scores.info["curve_blocks"] = int(sum(len(batch) for batch in measure))

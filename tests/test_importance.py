@@ -197,3 +197,13 @@ def test_bad_criteria_and_foreign_tokens_are_refused():
         importance.score(model, BLOCKS, "taylor", layer_criteria=("depth",))
     with pytest.raises(GqaPruneError, match="calibration token id 500 >= vocab size 96"):
         importance.score(model, torch.full((1, 4), 500), "taylor")
+
+
+def test_loss_curves_default_to_the_first_blocks_holding_curve_tokens(monkeypatch):
+    model = tiny_model("llama", 3)
+    monkeypatch.setattr(importance, "CURVE_TOKENS", 2 * BLOCKS.shape[1] - 1)  # 2 blocks hold it
+    default = importance.score(model, BLOCKS, "taylor")
+    two = importance.score(model, BLOCKS, "taylor", curve_blocks=2)
+    every = importance.score(model, BLOCKS, "taylor", curve_blocks=len(BLOCKS))
+    assert default.info["curve_blocks"] == two.info["curve_blocks"] == 2 < len(BLOCKS)
+    assert default.curves == two.curves != every.curves

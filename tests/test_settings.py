@@ -11,11 +11,20 @@ import yaml
 
 from gqa_prune.choices import DEFAULT_MODE
 from gqa_prune.cli import build_parser
-from gqa_prune.settings import PlanSettings, ReconstructionSettings, RecoverySettings, default_of
+from gqa_prune.settings import (
+    CURVE_TOKENS,
+    IMPORTANCE_BATCH_SIZE,
+    CalibrationSettings,
+    PlanSettings,
+    ReconstructionSettings,
+    RecoverySettings,
+    default_of,
+)
 
 SCHEMA = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow/schemas/config.schema.yaml").read_text())
 # schema section -> (dataclass, {schema key: field name}); keys absent from the schema are CLI/library only
 SECTIONS = {
+    "calibration": (CalibrationSettings, {name: name for name in ("n_samples", "seq_len", "seed")}),
     "plans": (PlanSettings, {"alpha": "alpha", "min_rate": "min_rate", "max_rate": "max_rate",
                              "channel_multiple": "channel_multiple", "layer_criterion": "layer_criterion"}),
     "reconstruction": (ReconstructionSettings, {"ridge": "ridge", "target": "target", "select": "select",
@@ -24,7 +33,7 @@ SECTIONS = {
                                                            "warmup_steps", "temperature", "seed",
                                                            "gradient_checkpointing")}),
 }  # fmt: skip
-COMMANDS = {"plans": "plan", "reconstruction": "prune", "recovery": "recover"}
+COMMANDS = {"calibration": "calib", "plans": "plan", "reconstruction": "prune", "recovery": "recover"}
 CLI_NAMES = {("prune", "target"): "reconstruct_target"}
 
 
@@ -57,3 +66,14 @@ def test_the_default_mode_is_the_same_everywhere():
     assert PlanSettings(attn_ratio=0.0, mlp_ratio=0.2).mode == "width"  # a hand split is a width plan
     assert SCHEMA["properties"]["plans"]["properties"]["modes"]["default"] == [DEFAULT_MODE]
     assert _cli_defaults("plan")["mode"] is None  # resolved by PlanSettings
+
+
+def test_importance_defaults_are_the_same_everywhere():
+    import inspect
+
+    from gqa_prune.importance import score
+
+    schema = SCHEMA["properties"]["importance"]["properties"]
+    assert schema["batch_size"]["default"] == IMPORTANCE_BATCH_SIZE == _cli_defaults("importance")["batch_size"]
+    assert inspect.signature(score).parameters["batch_size"].default == IMPORTANCE_BATCH_SIZE
+    assert f"{CURVE_TOKENS:,}" in schema["curve_blocks"]["description"]
