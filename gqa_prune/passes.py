@@ -201,9 +201,10 @@ class MaskGradientCollector(Collector):
     def _watch_input(self, index: int, scope: Scope, inputs: torch.Tensor, per_unit: int) -> None:
         if inputs.requires_grad:
             kind = GQA_GROUP.name if scope == "attn" else MLP_CHANNEL.name
+            values = inputs.detach()  # the hook must not hold ``inputs`` itself: that cycle outlives the graph
 
             def hook(grad: torch.Tensor) -> None:
-                products = (inputs.detach() * grad).float()
+                products = (values * grad).float()
                 per_sample = products.view(*products.shape[:2], -1, per_unit).sum(dim=(1, 3))
                 self._fold(kind, index, per_sample)
 
@@ -212,9 +213,10 @@ class MaskGradientCollector(Collector):
     def _watch_output(self, index: int, scope: Scope, output: torch.Tensor) -> None:
         if output.requires_grad:
             kind = "attn_sublayer" if scope == "attn" else "mlp_sublayer"
+            values = output.detach()  # as in _watch_input: no reference from the hook back to ``output``
 
             def hook(grad: torch.Tensor) -> None:
-                per_sample = (output.detach() * grad).float().sum(dim=(1, 2)).unsqueeze(1)
+                per_sample = (values * grad).float().sum(dim=(1, 2)).unsqueeze(1)
                 self._fold(kind, index, per_sample)
                 layer_parts = self._pending.setdefault(index, {})
                 layer_parts[kind] = per_sample
