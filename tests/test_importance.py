@@ -232,3 +232,27 @@ def test_backward_scoring_frees_each_batch_activations(criterion):
             handle.remove()
     gc.collect()
     assert alive and not [ref for ref in alive if ref() is not None]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("criterion", ["fisher", "obs"])
+def test_second_order_scores_are_finite_deterministic_and_rank_a_planted_useless_unit_last(criterion, family):
+    """A GQA group whose o_proj columns and an MLP channel whose down_proj column are zero contribute nothing:
+    removing them changes no output, so Fisher and OBS must score them lowest in their layer."""
+    model = tiny_model(family, 3 if family != "qwen3" else 2)
+    heads = model.config.num_attention_heads // model.config.num_key_value_heads
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    width = heads * head_dim
+    with torch.no_grad():
+        layer = model.model.layers[1]
+        layer.self_attn.o_proj.weight[:, width : 2 * width] = 0  # group 1 of layer 1
+        layer.mlp.down_proj.weight[:, 5] = 0  # channel 5 of layer 1
+    first = importance.score(copy.deepcopy(model), BLOCKS, criterion, curves=False)
+    second = importance.score(copy.deepcopy(model), BLOCKS, criterion, curves=False)
+    for kind, planted in (("gqa_group", 1), ("mlp_channel", 5)):
+        values = first.units[kind][1]
+        assert torch.isfinite(values).all() and all(torch.isfinite(v).all() for v in first.units[kind])
+        assert torch.equal(values, second.units[kind][1])
+        assert int(values.argmin()) == planted and float(values[planted]) == pytest.approx(0.0, abs=1e-9)
+        others = torch.cat([values[:planted], values[planted + 1 :]])
+        assert float(others.min()) > 0
