@@ -18,16 +18,19 @@ all of them, the loss curves the first 8,192 tokens (the CLI's default).
         [--scores-dir results/bench] [--curve-blocks N]
 
 With ``--json`` the rows are written after each one, and a second run with the same file skips the rows it
-already holds (an interrupted run goes on where it stopped).
+already holds (an interrupted run goes on where it stopped). A row whose plan has the same per-layer counts as
+an earlier row's, refit the same way with the OBS choice of units, is the same model: it is not refit again
+but shows that row's figures and names it ("same model as").
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from common import DATA_DIR, REPO, load_bench, markdown
@@ -36,7 +39,7 @@ from gqa_prune import importance
 from gqa_prune import scores as stored
 from gqa_prune.cli import build_parser
 from gqa_prune.evaluate import CHANCE, run_lm_eval, summarize
-from gqa_prune.plan import PlanSettings, build_plan
+from gqa_prune.plan import PlanSettings, PruningPlan, build_plan
 from gqa_prune.reconstruct import ReconstructionSettings, reconstruct
 from gqa_prune.surgery import apply_plan
 
@@ -56,6 +59,20 @@ def default_recipe() -> tuple[str, PlanSettings, ReconstructionSettings]:
         select=prune_actions["select"].default,
     )
     return actions["criterion"].default, settings, refit
+
+
+def model_key(plan: PruningPlan, refit: ReconstructionSettings | None, calibration: str) -> str | None:
+    """What fixes the pruned model's weights when the refit re-chooses every layer's units by OBS: the removed
+    layers and sublayers, how many units of each kind every layer keeps, the refit settings and the
+    calibration. Two plans with the same key give the same model (tests/test_reconstruct.py checks this); None
+    where the plan's own units count too."""
+    if refit is None or refit.select != "obs" or plan.settings.mode == "learned":
+        return None
+    layers = [
+        [layer.removed, {kind: len(units) for kind, units in sorted(layer.kept.items())}] for layer in plan.layers
+    ]
+    text = json.dumps([layers, asdict(refit), calibration], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def main() -> None:
@@ -116,22 +133,29 @@ def main() -> None:
         ("gqa-prune hybrid, OBS + reconstruction", "obs", dict(mode="hybrid"), default_refit),
         ("gqa-prune hybrid, Taylor + reconstruction of the plan's units", "taylor", dict(mode="hybrid"), units),
     ]
-    columns = ["method", "ratio", "parameters", "PPL", "mean acc", "scoring", "plan + prune + refit"]
+    columns = ["method", "ratio", "parameters", "PPL", "mean acc", "scoring", "plan + prune + refit", "same model as"]
 
     def add_row(name: str, ratio: float, build) -> None:
-        """Run one method (``build`` returns the pruned model, its parameter count and scoring seconds)."""
+        """Run one method: ``build`` returns the pruned model, its parameter count, scoring and model key, or the
+        earlier row that is the same model."""
         if (name, f"{ratio:.2f}") in done:
             return
         start = time.perf_counter()
         try:
-            model, parameters, scoring = build()
+            built = build()
         except Exception as error:  # a failing method is a row that says so, not hours of work lost
             rows.append({"method": name, "ratio": f"{ratio:.2f}", "PPL": f"failed: {error}"})
             print(rows[-1], flush=True)
             return
-        seconds = time.perf_counter() - start
-        rows.append({"method": name, "ratio": f"{ratio:.2f}", "parameters": f"{parameters:,}", **evaluate(model),
-                     "scoring": scoring, "plan + prune + refit": f"{seconds:.0f} s"})  # fmt: skip
+        if isinstance(built, dict):  # the same model as an earlier row
+            figures = {column: built[column] for column in ("parameters", "PPL", "mean acc", "plan + prune + refit")}
+            rows.append({"method": name, "ratio": f"{ratio:.2f}", **figures, "scoring": scoring_of(name),
+                         "same model as": built["method"], "model key": built["model key"]})  # fmt: skip
+        else:
+            model, parameters, scoring, key = built
+            seconds = time.perf_counter() - start
+            rows.append({"method": name, "ratio": f"{ratio:.2f}", "parameters": f"{parameters:,}", **evaluate(model),
+                         "scoring": scoring, "plan + prune + refit": f"{seconds:.0f} s", "model key": key})  # fmt: skip
         print(rows[-1], flush=True)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1))
@@ -140,7 +164,11 @@ def main() -> None:
         from peers import torch_pruning_prune
 
         model = torch_pruning_prune(copy.deepcopy(bench.model), bench.blocks, ratio)
-        return model, sum(p.numel() for p in model.parameters()), "in the pruner"
+        return model, sum(p.numel() for p in model.parameters()), "in the pruner", None
+
+    def scoring_of(name: str) -> str:
+        criterion = next(recipe[1] for recipe in recipes if recipe[0] == name)
+        return f"{criterion} {score_seconds.get(criterion, float('nan')):.0f} s"
 
     def ours(ratio: float, unit_criterion: str, plan_options: dict, refit):
         scores(unit_criterion)  # computed (and timed) once, before this method's own clock starts
@@ -148,6 +176,10 @@ def main() -> None:
         def build():
             result = scores(unit_criterion)
             plan = build_plan(result, PlanSettings(ratio=ratio, **plan_options))
+            key = model_key(plan, refit, f"C4 {args.blocks}x2048 seed 0")
+            twin = next((row for row in rows if key and row.get("model key") == key), None)
+            if twin is not None:  # the refit would give the very same weights: reuse that row's figures
+                return twin
             model = copy.deepcopy(bench.model)
             if refit is not None:
                 plan, _ = reconstruct(model, plan, bench.blocks, refit)
@@ -157,6 +189,7 @@ def main() -> None:
                 model,
                 plan.params_after,
                 "block influence (one forward)" if plan_options["mode"] == "depth" else scoring,
+                key,
             )
 
         return build

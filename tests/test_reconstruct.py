@@ -13,6 +13,7 @@ from helpers import LAYOUTS, calibration_ids, plan_for, tiny_model
 from gqa_prune.errors import GqaPruneError
 from gqa_prune.reconstruct import ReconstructionSettings, output_error, reconstruct, refit_columns
 from gqa_prune.surgery import apply_plan, apply_plan_as_mask
+from gqa_prune.units import KINDS
 
 BLOCKS = calibration_ids(blocks=8, length=32, seed=4)
 INPUTS = calibration_ids(blocks=2, length=12, seed=1)
@@ -187,3 +188,27 @@ def test_obs_selection_lowers_the_output_error_of_the_plans_units_and_learned_pl
     learned = dataclasses.replace(plan, settings=dataclasses.replace(plan.settings, mode="learned"))
     kept, report = reconstruct(copy.deepcopy(model), learned, BLOCKS, ReconstructionSettings(select="obs"))
     assert kept == learned and not report["reselected"]
+
+
+@pytest.mark.parametrize(("family", "heads_per_group"), [("llama", 3), ("qwen3", 2)])
+def test_with_the_obs_choice_the_model_depends_only_on_how_many_units_each_layer_keeps(family, heads_per_group):
+    """bench/quality.py reuses a row's figures for a plan with the same per-layer counts: this is why."""
+    model = tiny_model(family, heads_per_group)
+    plan = plan_for(model)
+    others = []  # the same number of units per layer and kind, other ones: the last instead of the planned
+    for layer in plan.layers:
+        kept = {kind: tuple(range(KINDS[kind].count(plan.geometry, layer.layer)))[-len(units):] if units else ()
+                for kind, units in layer.kept.items()}  # fmt: skip
+        others.append(dataclasses.replace(layer, kept=kept))
+    other = dataclasses.replace(plan, layers=tuple(others))
+    assert other != plan
+    first, second = copy.deepcopy(model), copy.deepcopy(model)
+    applied, _ = reconstruct(first, plan, BLOCKS, ReconstructionSettings(select="obs"))
+    applied_other, _ = reconstruct(second, other, BLOCKS, ReconstructionSettings(select="obs"))
+    assert applied == applied_other
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+    # with the plan's own units the two plans are two different models
+    third = copy.deepcopy(model)
+    reconstruct(third, other, BLOCKS, ReconstructionSettings(select="plan"))
+    assert any(not torch.equal(a, b) for a, b in zip(first.state_dict().values(), third.state_dict().values()))
