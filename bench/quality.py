@@ -148,9 +148,8 @@ def main() -> None:
             print(rows[-1], flush=True)
             return
         if isinstance(built, dict):  # the same model as an earlier row
-            figures = {column: built[column] for column in ("parameters", "PPL", "mean acc", "plan + prune + refit")}
-            rows.append({"method": name, "ratio": f"{ratio:.2f}", **figures, "scoring": scoring_of(name),
-                         "same model as": built["method"], "model key": built["model key"]})  # fmt: skip
+            figures = ("parameters", "PPL", "mean acc", "scoring", "plan + prune + refit", "same model as", "model key")
+            rows.append({"method": name, "ratio": f"{ratio:.2f}", **{column: built[column] for column in figures}})
         else:
             model, parameters, scoring, key = built
             seconds = time.perf_counter() - start
@@ -166,25 +165,21 @@ def main() -> None:
         model = torch_pruning_prune(copy.deepcopy(bench.model), bench.blocks, ratio)
         return model, sum(p.numel() for p in model.parameters()), "in the pruner", None
 
-    def scoring_of(name: str) -> str:
-        criterion = next(recipe[1] for recipe in recipes if recipe[0] == name)
-        return f"{criterion} {score_seconds.get(criterion, float('nan')):.0f} s"
-
     def ours(ratio: float, unit_criterion: str, plan_options: dict, refit):
         scores(unit_criterion)  # computed (and timed) once, before this method's own clock starts
 
         def build():
             result = scores(unit_criterion)
+            scoring = f"{unit_criterion} {score_seconds.get(unit_criterion, float('nan')):.0f} s"
             plan = build_plan(result, PlanSettings(ratio=ratio, **plan_options))
             key = model_key(plan, refit, f"C4 {args.blocks}x2048 seed 0")
             twin = next((row for row in rows if key and row.get("model key") == key), None)
             if twin is not None:  # the refit would give the very same weights: reuse that row's figures
-                return twin
+                return {**twin, "scoring": scoring, "same model as": twin.get("same model as", twin["method"])}
             model = copy.deepcopy(bench.model)
             if refit is not None:
                 plan, _ = reconstruct(model, plan, bench.blocks, refit)
             apply_plan(model, plan)
-            scoring = f"{unit_criterion} {score_seconds.get(unit_criterion, float('nan')):.0f} s"
             return (
                 model,
                 plan.params_after,
