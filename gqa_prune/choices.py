@@ -19,3 +19,5 @@ DEVICES = ("auto", "cpu", "cuda")
 RECONSTRUCTION_TARGETS = ("own", "dense")
 # obs: reconstruction re-chooses which units of each layer go (the plan's counts stay); plan: the plan's units
 RECONSTRUCTION_SELECTIONS = ("obs", "plan")
+# GGUF types `export-gguf --type` writes: floats by the gguf package, the rest by llama.cpp's quantizer
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")

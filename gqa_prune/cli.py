@@ -254,23 +254,43 @@ def cmd_prune(args: argparse.Namespace) -> None:
 def cmd_ppl(args: argparse.Namespace) -> None:
     from .atomic import write_json
     from .data import WIKITEXT_CONSTRUCTION, wikitext2_test_text
-    from .perplexity import default_window, perplexity
-    from .sources import check_length, load_model, load_tokenizer
+    from .perplexity import DEFAULT_WINDOW, default_window, perplexity
 
     text = wikitext2_test_text(args.data_dir)  # read before loading the model: a bad data_dir fails fast
-    if args.window:
-        check_length(args.model, args.window, "--window")
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
-    tokenizer = load_tokenizer(args.model)
-    token_ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
-    window = args.window or default_window(model)
-    result = perplexity(
-        model, token_ids, window, WIKITEXT_CONSTRUCTION, max_tokens=args.max_tokens, batch_size=args.batch_size
-    )
-    record = {"model": str(args.model), "dataset": "wikitext-2-raw test", **result.to_dict()}
+    if _is_gguf(args.model):
+        import torch
+
+        from .export import llama_cpp
+
+        limit = llama_cpp.context_length(llama_cpp.check_ours(args.model))
+        if args.window and args.window > limit:
+            raise GqaPruneError(f"--window {args.window} exceeds the model's {limit} positions (GGUF context_length)")
+        token_ids = torch.tensor(llama_cpp.tokenize(args.model, text))
+        window = args.window or min(DEFAULT_WINDOW, limit)
+        result = llama_cpp.perplexity(args.model, token_ids, window, WIKITEXT_CONSTRUCTION, max_tokens=args.max_tokens)
+        engine = "llama.cpp"
+    else:
+        from .sources import check_length, load_model, load_tokenizer
+
+        if args.window:
+            check_length(args.model, args.window, "--window")
+        model = load_model(args.model, dtype=args.dtype, device=args.device)
+        tokenizer = load_tokenizer(args.model)
+        token_ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
+        window = args.window or default_window(model)
+        result = perplexity(
+            model, token_ids, window, WIKITEXT_CONSTRUCTION, max_tokens=args.max_tokens, batch_size=args.batch_size
+        )
+        engine = "transformers"
+    record = {"model": str(args.model), "dataset": "wikitext-2-raw test", "engine": engine, **result.to_dict()}
     if args.out:
         write_json(args.out, record)
-    print(f"{args.model}: WikiText-2 {result.describe()}")
+    print(f"{args.model}: WikiText-2 {result.describe()} [{engine}]")
+
+
+def _is_gguf(path: Path) -> bool:
+    """A model given as a .gguf file is run by llama.cpp; anything else is a Hugging Face folder."""
+    return Path(path).suffix == ".gguf"
 
 
 def parse_task_limits(text: str) -> dict[str, int | None]:
@@ -309,11 +329,30 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_efficiency(args: argparse.Namespace) -> None:
     from .atomic import write_json
+
+    gguf = _is_gguf(args.model)
+    args.prompt_tokens = args.prompt_tokens or (512 if gguf else 256)
+    args.decode_tokens = args.decode_tokens or (128 if gguf else 32)
+    if gguf:
+        from .export import llama_cpp
+
+        figures = llama_cpp.speed(
+            args.model, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, repeats=args.repeats
+        )
+        figures.update(engine="llama.cpp", bytes=figures["file_bytes"], linear_bits=figures["bits_per_weight"])
+        write_json(args.out, {"model": str(args.model), **figures})
+        print(
+            f"{args.model}: llama.cpp prompt {figures['prompt_tokens_per_s']:.1f} tokens/s ({args.prompt_tokens} "
+            f"tokens), decode {figures['decode_tokens_per_s']:.1f} tokens/s = "
+            f"{figures['decode_fraction_of_ideal']:.0%} of the memory-bound {figures['decode_ideal_tokens_per_s']:.1f}"
+        )
+        return
     from .efficiency import LatencySettings, measure, peak_rss_mb
     from .gptq_format import linear_bits_per_parameter
     from .report import weight_bytes
-    from .sources import load_model
+    from .sources import check_length, load_model
 
+    check_length(args.model, args.prompt_tokens + args.decode_tokens, "--prompt-tokens + --decode-tokens")
     settings = LatencySettings(args.prompt_tokens, args.decode_tokens, args.repeats, args.warmup)
     rss_before = peak_rss_mb()
     model = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -323,6 +362,16 @@ def cmd_efficiency(args: argparse.Namespace) -> None:
     print(
         f"{args.model}: prefill {figures['prefill_ms']:.1f} ms ({settings.prompt_tokens} tokens), "
         f"decode {figures['decode_tokens_per_s']:.1f} tokens/s, KV {figures['kv_cache_bytes_per_token']:,} B/token"
+    )
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> None:
+    from .export.gguf import export_gguf
+
+    summary = export_gguf(args.model, args.out, args.type)
+    print(
+        f"GGUF ({summary['architecture']}, {summary['blocks']} blocks, {summary['type']}, "
+        f"{summary['bytes'] / 2**20:,.1f} MiB) -> {args.out}"
     )
 
 
@@ -463,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
         DEFAULT_MODE,
         DEVICES,
         DTYPES,
+        GGUF_TYPES,
         LAYER_CRITERIA,
         MODES,
         RECONSTRUCTION_SELECTIONS,
@@ -627,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.set_defaults(run=cmd_prune)
 
     ppl = commands.add_parser("ppl", help="WikiText-2 perplexity over non-overlapping windows")
-    ppl.add_argument("--model", required=True, type=Path)
+    ppl.add_argument("--model", required=True, type=Path, help="model folder, or a .gguf from export-gguf (llama.cpp)")
     ppl.add_argument(
         "--data-dir", type=Path, default=None, help="offline data laid out like ../shared/data (default: hub)"
     )
@@ -711,14 +761,29 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=cmd_evaluate)
 
     efficiency = commands.add_parser("efficiency", help="size, KV cache, peak memory, prefill latency, decode speed")
-    efficiency.add_argument("--model", required=True, type=Path)
-    efficiency.add_argument("--prompt-tokens", type=_positive_int, default=256)
-    efficiency.add_argument("--decode-tokens", type=_positive_int, default=32)
+    efficiency.add_argument(
+        "--model", required=True, type=Path, help="model folder, or a .gguf from export-gguf (llama.cpp figures)"
+    )
+    efficiency.add_argument(
+        "--prompt-tokens", type=_positive_int, default=None, help="default: 256 (folders), 512 (GGUF, as llama-bench)"
+    )
+    efficiency.add_argument(
+        "--decode-tokens", type=_positive_int, default=None, help="default: 32 (folders), 128 (GGUF, as llama-bench)"
+    )
     efficiency.add_argument("--repeats", type=_positive_int, default=3)
     efficiency.add_argument("--warmup", type=int, default=1)
     efficiency.add_argument("--out", required=True, type=Path)
     device_options(efficiency)
     efficiency.set_defaults(run=cmd_efficiency)
+
+    export = commands.add_parser("export-gguf", help="write a model folder as one GGUF file that llama.cpp runs")
+    export.add_argument("--model", required=True, type=Path, help="model folder (stage, prune, recover, ...)")
+    export.add_argument("--out", required=True, type=Path, help="output .gguf file")
+    export.add_argument(
+        "--type", default="f16", choices=GGUF_TYPES,
+        help="f32/f16/bf16 written directly; q8_0 and K-quants by llama.cpp's quantizer (default: %(default)s)",
+    )  # fmt: skip
+    export.set_defaults(run=cmd_export_gguf)
 
     plot = commands.add_parser("plot", help="draw a plan: kept groups/channels against layer importance (PNG)")
     plot.add_argument("--plan", required=True, type=Path)
@@ -740,6 +805,7 @@ OUTPUTS = {
     "quantize": (("out", True),),
     "evaluate": (("out", False),),
     "efficiency": (("out", False),),
+    "export-gguf": (("out", False),),
     "aggregate": (("csv", False),),
     "plot": (("out", False),),
 }

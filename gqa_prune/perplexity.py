@@ -40,6 +40,43 @@ def default_window(model: nn.Module) -> int:
     return min(DEFAULT_WINDOW, int(getattr(model.config, "max_position_embeddings", DEFAULT_WINDOW)))
 
 
+def windows_of(token_ids: torch.Tensor, window: int, max_tokens: int | None = None) -> torch.Tensor:
+    """The ``len // window`` non-overlapping windows of ``token_ids`` (1-D) that are scored, as rows."""
+    if window < 2:
+        raise GqaPruneError(f"window {window} is too short; need at least 2 tokens")
+    available = int(token_ids.numel())
+    usable = min(available, max_tokens) if max_tokens else available
+    windows = usable // window
+    if windows < 1:
+        raise GqaPruneError(f"text has {usable:,} tokens (max_tokens={max_tokens}), fewer than one window of {window}")
+    return token_ids[: windows * window].view(windows, window)
+
+
+def window_nll(logits: torch.Tensor, window_ids: torch.Tensor) -> float:
+    """Summed NLL of every token of a window but the first, from that window's logits ([..., tokens, vocab])."""
+    logits = logits.float()
+    return nn.functional.cross_entropy(
+        logits[..., :-1, :].reshape(-1, logits.shape[-1]), window_ids[..., 1:].reshape(-1), reduction="sum"
+    ).item()
+
+
+def result_of(
+    total_nll: float, blocks: torch.Tensor, token_ids: torch.Tensor, text: str, max_tokens: int | None
+) -> PerplexityResult:
+    windows, window = blocks.shape
+    scored = windows * (window - 1)
+    return PerplexityResult(
+        perplexity=math.exp(total_nll / scored),
+        mean_nll=total_nll / scored,
+        window=window,
+        windows=windows,
+        tokens_scored=scored,
+        tokens_available=int(token_ids.numel()),
+        max_tokens=max_tokens,
+        text=text,
+    )
+
+
 def perplexity(
     model: nn.Module,
     token_ids: torch.Tensor,
@@ -52,33 +89,11 @@ def perplexity(
 
     Every window is scored independently (no carried context); the tail shorter than a window is dropped.
     """
-    if window < 2:
-        raise GqaPruneError(f"window {window} is too short; need at least 2 tokens")
-    available = int(token_ids.numel())
-    usable = min(available, max_tokens) if max_tokens else available
-    windows = usable // window
-    if windows < 1:
-        raise GqaPruneError(f"text has {usable:,} tokens (max_tokens={max_tokens}), fewer than one window of {window}")
+    blocks = windows_of(token_ids, window, max_tokens)
     device = next(model.parameters()).device
-    blocks = token_ids[: windows * window].view(windows, window)
     total_nll = 0.0
     with torch.no_grad():
         for batch in tqdm(blocks.split(batch_size), desc=f"perplexity (window {window})", unit="batch"):
             batch = batch.to(device)
-            logits = model(input_ids=batch, use_cache=False).logits.float()
-            nll = nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-            )
-            total_nll += nll.item()
-    scored = windows * (window - 1)
-    mean_nll = total_nll / scored
-    return PerplexityResult(
-        perplexity=math.exp(mean_nll),
-        mean_nll=mean_nll,
-        window=window,
-        windows=windows,
-        tokens_scored=scored,
-        tokens_available=available,
-        max_tokens=max_tokens,
-        text=text,
-    )
+            total_nll += window_nll(model(input_ids=batch, use_cache=False).logits, batch)
+    return result_of(total_nll, blocks, token_ids, text, max_tokens)

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gqa_prune"
 # arch -> units -> scores -> plan -> surgery, and what computes scores and refits: no files, no CLI, no workflow
 CORE = {"arch", "units", "scores", "allocation", "plan", "surgery", "passes", "criteria", "importance", "reconstruct"}
 ABOVE_CORE = {"cli", "sources", "data", "quantize", "gptq_format", "recover", "report", "evaluate", "checkpoint",
-              "plotting", "profile", "efficiency", "perplexity"}  # fmt: skip
+              "plotting", "profile", "efficiency", "perplexity", "export"}  # fmt: skip
 
 
 def _module_name(file: Path) -> str:

@@ -1,0 +1,253 @@
+"""Write a gqa-prune checkpoint as one GGUF file that llama.cpp runs with the Hugging Face model's logits.
+
+Float types (f32, f16, bf16) are written here with the ``gguf`` package; quantized types (q8_0 and the
+K-quants) are made from a temporary f32 file by llama.cpp's own quantizer, so they are exactly what
+``llama-quantize`` would write. The file records that gqa-prune wrote it (``gqa_prune.*`` keys), which
+``gqa-prune ppl`` and ``efficiency`` check before they trust it.
+
+Weights go in llama.cpp's layout: Q and K rows of each head are permuted from Hugging Face's rotate-half
+RoPE to llama.cpp's interleaved one where the architecture uses it (llama, deci), 1-D tensors (norms,
+biases) stay f32, a tied output head is not written twice, and RoPE frequency scaling (Llama-3.1's
+``llama3``, ``linear``) becomes the ``rope_freqs`` factors, read from the model's own rotary embedding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from torch import nn
+
+from .. import __version__
+from ..arch import ATTENTION_ROLES, MLP_ROLES, adapter_for, geometry_of
+from ..atomic import atomic_file
+from ..choices import GGUF_TYPES
+from ..errors import GqaPruneError
+from ..gptq_format import is_quantized
+from ..sources import load_model, load_tokenizer, read_provenance, require_model_dir
+from .gguf_file import MARKER_KEY, is_ours
+from .gguf_vocab import add_vocab
+from .layout import Block, Layout, layout_for
+
+logger = logging.getLogger(__name__)
+
+FLOAT_TYPES = {
+    "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+}
+QUANTIZED_TYPES = {  # --type -> llama.cpp's file type (llama_ftype), made by its quantizer
+    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K,
+    "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M,
+    "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
+}
+_ROPE_TYPES = ("default", "linear", "llama3")  # frequency scalings llama.cpp's rope_freqs reproduces exactly
+_INTERLEAVED_ROPE = ("llama", "deci")  # llama.cpp architectures whose RoPE pairs adjacent dimensions
+
+
+def check_gguf_type(name: str) -> str:
+    if name not in GGUF_TYPES:
+        raise GqaPruneError(f"GGUF type {name!r} is not supported; choose one of {', '.join(GGUF_TYPES)}")
+    return name
+
+
+def _interleave_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Reorder each head's rows from rotate-half pairs (i, i + d/2) to adjacent pairs (2i, 2i + 1)."""
+    head_dim = weight.shape[0] // heads
+    return weight.reshape(heads, 2, head_dim // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def rope_frequency_factors(model: nn.Module) -> torch.Tensor | None:
+    """llama.cpp's ``rope_freqs`` (each dimension's frequency divisor), or None when RoPE is unscaled."""
+    config = model.config
+    parameters = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = parameters.get("rope_type", "default")
+    if rope_type not in _ROPE_TYPES:
+        raise GqaPruneError(
+            f"RoPE scaling {rope_type!r} cannot be exported to GGUF exactly; exportable: {', '.join(_ROPE_TYPES)}"
+        )
+    rotary = model.get_submodule("model.rotary_emb")
+    if float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
+        raise GqaPruneError(f"RoPE scaling {rope_type!r} scales attention; llama.cpp's rope_freqs cannot carry that")
+    head_dim = geometry_of(model).head_dim
+    theta = float(parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    base = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    factors = (base / rotary.inv_freq.double()).float()
+    return None if torch.allclose(factors, torch.ones_like(factors), rtol=0, atol=1e-6) else factors
+
+
+def context_length(config) -> int:
+    """Positions the GGUF declares: the model's, capped at a sliding window (llama.cpp runs full attention)."""
+    positions = int(config.max_position_embeddings)
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) and isinstance(window, int) and 0 < window < positions:
+        logger.info(
+            "sliding window %d < %d positions: the GGUF declares %d (exact within it)", window, positions, window
+        )
+        return window
+    return positions
+
+
+class _TensorSink:
+    """Converts tensors to the file's float type (1-D ones stay f32) and adds them to the writer."""
+
+    def __init__(self, writer: gguf.GGUFWriter, float_type: gguf.GGMLQuantizationType):
+        self.writer, self.float_type = writer, float_type
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        array = tensor.detach().to(torch.float32).cpu().contiguous().numpy()
+        if array.ndim == 1 or self.float_type == gguf.GGMLQuantizationType.F32:
+            self.writer.add_tensor(name, array)
+        elif self.float_type == gguf.GGMLQuantizationType.F16:
+            self.writer.add_tensor(name, array.astype(np.float16))
+        else:
+            self.writer.add_tensor(name, gguf.quants.quantize(array, self.float_type), raw_dtype=self.float_type)
+
+
+def _add_block_tensors(sink: _TensorSink, model: nn.Module, layout: Layout, block_index: int, block: Block) -> None:
+    adapter = adapter_for(model.config)
+    layer = adapter.decoder_layers(model)[block.layer]
+    hidden = int(model.config.hidden_size)
+    prefix = f"blk.{block_index}"
+    interleave = layout.architecture in _INTERLEAVED_ROPE
+    if block.attention == "full":
+        attention = adapter.sublayer(layer, "attn")
+        sink.add(f"{prefix}.attn_norm.weight", getattr(layer, adapter.norm_attr("attn")).weight)
+        heads = {"q_proj": block.head_count, "k_proj": block.head_count_kv}
+        names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}
+        for role in ATTENTION_ROLES:
+            projection = getattr(attention, role.module)
+            for kind in ("weight", "bias"):
+                tensor = getattr(projection, kind)
+                if tensor is None:
+                    continue
+                if interleave and role.module in heads:
+                    tensor = _interleave_rope_rows(tensor, heads[role.module])
+                sink.add(f"{prefix}.{names[role.module]}.{kind}", tensor)
+        for norm, name in (("q_norm", "attn_q_norm"), ("k_norm", "attn_k_norm")):  # Qwen3 (native qwen3 only)
+            if getattr(attention, norm, None) is not None:
+                sink.add(f"{prefix}.{name}.weight", getattr(attention, norm).weight)
+    elif block.attention == "zero":
+        sink.add(f"{prefix}.attn_norm.weight", torch.ones(hidden))
+        sink.add(f"{prefix}.attn_output.weight", torch.zeros(hidden, hidden))
+    if block.mlp == "full":
+        mlp = adapter.sublayer(layer, "mlp")
+        sink.add(f"{prefix}.ffn_norm.weight", getattr(layer, adapter.norm_attr("mlp")).weight)
+        names = {"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+        for role in MLP_ROLES:
+            projection = getattr(mlp, role.module)
+            sink.add(f"{prefix}.{names[role.module]}.weight", projection.weight)
+            if projection.bias is not None:
+                sink.add(f"{prefix}.{names[role.module]}.bias", projection.bias)
+    else:
+        width = block.feed_forward_length
+        sink.add(f"{prefix}.ffn_norm.weight", torch.ones(hidden))
+        sink.add(f"{prefix}.ffn_gate.weight", torch.zeros(width, hidden))
+        sink.add(f"{prefix}.ffn_up.weight", torch.zeros(width, hidden))
+        sink.add(f"{prefix}.ffn_down.weight", torch.zeros(hidden, width))
+
+
+def write_gguf(model: nn.Module, tokenizer, path: Path, float_type: str, metadata: dict[str, str]) -> Layout:
+    """Write ``model`` (in memory, float) with its tokenizer as a float GGUF at ``path``; returns its layout."""
+    config = model.config
+    geometry = geometry_of(model)
+    layout = layout_for(geometry)
+    tensor_type, file_type = FLOAT_TYPES[float_type]
+    rope_factors = rope_frequency_factors(model)
+    writer = gguf.GGUFWriter(str(path), layout.architecture)
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(metadata.get("name", "gqa-prune model"))
+    for key, value in metadata.items():
+        if key != "name":
+            writer.add_string(f"gqa_prune.{key}", value)
+    writer.add_string(MARKER_KEY, __version__)
+    writer.add_context_length(context_length(config))
+    writer.add_embedding_length(geometry.hidden_size)
+    writer.add_block_count(len(layout.blocks))
+    writer.add_feed_forward_length(layout.per_layer("feed_forward_length"))
+    writer.add_head_count(layout.per_layer("head_count"))
+    writer.add_head_count_kv(layout.per_layer("head_count_kv"))
+    writer.add_key_length(geometry.head_dim)
+    writer.add_value_length(geometry.head_dim)
+    writer.add_rope_dimension_count(geometry.head_dim)
+    parameters = dict(getattr(config, "rope_parameters", None) or {})
+    writer.add_rope_freq_base(float(parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    vocab_size = model.get_input_embeddings().num_embeddings
+    writer.add_vocab_size(vocab_size)
+    writer.add_file_type(file_type)
+    add_vocab(writer, tokenizer, vocab_size)
+
+    sink = _TensorSink(writer, tensor_type)
+    sink.add("token_embd.weight", model.get_input_embeddings().weight)
+    sink.add("output_norm.weight", model.get_submodule("model.norm").weight)
+    output = model.get_output_embeddings()
+    if output.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+        sink.add("output.weight", output.weight)
+    if rope_factors is not None:
+        sink.add("rope_freqs.weight", rope_factors)
+    for block_index, block in enumerate(layout.blocks):
+        _add_block_tensors(sink, model, layout, block_index, block)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=True)
+    writer.close()
+    return layout
+
+
+def check_replaceable(out: str | os.PathLike) -> None:
+    """An existing output is replaced only if export-gguf wrote it; anything else is refused before any work."""
+    if Path(out).exists() and not is_ours(out):
+        raise GqaPruneError(
+            f"output {str(out)!r} exists and is not a GGUF file gqa-prune wrote; refusing to replace it "
+            "(choose another path or remove it yourself)"
+        )
+
+
+def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, gguf_type: str = "f16") -> dict:
+    """Export a gqa-prune (or plain Hugging Face) model folder to one GGUF file, atomically; returns a summary."""
+    check_gguf_type(gguf_type)
+    folder = require_model_dir(model_dir)
+    check_replaceable(out)
+    if is_quantized(folder):
+        raise GqaPruneError(
+            f"model folder {str(folder)!r} is a GPTQ checkpoint; export the float model it was quantized from "
+            "(GGUF types q8_0/q4_k_m/... quantize it with llama.cpp)"
+        )
+    if gguf_type in QUANTIZED_TYPES:
+        from .llama_cpp import require_llama_cpp
+
+        require_llama_cpp()  # before the work, not after it
+    model = load_model(folder, dtype="float32", device="cpu")
+    tokenizer = load_tokenizer(folder)
+    metadata = {
+        "name": folder.name,
+        "source": str(read_provenance(folder).get("source", folder)),
+        "model_folder": str(folder.resolve()),
+        "type": gguf_type,
+    }
+    with atomic_file(out) as temporary:
+        if gguf_type in FLOAT_TYPES:
+            layout = write_gguf(model, tokenizer, temporary, gguf_type, metadata)
+        else:
+            from .llama_cpp import quantize
+
+            with tempfile.TemporaryDirectory(prefix=".gguf-f32-", dir=temporary.parent) as scratch:
+                float_file = Path(scratch) / "model-f32.gguf"
+                layout = write_gguf(model, tokenizer, float_file, "f32", metadata)
+                del model
+                quantize(float_file, temporary, QUANTIZED_TYPES[gguf_type])
+    summary = {
+        "architecture": layout.architecture,
+        "blocks": len(layout.blocks),
+        "type": gguf_type,
+        "bytes": Path(out).stat().st_size,
+    }
+    logger.info("exported %s (%s, %s) -> %s", folder, layout.architecture, gguf_type, out)
+    return summary

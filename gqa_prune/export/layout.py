@@ -1,0 +1,104 @@
+"""How a (possibly heterogeneous) gqa-prune model maps onto llama.cpp's blocks: architecture and per-block sizes.
+
+Uniform models (every layer has attention and an MLP of the same shape) go to their native llama.cpp
+architecture (``llama`` for Llama and Mistral, ``qwen2``, ``qwen3``), which every GGUF tool loads; llama.cpp's
+``qwen2`` needs as many query dimensions as hidden ones, so a Qwen2 that lost the same groups in every layer
+goes to ``deci`` too. Any other
+shape goes to ``deci`` (written for Llama-3.1-Nemotron-51B), which reads per-layer arrays of query heads, KV
+heads and MLP widths. Its graph has two traps that this layout works around, both checked against the real
+engine by the tests:
+
+- a block with ``feed_forward_length == 0`` skips the rest of the block, attention output included, so a
+  layer that keeps attention but lost its MLP gets a tiny MLP of zeros (``ZERO_MLP_WIDTH`` channels: its
+  output is exactly 0 in every number format);
+- head size and rope dimension are read only when block 0 has query heads, so an attention-free block 0
+  becomes deci's "linear attention" (query heads but no KV heads: ``attn_output`` applied to the normed
+  input) with an all-zero ``attn_output``, which adds exactly 0.
+
+Pure: no I/O, no llama.cpp; the writer and the tests read the same layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ..arch import Geometry
+from ..errors import GqaPruneError
+
+ZERO_MLP_WIDTH = 32  # channels of the all-zero MLP of a block that lost its MLP (a whole quantization block)
+NATIVE_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+HETEROGENEOUS_ARCHITECTURE = "deci"
+
+Attention = Literal["full", "none", "zero"]  # zero: deci's linear attention with an all-zero output projection
+Mlp = Literal["full", "zero"]  # zero: ZERO_MLP_WIDTH channels of zeros
+
+
+@dataclass(frozen=True)
+class Block:
+    """One llama.cpp block: the model layer it comes from and the sizes the GGUF's per-layer arrays hold."""
+
+    layer: int  # index among the model's decoder layers
+    attention: Attention
+    mlp: Mlp
+    head_count: int
+    head_count_kv: int
+    feed_forward_length: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    architecture: str
+    blocks: tuple[Block, ...]
+
+    @property
+    def uniform(self) -> bool:
+        return self.architecture != HETEROGENEOUS_ARCHITECTURE
+
+    def per_layer(self, field: str) -> int | list[int]:
+        """A per-block size as the GGUF key holds it: one integer for a native architecture, else a list."""
+        values = [getattr(block, field) for block in self.blocks]
+        return values[0] if self.uniform else values
+
+
+def _is_uniform(geometry: Geometry) -> bool:
+    """Every layer whole and of one shape, and (llama.cpp's qwen2 builds q and o as hidden x hidden) expressible
+    by the family's native architecture."""
+    query_rows = geometry.kv_groups[0] * geometry.heads_per_group * geometry.head_dim
+    return (
+        (geometry.family != "qwen2" or query_rows == geometry.hidden_size)
+        and all(groups > 0 for groups in geometry.kv_groups)
+        and all(width > 0 for width in geometry.intermediate_sizes)
+        and len(set(geometry.kv_groups)) == 1
+        and len(set(geometry.intermediate_sizes)) == 1
+    )
+
+
+def layout_for(geometry: Geometry) -> Layout:
+    """The architecture and blocks a model of this geometry is exported as, or a one-line refusal."""
+    if _is_uniform(geometry):
+        blocks = tuple(
+            Block(layer, "full", "full", groups * geometry.heads_per_group, groups, width)
+            for layer, (groups, width) in enumerate(zip(geometry.kv_groups, geometry.intermediate_sizes))
+        )
+        return Layout(NATIVE_ARCHITECTURES[geometry.family], blocks)
+    if geometry.family == "qwen3":
+        raise GqaPruneError(
+            "a heterogeneous qwen3 model cannot be exported to GGUF: llama.cpp's per-layer architecture (deci) "
+            "has no per-head q/k norms (Qwen3's QK-norm); only uniform qwen3 models (same shape in every layer) export"
+        )
+    blocks = []
+    for layer, (groups, width) in enumerate(zip(geometry.kv_groups, geometry.intermediate_sizes)):
+        if groups == 0 and width == 0:  # an identity layer: the residual passes it, so it is simply left out
+            continue
+        if groups > 0:
+            attention, heads, kv_heads = "full", groups * geometry.heads_per_group, groups
+        elif not blocks:  # the first block must have query heads for llama.cpp to read head_dim
+            attention, heads, kv_heads = "zero", geometry.heads_per_group, 0
+        else:
+            attention, heads, kv_heads = "none", 0, 0
+        mlp: Mlp = "full" if width > 0 else "zero"
+        blocks.append(Block(layer, attention, mlp, heads, kv_heads, width if width > 0 else ZERO_MLP_WIDTH))
+    if not blocks:
+        raise GqaPruneError("the model has no layer left with attention or an MLP; there is nothing to export")
+    return Layout(HETEROGENEOUS_ARCHITECTURE, tuple(blocks))
