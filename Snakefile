@@ -1,5 +1,5 @@
 # gqa-prune workflow: importance scores -> pruning plans -> pruned checkpoints -> LoRA recovery -> INT4/INT8
-# quantization -> perplexity, lm-eval tasks, efficiency -> tradeoff table with Pareto fronts.
+# quantization (GPTQ, GGUF for llama.cpp) -> perplexity, lm-eval tasks, efficiency -> tradeoff table with Pareto fronts.
 #   snakemake --cores 2                      the embedded default (config/config.yaml), offline, on CPU
 #   snakemake --profile slurm --configfile config/examples/llama-3.1-8b.yaml
 # Every stage setting reaches its rule through params:, so Snakemake re-runs exactly what a change touches.
@@ -20,6 +20,7 @@ include: "workflow/rules/plan.smk"
 include: "workflow/rules/prune.smk"
 include: "workflow/rules/recover.smk"
 include: "workflow/rules/quantize.smk"
+include: "workflow/rules/export_gguf.smk"
 include: "workflow/rules/ppl.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/aggregate.smk"

@@ -48,7 +48,10 @@ EFFICIENCY_COLUMNS = (
     "kv_cache_bytes_per_token",
     "peak_memory_mb",
     "prefill_ms",
+    "prompt_tokens_per_s",  # llama.cpp (GGUF variants)
     "decode_tokens_per_s",
+    "decode_ideal_tokens_per_s",  # llama.cpp: read bandwidth / bytes read per token
+    "decode_fraction_of_ideal",
 )
 
 
@@ -80,9 +83,10 @@ def primary_metric(task: str, entry: dict) -> str:
 
 
 def variant_row(entry: dict) -> dict:
-    """One table row from a manifest entry (model, ppl; optional plan, lm_eval, efficiency, benchmarks)."""
+    """One table row from a manifest entry (model, ppl; optional plan, lm_eval, efficiency, benchmarks, and the
+    provenance file of a model that is a single file, a GGUF)."""
     plan = _read_json(entry["plan"]) if entry.get("plan") else None
-    provenance = _read_json(Path(entry["model"]) / "gqa_prune.json")
+    provenance = _read_json(entry.get("provenance") or Path(entry["model"]) / "gqa_prune.json")
     ppl = _read_json(entry["ppl"])
     tasks = _read_json(entry["lm_eval"])["summary"] if entry.get("lm_eval") else {}
     efficiency = _read_json(entry["efficiency"]) if entry.get("efficiency") else {}
@@ -97,8 +101,11 @@ def variant_row(entry: dict) -> dict:
         "quant": entry.get("quant", "none"),
         "removed_attn_mlp": summary.get("achieved_ratio", 0.0),
         "params": int(summary.get("params_after", provenance.get("parameters", 0))),
-        "bytes": efficiency.get("bytes", weight_bytes(entry["model"])),
-        "linear_bits": efficiency.get("linear_bits", linear_bits_per_parameter(entry["model"])),
+        "bytes": efficiency["bytes"] if "bytes" in efficiency else weight_bytes(entry["model"]),
+        "linear_bits": (
+            efficiency["linear_bits"] if "linear_bits" in efficiency else linear_bits_per_parameter(entry["model"])
+        ),
+        "engine": ppl.get("engine", "transformers"),
         "ppl": ppl["perplexity"],
         "ppl_window": ppl["window"],
         "ppl_tokens": ppl["tokens_scored"],
@@ -155,9 +162,10 @@ def tradeoff_table(manifest: dict) -> pd.DataFrame:
 
 
 SUMMARY_COLUMNS = (
-    "variant", "params", "bytes", "linear_bits", "kv_cache_bytes_per_token", "ppl", "mean_acc",
+    "variant", "engine", "params", "bytes", "linear_bits", "kv_cache_bytes_per_token", "ppl", "mean_acc",
     "arc_easy_acc_norm", "arc_challenge_acc_norm", "hellaswag_acc_norm", "piqa_acc_norm", "winogrande_acc",
-    "wikitext_word_ppl", "prefill_ms", "decode_tokens_per_s", "pareto_bytes_acc", "pareto_bytes_ppl", "pareto_tps_acc",
+    "wikitext_word_ppl", "prefill_ms", "prompt_tokens_per_s", "decode_tokens_per_s", "decode_fraction_of_ideal",
+    "pareto_bytes_acc", "pareto_bytes_ppl", "pareto_tps_acc",
 )  # fmt: skip
 
 

@@ -14,17 +14,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import calibration_ids, parameter_count, plan_for
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from helpers import FAMILIES, calibration_ids, parameter_count, plan_for
 
 from gqa_prune.arch import geometry_of
 from gqa_prune.checkpoint import save_pruned
@@ -40,12 +30,6 @@ from gqa_prune.surgery import apply_plan
 
 pytest.importorskip("llama_cpp", reason="the gguf extra (llama-cpp-python) is not installed")
 
-FAMILIES = {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-}
 LLAMA31_ROPE = {
     "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
     "original_max_position_embeddings": 16, "rope_theta": 500000.0,
@@ -110,23 +94,6 @@ def relative_error(reference: np.ndarray, other: np.ndarray) -> float:
 
 
 TOKENS = calibration_ids(vocab_size=256, blocks=1, length=40, seed=3)[0].tolist()
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer(c4_texts):
-    """A real byte-level BPE tokenizer with merges (llama.cpp's gpt2 tokenizer needs them): 320 tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )  # fmt: skip
-    tokenizer.train_from_iterator(c4_texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>")
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
@@ -267,6 +234,8 @@ def test_bad_input_gets_one_line_and_leaves_nothing(tiny_tokenizer, tmp_path, ca
     code, _, err = run(capsys, "export-gguf", "--model", folder, "--out", notes)
     assert_one_line_error(code, err, "is not a GGUF file gqa-prune wrote")
     assert notes.read_text() == "my notes\n"
+    code, _, err = run(capsys, "export-gguf", "--model", folder, "--out", tmp_path / "model.bin")
+    assert_one_line_error(code, err, "must end in .gguf")
     with pytest.raises(SystemExit) as exited:
         run(capsys, "export-gguf", "--model", folder, "--out", tmp_path / "x.gguf", "--type", "q3_k")
     assert exited.value.code == 2 and "invalid choice: 'q3_k'" in capsys.readouterr().err

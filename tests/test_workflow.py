@@ -16,6 +16,7 @@ import yaml
 from conftest import REPO
 from workflow_helpers import (
     ENV,
+    GGUF,
     PRUNED,
     QUANTIZED,
     RECOVERED,
@@ -62,7 +63,9 @@ def test_real_run_writes_the_table_and_says_where(workflow_run):
         assert (workdir / "results/tiny" / name).is_file()
     sources = json.loads((workdir / "results/tiny/tradeoff.sources.json").read_text())
     for entry in sources["variants"]:  # every figure traces to an artefact that exists
-        assert (workdir / entry["ppl"]).is_file() and (workdir / entry["model"]).is_dir()
+        gguf = entry["variant"] in GGUF  # a file; every other model is a folder
+        assert (workdir / entry["ppl"]).is_file()
+        assert (workdir / entry["model"]).is_file() if gguf else (workdir / entry["model"]).is_dir()
         assert all((workdir / path).is_file() for path in entry["benchmarks"].values())
     assert (workdir / "results/tiny/pruned/taylor-inverse-r0.30/config.json").is_file()
 
@@ -77,10 +80,19 @@ def test_every_number_in_the_table_traces_to_its_artefact(workflow_run):
         row = rows[entry["variant"]]
         ppl = json.loads((workdir / entry["ppl"]).read_text())
         efficiency = json.loads((workdir / entry["efficiency"]).read_text())
-        tasks = json.loads((workdir / entry["lm_eval"]).read_text())
         assert float(row["ppl"]) == ppl["perplexity"] and int(row["ppl_window"]) == ppl["window"]
-        for key in ("bytes", "linear_bits", "kv_cache_bytes_per_token", "prefill_ms", "decode_tokens_per_s"):
+        assert row["engine"] == ppl["engine"] == ("llama.cpp" if entry["variant"] in GGUF else "transformers")
+        keys = ("bytes", "linear_bits", "decode_tokens_per_s")
+        keys += ("prompt_tokens_per_s", "decode_fraction_of_ideal") if entry["variant"] in GGUF else ("prefill_ms",)
+        for key in keys:
             assert float(row[key]) == efficiency[key]
+        for stage, path in entry["benchmarks"].items():  # wall times are the benchmark files' own figures
+            seconds = float((workdir / path).read_text().splitlines()[1].split("\t")[0])
+            assert float(row[f"{stage}_s"]) == seconds
+        if entry["variant"] in GGUF:  # lm-eval runs model folders only
+            assert "lm_eval" not in entry and not row["mean_acc"]
+            continue
+        tasks = json.loads((workdir / entry["lm_eval"]).read_text())
         assert float(row["arc_easy_acc_norm"]) == tasks["summary"]["arc_easy"]["acc_norm"]
         assert float(row["winogrande_acc_stderr"]) == tasks["summary"]["winogrande"]["acc_stderr"]
         # the raw lm-eval results are kept too
@@ -88,9 +100,6 @@ def test_every_number_in_the_table_traces_to_its_artefact(workflow_run):
         primary = [tasks["summary"][t]["acc_norm" if "acc_norm" in tasks["summary"][t] else "acc"]
                    for t in ("arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande")]  # fmt: skip
         assert float(row["mean_acc"]) == pytest.approx(sum(primary) / len(primary), rel=1e-12)
-        for stage, path in entry["benchmarks"].items():  # wall times are the benchmark files' own figures
-            seconds = float((workdir / path).read_text().splitlines()[1].split("\t")[0])
-            assert float(row[f"{stage}_s"]) == seconds
 
 
 def test_touching_nothing_reruns_nothing(workflow_run):
@@ -116,8 +125,10 @@ def test_changing_a_lora_setting_reruns_recovery_and_what_derives_from_it(workfl
     workdir, config, _ = workflow_run
     changed = tiny_config(Path(config["model"]["source"]), **{"recovery.lr": 0.001})
     derived = [v for v in QUANTIZED if v.startswith("taylor-inverse-r0.20-lora-kd-")]
+    exported = [v for v in GGUF if v.startswith("taylor-inverse-r0.20-lora-kd-")]
     expected = {("aggregate", "model=tiny"), ("all", "")} | jobs_for("recover", RECOVERED)
-    expected |= jobs_for("quantize", derived) | evaluation_of([*RECOVERED, *derived])
+    expected |= jobs_for("quantize", derived) | jobs_for("export_gguf", exported)
+    expected |= evaluation_of([*RECOVERED, *derived, *exported])
     assert planned_jobs(workdir, changed) == expected
 
 
@@ -168,6 +179,12 @@ def test_editing_a_rules_shell_reruns_that_rule_and_downstream(workflow_run, tmp
             {"plans.strategies": ["greedy"]},
             "plans.strategies[0]: 'greedy' is not allowed; allowed: inverse, proportional, uniform",
         ),
+        (
+            {"gguf.types": ["q3_k"]},
+            "gguf.types[0]: 'q3_k' is not allowed; allowed: f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m",
+        ),
+        ({"eval.apply_to": ["dense-gguf-f16"]}, "eval.apply_to: 'dense-gguf-f16' is a GGUF variant"),
+        ({"gguf.apply_to": ["dense-gptq-w4g32"]}, "gguf.apply_to: 'dense-gptq-w4g32' is not a variant of this grid"),
     ],
 )
 def test_invalid_config_fails_before_any_job(tmp_path, tiny_model_dir, override, expected):

@@ -19,7 +19,8 @@ RECOVERED = ["taylor-inverse-r0.20-lora-lm", "taylor-inverse-r0.20-lora-kd"]
 QUANTIZED = [
     f"{base}-{quant}" for base in ("dense", "taylor-inverse-r0.20-lora-kd") for quant in ("gptq-w4g32", "rtn-w8g32")
 ]
-VARIANTS = ["dense", *PRUNED, *RECOVERED, *QUANTIZED]
+GGUF = [f"{base}-gguf-{kind}" for base in ("dense", "taylor-inverse-r0.20-lora-kd") for kind in ("f16", "q8_0")]
+VARIANTS = ["dense", *PRUNED, *RECOVERED, *QUANTIZED, *GGUF]
 
 
 def tiny_config(model_dir: Path, **overrides) -> dict:
@@ -50,6 +51,11 @@ def tiny_config(model_dir: Path, **overrides) -> dict:
             ],
             "apply_to": ["dense", "taylor-inverse-r0.20-lora-kd"],
             "n_samples": 8,
+        },
+        "gguf": {
+            "types": ["f16", "q8_0"],
+            "apply_to": ["dense", "taylor-inverse-r0.20-lora-kd"],
+            "efficiency": {"prompt_tokens": 8, "decode_tokens": 4, "repeats": 1},
         },
         "eval": {
             "ppl": {"window": 32, "max_tokens": 256},
@@ -98,18 +104,25 @@ def jobs_for(rule: str, variants) -> set[tuple[str, str]]:
 
 
 def evaluation_of(variants) -> set[tuple[str, str]]:
-    """A changed model is measured again: perplexity, lm-eval tasks, efficiency."""
-    return jobs_for("ppl", variants) | jobs_for("evaluate", variants) | jobs_for("efficiency", variants)
+    """A changed model is measured again: perplexity, lm-eval tasks (not on GGUF files), efficiency."""
+    folders = [variant for variant in variants if "-gguf-" not in variant]
+    return jobs_for("ppl", variants) | jobs_for("evaluate", folders) | jobs_for("efficiency", variants)
+
+
+def derived_from(variants, candidates) -> list[str]:
+    """The candidates made from any of ``variants`` (quantized or GGUF ones of a recovered model, ...)."""
+    return [candidate for candidate in candidates if any(candidate.startswith(f"{v}-") for v in variants)]
 
 
 def downstream_of_plan(variants) -> set[tuple[str, str]]:
     """Jobs that follow new plans of these pruned variants: prune, recovery and quantization of what
     derives from them, PPL of everything, and the table."""
-    recovered = [v for v in RECOVERED if any(v.startswith(p + "-") for p in variants)]
-    quantized = [v for v in QUANTIZED if any(v.startswith(r + "-") for r in recovered)]
+    recovered = derived_from(variants, RECOVERED)
+    quantized, exported = derived_from(recovered, QUANTIZED), derived_from(recovered, GGUF)
     jobs = {("aggregate", "model=tiny"), ("all", "")}
     jobs |= jobs_for("plan", variants) | jobs_for("prune", variants) | jobs_for("recover", recovered)
-    jobs |= jobs_for("quantize", quantized) | evaluation_of([*variants, *recovered, *quantized])
+    jobs |= jobs_for("quantize", quantized) | jobs_for("export_gguf", exported)
+    jobs |= evaluation_of([*variants, *recovered, *quantized, *exported])
     return jobs
 
 

@@ -213,6 +213,8 @@ def check_replaceable(out: str | os.PathLike) -> None:
 def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, gguf_type: str = "f16") -> dict:
     """Export a gqa-prune (or plain Hugging Face) model folder to one GGUF file, atomically; returns a summary."""
     check_gguf_type(gguf_type)
+    if Path(out).suffix != ".gguf":
+        raise GqaPruneError(f"output {str(out)!r} must end in .gguf (ppl and efficiency recognise GGUF files by it)")
     folder = require_model_dir(model_dir)
     check_replaceable(out)
     if is_quantized(folder):
@@ -238,7 +240,9 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, gguf_type:
         else:
             from .llama_cpp import quantize
 
-            with tempfile.TemporaryDirectory(prefix=".gguf-f32-", dir=temporary.parent) as scratch:
+            # named like atomic's siblings, so that a later run removes one a killed process left behind
+            scratch_prefix = f".{Path(out).name}.tmp-{os.getpid()}-f32-"
+            with tempfile.TemporaryDirectory(prefix=scratch_prefix, dir=temporary.parent) as scratch:
                 float_file = Path(scratch) / "model-f32.gguf"
                 layout = write_gguf(model, tokenizer, float_file, "f32", metadata)
                 del model

@@ -122,9 +122,12 @@ DATA_DIR_ARG = f"--data-dir {shlex.quote(DATA_DIR)}" if DATA_DIR else ""
 # ------------------------------------------------------------------------------------------ the grid
 # A variant id reads left to right: what was pruned, how it was recovered, how it was quantized:
 #   dense | taylor-inverse-r0.20 | taylor-inverse-r0.20-lora-kd | taylor-inverse-r0.20-lora-kd-gptq-w4g64
+#   | taylor-inverse-r0.20-lora-kd-gguf-q4_k_m (a GGUF file for llama.cpp)
 PRUNED_PATTERN = r"[a-z][a-z0-9]*-[a-z]+-r[0-9]+(?:\.[0-9]+)?"  # <criterion>-<strategy or mode>-r<ratio> (l0)
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")  # gqa_prune.choices.GGUF_TYPES
 VARIANT_PATTERN = (
-    rf"(?P<prune>dense|{PRUNED_PATTERN})(?:-lora-(?P<recovery>lm|kd))?(?:-(?P<quant>(?:gptq|rtn)-w[0-9]+g[0-9]+))?"
+    rf"(?P<prune>dense|{PRUNED_PATTERN})(?:-lora-(?P<recovery>lm|kd))?"
+    rf"(?:-(?P<quant>(?:gptq|rtn)-w[0-9]+g[0-9]+)|-gguf-(?P<gguf>{'|'.join(GGUF_TYPES)}))?"
 )
 
 
@@ -205,7 +208,17 @@ QUANTIZED_VARIANTS = [
     )
     for quant in QUANT_METHODS
 ]
-VARIANTS = ["dense", *PRUNED_VARIANTS, *RECOVERED_VARIANTS, *QUANTIZED_VARIANTS]
+GGUF = config["gguf"]
+GGUF_VARIANTS = [
+    f"{base}-gguf-{gguf_type}"
+    for base in (
+        chosen(GGUF["apply_to"], ["dense", *PRUNED_VARIANTS, *RECOVERED_VARIANTS], "gguf.apply_to")
+        if GGUF["types"]
+        else []
+    )
+    for gguf_type in GGUF["types"]
+]
+VARIANTS = ["dense", *PRUNED_VARIANTS, *RECOVERED_VARIANTS, *QUANTIZED_VARIANTS, *GGUF_VARIANTS]
 CRITERIA = sorted({parse_variant(variant)["criterion"] for variant in PRUNED_VARIANTS})
 # layer scores the importance stage computes: those asked for, plus the one plans are built from
 LAYER_CRITERIA = sorted(set(config["importance"]["layer_criteria"]) | {PLANS["layer_criterion"]})
@@ -222,8 +235,10 @@ wildcard_constraints:
 
 
 def model_path(model: str, variant: str) -> str:
-    """Where a variant's model folder lives: staged, pruned, recovered or quantized."""
+    """Where a variant's model lives: a staged, pruned, recovered or quantized folder, or a GGUF file."""
     parts = parse_variant(variant)
+    if parts["gguf"]:
+        return f"results/{model}/gguf/{variant}.gguf"
     if parts["quant"]:
         return f"results/{model}/quantized/{variant}"
     if parts["recovery"]:
@@ -236,8 +251,10 @@ def model_dir(wildcards) -> str:
 
 
 def parent_variant(variant: str) -> str:
-    """The variant a recovered or quantized one was made from."""
+    """The variant a recovered, quantized or GGUF one was made from."""
     parts = parse_variant(variant)
+    if parts["gguf"]:
+        return variant.removesuffix(f"-gguf-{parts['gguf']}")
     if parts["quant"]:
         return variant.removesuffix(f"-{parts['quant']}")
     return parts["prune"]
@@ -311,6 +328,10 @@ def tradeoff_manifest(model: str) -> dict:
         benchmarks = {"ppl": f"results/{model}/benchmarks/ppl/{variant}.tsv"}
         entry = {"variant": variant, "model": model_path(model, variant), "ppl": f"results/{model}/eval/{variant}/ppl.json",
                  "recovery": parts["recovery"] or "none", "quant": parts["quant"] or "none"}
+        if parts["gguf"]:  # a file: provenance is its source folder's, speed is llama.cpp's
+            entry["quant"] = f"gguf-{parts['gguf']}"
+            entry["provenance"] = f"{model_path(model, parent_variant(variant))}/gqa_prune.json"
+            benchmarks["export_gguf"] = f"results/{model}/benchmarks/export_gguf/{variant}.tsv"
         if parts["prune"] == "dense":
             benchmarks["stage"] = f"results/{model}/benchmarks/stage.tsv"
         else:
@@ -327,7 +348,7 @@ def tradeoff_manifest(model: str) -> dict:
         if parts["quant"]:
             benchmarks["quantize"] = f"results/{model}/benchmarks/quantize/{variant}.tsv"
         entry["efficiency"] = f"results/{model}/eval/{variant}/efficiency.json"
-        if variant in EVALUATED_VARIANTS:
+        if variant in EVALUATED_VARIANTS:  # never a GGUF one
             entry["lm_eval"] = f"results/{model}/eval/{variant}/lm_eval.json"
             benchmarks["evaluate"] = f"results/{model}/benchmarks/evaluate/{variant}.tsv"
         entry["benchmarks"] = benchmarks
@@ -353,6 +374,15 @@ def tradeoff_manifest(model: str) -> dict:
             f"{latency['warmup']} warm-up; peak_memory_mb is the resident-memory growth while loading and timing.",
             "pareto_*: on the front of weight bytes vs mean accuracy, bytes vs perplexity, decode speed vs accuracy.",
         ]
+    if GGUF_VARIANTS:
+        speed = GGUF["efficiency"]
+        notes.append(
+            "GGUF variants (-gguf-<type>) run in llama.cpp (llama-cpp-python): PPL from its logits on the same windows "
+            f"(f32 KV cache); prompt_tokens_per_s over {speed['prompt_tokens']} tokens and decode_tokens_per_s at batch "
+            f"1 over {speed['decode_tokens']} tokens from an empty context ({HEAVY_THREADS} threads, f16 KV cache, "
+            f"median of {speed['repeats']}); decode_fraction_of_ideal = measured / (read bandwidth measured in the same "
+            "job / bytes read per token); linear_bits = the file's bits per weight of its matrices, bytes = the file."
+        )
     if RECOVERED_VARIANTS:
         notes.append(f"Recovery: LoRA r={RECOVERY['rank']}, {RECOVERY['steps']} steps of {RECOVERY['batch_size']} x "
                      f"{RECOVERY['data']['seq_len']} tokens of {RECOVERY['data']['source']}, lr {RECOVERY['lr']}; "
@@ -379,15 +409,15 @@ HEAVY_THREADS = config["resources"]["threads"]
 RETRIES = config["resources"]["retries"]
 RUNTIME = {  # minutes; generous for an 8B model on one GPU
     "stage": 120, "calib": 30, "importance": 360, "plan": 10, "prune": 60, "recover": 720, "quantize": 240,
-    "ppl": 180, "evaluate": 480, "efficiency": 30, "aggregate": 10, "learn_masks": 720,
+    "ppl": 180, "evaluate": 480, "efficiency": 30, "aggregate": 10, "learn_masks": 720, "export_gguf": 120,
     **config["resources"].get("runtime", {}),
 }  # fmt: skip
 
 
 def model_mb(path: str) -> float:
-    """Size of a model folder's weights in MB; before staging, the config's estimate."""
+    """Size of a model folder's weights (or a GGUF file) in MB; before staging, the config's estimate."""
     folder = Path(path)
-    weights = list(folder.glob("*.safetensors")) if folder.is_dir() else []
+    weights = [folder] if folder.is_file() else list(folder.glob("*.safetensors")) if folder.is_dir() else []
     if not weights:
         return float(config["resources"]["model_mb"])
     return sum(file.stat().st_size for file in weights) / 1e6

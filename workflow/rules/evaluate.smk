@@ -1,7 +1,11 @@
 # a model (any variant) -> eval/<variant>/lm_eval.json (lm-eval tasks, for the variants in eval.apply_to)
 # and eval/<variant>/efficiency.json (every variant: cheap, and it places each one on the size/speed fronts).
 EVAL = config["eval"]
-EVALUATED_VARIANTS = chosen(EVAL["apply_to"], VARIANTS, "eval.apply_to")
+_GGUF_NAMED = [name for name in EVAL["apply_to"] if name in GGUF_VARIANTS]
+if _GGUF_NAMED:
+    raise WorkflowError(f"invalid config:\n  eval.apply_to: {_GGUF_NAMED[0]!r} is a GGUF variant; lm-eval runs model "
+                        "folders (GGUF variants get perplexity and llama.cpp speed)")
+EVALUATED_VARIANTS = chosen(EVAL["apply_to"], [v for v in VARIANTS if v not in GGUF_VARIANTS], "eval.apply_to")
 
 
 rule evaluate:
@@ -34,6 +38,12 @@ rule evaluate:
         " --out {output} > {log} 2>&1"
 
 
+def efficiency_args(variant: str) -> str:
+    """Latency settings: eval.efficiency for model folders, gguf.efficiency (llama-bench's sizes) for GGUF files."""
+    settings = GGUF["efficiency"] if parse_variant(variant)["gguf"] else EVAL["efficiency"]
+    return cli_flags({f"--{key.replace('_', '-')}": value for key, value in settings.items()})
+
+
 # latency is timed with every core of the job to itself: threads = resources.threads keeps jobs from overlapping
 rule efficiency:
     input:
@@ -41,7 +51,7 @@ rule efficiency:
     output:
         f"{RESULTS}/eval/{{variant}}/efficiency.json",
     params:
-        settings=cli_flags({f"--{key.replace('_', '-')}": value for key, value in EVAL["efficiency"].items()}),
+        settings=lambda wildcards: efficiency_args(wildcards.variant),
         device=config["device"],
         dtype=config["model"]["dtype"],
     log:
