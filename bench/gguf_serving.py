@@ -66,7 +66,9 @@ def speeds(name: str, work: Path, threads: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dense", type=Path, default=REPO / "resources" / "models" / "smollm2-135m")
-    parser.add_argument("--pruned", type=Path, default=REPO / "results" / "smollm2-135m" / "pruned" / "taylor-hybrid-r0.20")
+    parser.add_argument(
+        "--pruned", type=Path, default=REPO / "results" / "smollm2-135m" / "pruned" / "taylor-hybrid-r0.20"
+    )
     parser.add_argument("--work", type=Path, default=REPO / "results" / "bench" / "gguf")
     parser.add_argument("--window", type=int, default=2048)
     parser.add_argument("--max-tokens", type=int, default=16384)
@@ -76,7 +78,9 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     models = {"dense": args.dense, "pruned": args.pruned}
 
-    quality = [row for name, folder in models.items() for row in measure(name, folder, args.work, args.window, args.max_tokens)]
+    quality = []
+    for name, folder in models.items():
+        quality += measure(name, folder, args.work, args.window, args.max_tokens)
     speed = [row for name in models for row in speeds(name, args.work, args.threads)]
     dense_speed = {row["type"]: row for row in speed if row["model"] == "dense"}
     for row in speed:
@@ -85,13 +89,17 @@ def main() -> None:
         row["speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
 
     print(f"# llama.cpp serving: {machine()}, llama.cpp threads {args.threads}")
-    print(f"\nWikiText-2 raw test, windows of {args.window}, first {args.max_tokens:,} tokens; same token windows in both engines\n")
+    print(
+        f"\nWikiText-2 raw test, windows of {args.window}, first {args.max_tokens:,} tokens; the same windows in both"
+    )
+    print("engines\n")
     print(markdown(quality, ["model", "file", "MiB", "bits/weight", "ppl", "vs HF"]))
     table = [
         {
             "model": row["model"],
             "type": row["type"],
             "MB read/token": f"{row['decode_bytes_per_token'] / 1e6:.1f}",
+            "read GB/s": f"{row['read_bandwidth_gb_s']:.1f}",
             "pp512 tok/s": f"{row['prompt_tokens_per_s']:.0f}",
             "tg128 tok/s": f"{row['decode_tokens_per_s']:.1f}",
             "ideal tok/s": f"{row['decode_ideal_tokens_per_s']:.1f}",
@@ -102,8 +110,8 @@ def main() -> None:
         }
         for row in speed
     ]
-    bandwidth = speed[0]["read_bandwidth_gb_s"]
-    print(f"\nllama.cpp speed; memory read bandwidth measured in this process: {bandwidth:.1f} GB/s\n")
+    print("\nllama.cpp speed; ideal = memory read bandwidth (measured in this process before each file)")
+    print("/ bytes read per token\n")
     print(markdown(table, list(table[0])))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -123,7 +123,7 @@ def perplexity(
     return result_of(total_nll, blocks, token_ids, text, max_tokens)
 
 
-def read_bandwidth(threads: int, megabytes: int = 1024, repeats: int = 5) -> float:
+def read_bandwidth(threads: int, megabytes: int = 1024, repeats: int = 10) -> float:
     """Memory read bandwidth in bytes/s on ``threads`` CPU threads: a float32 sum over a buffer far above cache."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -181,6 +181,7 @@ def speed(
     generator = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab, (prompt_tokens,), generator=generator).tolist()
     steps = torch.randint(0, vocab, (decode_tokens,), generator=generator).tolist()
+    bandwidth = read_bandwidth(threads)  # before llama.cpp's threads exist: they spin for a while after work
     prompt_rates, decode_rates = [], []
     with open_model(
         path, n_ctx=max(prompt_tokens, decode_tokens), logits_all=False, exact=False, threads=threads
@@ -198,7 +199,6 @@ def speed(
             if run:  # the first run warms up
                 prompt_rates.append(prompt_tokens / prompt_seconds)
                 decode_rates.append(decode_tokens / decode_seconds)
-    bandwidth = read_bandwidth(threads)
     per_token = decode_bytes_per_token(metadata, context=decode_tokens // 2)
     decode_rate = statistics.median(decode_rates)
     ideal = bandwidth / per_token
