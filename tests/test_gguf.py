@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import FAMILIES, calibration_ids, parameter_count, plan_for
+from helpers import FAMILIES, calibration_ids, parameter_count, plan_for, tiny_model
 
 from gqa_prune.arch import geometry_of
 from gqa_prune.checkpoint import save_pruned
@@ -133,6 +133,21 @@ def test_plans_of_every_mode_export_exactly(mode, tiny_tokenizer, tmp_path):
     folder = saved(model, plan, tiny_tokenizer, tmp_path / mode)
     out = tmp_path / f"{mode}.gguf"
     export_gguf(folder, out, "f32")
+    assert relative_error(hf_logits(folder, TOKENS), llama_cpp.logits(out, TOKENS)) <= F32_TOLERANCE
+
+
+def test_a_plan_of_learned_masks_exports_exactly(tiny_tokenizer, tmp_path):
+    from gqa_prune.learn_masks import learn_masks
+    from gqa_prune.mask_settings import MaskSettings
+    from gqa_prune.plan import build_plan
+
+    model = tiny_model("llama", 3, layers=4, vocab_size=len(tiny_tokenizer))  # as test_learn_masks learns on
+    settings = MaskSettings(ratio=0.3, steps=200, warmup_steps=50, channel_multiple=1, stats_blocks=4)
+    result = learn_masks(copy.deepcopy(model), calibration_ids(96, blocks=8, length=16), settings)
+    plan = build_plan(result.scores, PlanSettings(ratio=0.3, mode="learned", channel_multiple=1))
+    folder = saved(model, plan, tiny_tokenizer, tmp_path / "learned")
+    out = tmp_path / "learned.gguf"
+    assert export_gguf(folder, out, "f32")["architecture"] == "deci"
     assert relative_error(hf_logits(folder, TOKENS), llama_cpp.logits(out, TOKENS)) <= F32_TOLERANCE
 
 

@@ -63,11 +63,16 @@ def _interleave_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, head_dim // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
+def rope_theta(config) -> float:
+    """The RoPE base frequency (transformers 5 keeps it in ``rope_parameters``)."""
+    parameters = getattr(config, "rope_parameters", None) or {}
+    return float(parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
 def rope_frequency_factors(model: nn.Module) -> torch.Tensor | None:
     """llama.cpp's ``rope_freqs`` (each dimension's frequency divisor), or None when RoPE is unscaled."""
     config = model.config
-    parameters = dict(getattr(config, "rope_parameters", None) or {})
-    rope_type = parameters.get("rope_type", "default")
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
     if rope_type not in _ROPE_TYPES:
         raise GqaPruneError(
             f"RoPE scaling {rope_type!r} cannot be exported to GGUF exactly; exportable: {', '.join(_ROPE_TYPES)}"
@@ -76,8 +81,7 @@ def rope_frequency_factors(model: nn.Module) -> torch.Tensor | None:
     if float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
         raise GqaPruneError(f"RoPE scaling {rope_type!r} scales attention; llama.cpp's rope_freqs cannot carry that")
     head_dim = geometry_of(model).head_dim
-    theta = float(parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-    base = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    base = 1.0 / rope_theta(config) ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     factors = (base / rotary.inv_freq.double()).float()
     return None if torch.allclose(factors, torch.ones_like(factors), rtol=0, atol=1e-6) else factors
 
@@ -176,8 +180,7 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, float_type: str, metadat
     writer.add_key_length(geometry.head_dim)
     writer.add_value_length(geometry.head_dim)
     writer.add_rope_dimension_count(geometry.head_dim)
-    parameters = dict(getattr(config, "rope_parameters", None) or {})
-    writer.add_rope_freq_base(float(parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_rope_freq_base(rope_theta(config))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     vocab_size = model.get_input_embeddings().num_embeddings
     writer.add_vocab_size(vocab_size)
