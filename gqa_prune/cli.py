@@ -352,10 +352,10 @@ def cmd_efficiency(args: argparse.Namespace) -> None:
     from .report import weight_bytes
     from .sources import check_length, load_model
 
-    check_length(args.model, args.prompt_tokens + args.decode_tokens, "--prompt-tokens + --decode-tokens")
     settings = LatencySettings(args.prompt_tokens, args.decode_tokens, args.repeats, args.warmup)
     rss_before = peak_rss_mb()
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    model = load_model(args.model, dtype=args.dtype, device=args.device)  # refuses a folder's own code first
+    check_length(args.model, args.prompt_tokens + args.decode_tokens, "--prompt-tokens + --decode-tokens")
     figures = measure(model, settings, rss_before)
     figures.update(bytes=weight_bytes(args.model), linear_bits=linear_bits_per_parameter(args.model))
     write_json(args.out, {"model": str(args.model), **figures})

@@ -24,8 +24,21 @@ def c4_texts() -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(c4_texts) -> PreTrainedTokenizerFast:
-    """A real byte-level BPE tokenizer (320 tokens: the 256 bytes, 62 merges, 2 special), trained offline on C4
-    text in well under a second; llama.cpp's GGUF tokenizer needs its merges."""
+    """A real byte-level BPE tokenizer (96 tokens), trained offline on C4 text in well under a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=96, special_tokens=["<unk>", "<eos>"], show_progress=False)
+    tokenizer.train_from_iterator(c4_texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(c4_texts) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with merges, as real ones have (320 tokens: the 256 bytes, 62 merges, 2
+    special); llama.cpp's GGUF tokenizer needs the merges, which the 96-token one above has none of."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))

@@ -97,10 +97,10 @@ TOKENS = calibration_ids(vocab_size=256, blocks=1, length=40, seed=3)[0].tolist(
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
-def test_every_shape_runs_in_llama_cpp_with_the_hf_logits(family, tiny_tokenizer, tmp_path):
-    model = gguf_model(family, len(tiny_tokenizer), rope_scaling=family == "llama")
+def test_every_shape_runs_in_llama_cpp_with_the_hf_logits(family, bpe_tokenizer, tmp_path):
+    model = gguf_model(family, len(bpe_tokenizer), rope_scaling=family == "llama")
     plan = every_shape_plan(model)
-    folder = saved(model, plan, tiny_tokenizer, tmp_path / "pruned")
+    folder = saved(model, plan, bpe_tokenizer, tmp_path / "pruned")
     out = tmp_path / "pruned.gguf"
     summary = export_gguf(folder, out, "f32")
     assert summary["architecture"] == "deci" and summary["blocks"] == 5
@@ -114,11 +114,11 @@ def test_every_shape_runs_in_llama_cpp_with_the_hf_logits(family, tiny_tokenizer
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_dense_models_go_to_their_native_architecture(family, tiny_tokenizer, tmp_path):
-    model = gguf_model(family, len(tiny_tokenizer) + 16)  # qwen2's tokenizer class adds a token; rows to spare
+def test_dense_models_go_to_their_native_architecture(family, bpe_tokenizer, tmp_path):
+    model = gguf_model(family, len(bpe_tokenizer) + 16)  # qwen2's tokenizer class adds a token; rows to spare
     folder = tmp_path / "dense"
     model.save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
+    bpe_tokenizer.save_pretrained(folder)
     out = tmp_path / "dense.gguf"
     summary = export_gguf(folder, out, "f32")
     assert summary["architecture"] == {"llama": "llama", "mistral": "llama"}.get(family, family)
@@ -126,44 +126,44 @@ def test_dense_models_go_to_their_native_architecture(family, tiny_tokenizer, tm
 
 
 @pytest.mark.parametrize("mode", ["width", "depth", "hybrid"])
-def test_plans_of_every_mode_export_exactly(mode, tiny_tokenizer, tmp_path):
-    model = gguf_model("llama", len(tiny_tokenizer))
+def test_plans_of_every_mode_export_exactly(mode, bpe_tokenizer, tmp_path):
+    model = gguf_model("llama", len(bpe_tokenizer))
     options = {"attn_ratio": 0.5, "mlp_ratio": 0.4} if mode == "width" else {"mode": mode, "ratio": 0.4}
     plan = plan_for(copy.deepcopy(model), **options)
-    folder = saved(model, plan, tiny_tokenizer, tmp_path / mode)
+    folder = saved(model, plan, bpe_tokenizer, tmp_path / mode)
     out = tmp_path / f"{mode}.gguf"
     export_gguf(folder, out, "f32")
     assert relative_error(hf_logits(folder, TOKENS), llama_cpp.logits(out, TOKENS)) <= F32_TOLERANCE
 
 
-def test_a_plan_of_learned_masks_exports_exactly(tiny_tokenizer, tmp_path):
+def test_a_plan_of_learned_masks_exports_exactly(bpe_tokenizer, tmp_path):
     from gqa_prune.learn_masks import learn_masks
     from gqa_prune.mask_settings import MaskSettings
     from gqa_prune.plan import build_plan
 
-    model = tiny_model("llama", 3, layers=4, vocab_size=len(tiny_tokenizer))  # as test_learn_masks learns on
+    model = tiny_model("llama", 3, layers=4, vocab_size=len(bpe_tokenizer))  # as test_learn_masks learns on
     settings = MaskSettings(ratio=0.3, steps=200, warmup_steps=50, channel_multiple=1, stats_blocks=4)
     result = learn_masks(copy.deepcopy(model), calibration_ids(96, blocks=8, length=16), settings)
     plan = build_plan(result.scores, PlanSettings(ratio=0.3, mode="learned", channel_multiple=1))
-    folder = saved(model, plan, tiny_tokenizer, tmp_path / "learned")
+    folder = saved(model, plan, bpe_tokenizer, tmp_path / "learned")
     out = tmp_path / "learned.gguf"
     assert export_gguf(folder, out, "f32")["architecture"] == "deci"
     assert relative_error(hf_logits(folder, TOKENS), llama_cpp.logits(out, TOKENS)) <= F32_TOLERANCE
 
 
 @pytest.mark.parametrize("gguf_type", ["f16", "bf16", "q8_0"])
-def test_lossy_types_stay_within_their_stated_tolerance(gguf_type, tiny_tokenizer, tmp_path):
-    model = gguf_model("qwen2", len(tiny_tokenizer))
-    folder = saved(model, every_shape_plan(model), tiny_tokenizer, tmp_path / "pruned")
+def test_lossy_types_stay_within_their_stated_tolerance(gguf_type, bpe_tokenizer, tmp_path):
+    model = gguf_model("qwen2", len(bpe_tokenizer))
+    folder = saved(model, every_shape_plan(model), bpe_tokenizer, tmp_path / "pruned")
     out = tmp_path / f"{gguf_type}.gguf"
     export_gguf(folder, out, gguf_type)
     error = relative_error(hf_logits(folder, TOKENS), llama_cpp.logits(out, TOKENS))
     assert 0 < error <= LOSSY_TOLERANCE[gguf_type]
 
 
-def test_k_quants_come_from_llama_cpp_and_report_their_bits(tiny_tokenizer, tmp_path):
-    model = gguf_model("llama", len(tiny_tokenizer))
-    folder = saved(model, every_shape_plan(model), tiny_tokenizer, tmp_path / "pruned")
+def test_k_quants_come_from_llama_cpp_and_report_their_bits(bpe_tokenizer, tmp_path):
+    model = gguf_model("llama", len(bpe_tokenizer))
+    folder = saved(model, every_shape_plan(model), bpe_tokenizer, tmp_path / "pruned")
     export_gguf(folder, tmp_path / "f32.gguf", "f32")
     export_gguf(folder, tmp_path / "q4.gguf", "q4_k_m")
     quantized = read_metadata(tmp_path / "q4.gguf")
@@ -174,9 +174,9 @@ def test_k_quants_come_from_llama_cpp_and_report_their_bits(tiny_tokenizer, tmp_
     assert np.isfinite(logits).all() and relative_error(hf_logits(folder, TOKENS), logits) < 0.5
 
 
-def test_zero_blocks_add_exactly_nothing(tiny_tokenizer):
+def test_zero_blocks_add_exactly_nothing(bpe_tokenizer):
     """The layout's stand-ins for removed sublayers; llama.cpp's equality with HF is the tests above."""
-    model = gguf_model("llama", len(tiny_tokenizer))
+    model = gguf_model("llama", len(bpe_tokenizer))
     layout = layout_for(every_shape_plan(model).pruned_geometry())
     assert [block.layer for block in layout.blocks] == [0, 1, 2, 3, 4]  # the pruned model's layer indices
     assert [(block.attention, block.mlp) for block in layout.blocks] == [
@@ -184,9 +184,9 @@ def test_zero_blocks_add_exactly_nothing(tiny_tokenizer):
     ]  # fmt: skip
 
 
-def test_heterogeneous_qwen3_is_refused_in_one_line_and_nothing_is_written(tiny_tokenizer, tmp_path):
-    model = gguf_model("qwen3", len(tiny_tokenizer))
-    folder = saved(model, every_shape_plan(model), tiny_tokenizer, tmp_path / "pruned")
+def test_heterogeneous_qwen3_is_refused_in_one_line_and_nothing_is_written(bpe_tokenizer, tmp_path):
+    model = gguf_model("qwen3", len(bpe_tokenizer))
+    folder = saved(model, every_shape_plan(model), bpe_tokenizer, tmp_path / "pruned")
     with pytest.raises(GqaPruneError, match="heterogeneous qwen3 model cannot be exported to GGUF"):
         export_gguf(folder, tmp_path / "out.gguf", "f32")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["pruned"]
@@ -213,9 +213,9 @@ def assert_one_line_error(code, err, text):
     assert code == 2 and err.count("\n") == 1 and text in err, err
 
 
-def test_cli_exports_and_ppl_runs_the_file_on_the_hf_windows(tiny_tokenizer, tmp_path, capsys, data_dir):
-    model = gguf_model("llama", len(tiny_tokenizer))
-    folder = saved(model, every_shape_plan(model), tiny_tokenizer, tmp_path / "pruned")
+def test_cli_exports_and_ppl_runs_the_file_on_the_hf_windows(bpe_tokenizer, tmp_path, capsys, data_dir):
+    model = gguf_model("llama", len(bpe_tokenizer))
+    folder = saved(model, every_shape_plan(model), bpe_tokenizer, tmp_path / "pruned")
     out = tmp_path / "pruned.gguf"
     code, printed, _ = run(capsys, "export-gguf", "--model", folder, "--out", out, "--type", "f32")
     assert code == 0 and "deci" in printed
@@ -235,11 +235,11 @@ def test_cli_exports_and_ppl_runs_the_file_on_the_hf_windows(tiny_tokenizer, tmp
     assert speed["decode_bytes_per_token"] < out.stat().st_size
 
 
-def test_bad_input_gets_one_line_and_leaves_nothing(tiny_tokenizer, tmp_path, capsys, monkeypatch, data_dir):
+def test_bad_input_gets_one_line_and_leaves_nothing(bpe_tokenizer, tmp_path, capsys, monkeypatch, data_dir):
     import importlib.util
 
-    model = gguf_model("llama", len(tiny_tokenizer))
-    folder = saved(model, every_shape_plan(model), tiny_tokenizer, tmp_path / "pruned")
+    model = gguf_model("llama", len(bpe_tokenizer))
+    folder = saved(model, every_shape_plan(model), bpe_tokenizer, tmp_path / "pruned")
     before = sorted(path.name for path in tmp_path.iterdir())
     capsys.readouterr()  # what saving printed
     code, _, err = run(capsys, "export-gguf", "--model", tmp_path / "nowhere", "--out", tmp_path / "x.gguf")

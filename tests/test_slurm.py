@@ -50,6 +50,7 @@ def chain_config(model_dir: Path, **overrides) -> dict:
             "plans.baselines": [],
             "recovery.methods": [],
             "quantization.methods": [],
+            "gguf.types": [],
             "eval.tasks": {"arc_easy": 4, "piqa": 4, "wikitext": 1},
             **overrides,
         },

@@ -33,14 +33,14 @@ from workflow_helpers import (
 
 
 @pytest.fixture(scope="module")
-def workflow_run(tmp_path_factory, tiny_tokenizer):
+def workflow_run(tmp_path_factory, bpe_tokenizer):
     """The workflow run once for real on a tiny Llama; later tests dry-run changes against it."""
     from helpers import quantizable_model
 
     root = tmp_path_factory.mktemp("workflow")
-    model = quantizable_model(len(tiny_tokenizer))
+    model = quantizable_model(len(bpe_tokenizer))
     model.save_pretrained(root / "tiny-source")
-    tiny_tokenizer.save_pretrained(root / "tiny-source")
+    bpe_tokenizer.save_pretrained(root / "tiny-source")
     workdir = root / "work"
     workdir.mkdir()
     config = tiny_config(root / "tiny-source")

@@ -302,6 +302,24 @@ def plan_args(variant: str) -> str:
     })
 
 
+EVAL = config["eval"]
+
+
+def evaluated_variants() -> list[str]:
+    """The variants eval.apply_to sends through lm-eval: model folders only (GGUF files are refused by name)."""
+    named = [name for name in EVAL["apply_to"] if name in GGUF_VARIANTS]
+    if named:
+        raise WorkflowError(f"invalid config:\n  eval.apply_to: {named[0]!r} is a GGUF variant; lm-eval runs model "
+                            "folders (GGUF variants get perplexity and llama.cpp speed)")
+    return chosen(EVAL["apply_to"], [v for v in VARIANTS if v not in GGUF_VARIANTS], "eval.apply_to")
+
+
+def efficiency_args(variant: str) -> str:
+    """Latency settings: eval.efficiency for model folders, gguf.efficiency (llama-bench's sizes) for GGUF files."""
+    settings = GGUF["efficiency"] if parse_variant(variant)["gguf"] else EVAL["efficiency"]
+    return cli_flags({f"--{key.replace('_', '-')}": value for key, value in settings.items()})
+
+
 # ------------------------------------------------------------------------------------------ rule helpers
 def quantize_args(quant: str) -> str:
     """CLI flags of one quantization method; calibration-only settings are passed to GPTQ only, so
