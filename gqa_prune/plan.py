@@ -338,12 +338,6 @@ def build_plan(scores: Scores, settings: PlanSettings, params_before: int | None
             f"layer criterion {settings.layer_criterion!r} was not computed by the importance stage (has: {have}); "
             "re-run importance with it in --layer-criteria"
         )
-    widest = max(geometry.intermediate_sizes)
-    if settings.mode in ("width", "hybrid") and settings.channel_multiple >= widest:
-        raise GqaPruneError(
-            f"channel_multiple {settings.channel_multiple} is not below any layer's MLP width ({widest}): "
-            "no MLP channel could be pruned; choose a smaller --channel-multiple"
-        )
     builder = {
         "width": _width_plan, "depth": _depth_layers, "hybrid": _hybrid_layers, "learned": _learned_layers
     }[settings.mode]  # fmt: skip
