@@ -26,17 +26,12 @@ from .gguf_file import MARKER_KEY, read_metadata
 
 logger = logging.getLogger(__name__)
 
-GGUF_SUFFIX = ".gguf"
 KV_CACHE_BYTES = 2  # llama.cpp's default KV cache type for serving: f16
 
 
 def require_llama_cpp():
     """The ``llama_cpp`` module, or a one-line refusal saying how to install the extra."""
     return require("llama_cpp", "gguf", "running or quantizing GGUF files with llama.cpp")
-
-
-def is_gguf(path: str | os.PathLike) -> bool:
-    return Path(path).suffix == GGUF_SUFFIX
 
 
 def check_ours(path: str | os.PathLike) -> dict:
