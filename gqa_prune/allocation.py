@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable, Sequence
 
 from .choices import STRATEGIES  # noqa: E402
-from .errors import GqaPruneError
+from .errors import GqaPruneError, SettingError
 
 _EPSILON = 1e-6
 
@@ -121,9 +121,12 @@ def discretize(desired: Sequence[float], options: Sequence[Sequence[int]], goal:
     return choice
 
 
-def check_rate_bounds(ratio: float, name: str) -> None:
+def check_rate_bounds(ratio: float, name: str, field: str = "ratio") -> None:
+    """Refuse a fraction to remove outside [0, 1); ``field`` is the settings field it came from."""
     if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0.0 <= ratio < 1.0):
-        raise GqaPruneError(f"{name} {ratio!r} is outside [0, 1): give the fraction of parameters to remove, e.g. 0.2")
+        raise SettingError(
+            f"{name} {ratio!r} is outside [0, 1): give the fraction of parameters to remove, e.g. 0.2", field=field
+        )
 
 
 # ------------------------------------------------------------------------------------------ hybrid

@@ -1,6 +1,6 @@
-"""The GPTQ checkpoint format as gqa-prune reads it: which CPU kernels take which settings, what a folder's
-safetensors headers say (projection widths, storage bits per weight, without loading weights), and loading
-such a folder through GPTQModel's kernels.
+"""The GPTQ checkpoint format as gqa-prune reads it: what a folder's safetensors headers say (projection
+widths, storage bits per weight, without loading weights), and loading such a folder through GPTQModel's
+kernels (which CPU kernel takes which settings is ``quant_settings.KERNELS``, importable without torch).
 
 Below ``sources`` (which loads quantized folders with it) and ``quantize`` (which writes them): it imports
 neither.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,34 +19,10 @@ from torch import nn
 from ._quiet import import_quietly
 from .arch import ALL_ROLES
 from .errors import GqaPruneError, require
+from .quant_settings import KERNELS, kernel_for
 from .remote_code import trust_remote_code
 
-
-@dataclass(frozen=True)
-class CpuKernel:
-    """What a GPTQModel CPU inference kernel accepts, as measured with gptqmodel 7.6 on torch 2.13."""
-
-    backend: str  # gptqmodel BACKEND value
-    bits: tuple[int, ...]
-    group_sizes: tuple[int, ...]
-    group_divides_in_features: bool
-    note: str
-
-
-KERNELS = {
-    # ATen int4pack: the fast one; the op itself rejects group size 16 although the class lists it
-    "torch_aten": CpuKernel("gptq_torch_aten", (4,), (32, 64, 128), True, "fast int4 CPU kernel"),
-    "torch_int8": CpuKernel("gptq_torch_int8", (2, 4, 8), (16, 32, 64, 128), False, "int8 fused CPU kernel"),
-    "torch": CpuKernel("gptq_torch", (2, 3, 4, 5, 6, 7, 8), (16, 32, 64, 128, 256, 512, 1024), False, "generic, slow"),
-}
 PACKING_BACKEND = "gptq_torch"  # GPTQModel packs with this kernel whatever kernel later runs inference
-
-
-def kernel_for(bits: int, kernel: str = "auto") -> str:
-    """The CPU kernel that runs ``bits``-bit weights: ``kernel`` itself unless "auto"."""
-    if kernel != "auto":
-        return kernel
-    return {4: "torch_aten", 8: "torch_int8"}.get(bits, "torch")
 
 
 def _decoder_linear_tensors(model_dir: str | os.PathLike) -> dict[str, dict[str, dict]]:

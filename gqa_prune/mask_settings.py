@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from .choices import UNIT_KINDS
-from .errors import GqaPruneError
+from .errors import SettingError
 
 CRITERION = "l0"  # the learned criterion's name in importance folders, plans and variant ids
 TRAINED_WEIGHTS_DIR = "model"  # where trained weights go inside the output folder (an HF checkpoint)
@@ -49,28 +49,39 @@ class MaskSettings:
     def validate(self) -> None:
         """Refuse bad values in one line, before any model is loaded."""
         if not 0.0 < self.ratio < 1.0:
-            raise GqaPruneError(f"ratio {self.ratio} must be in (0, 1): masks are learned to remove something")
+            raise SettingError(
+                f"ratio {self.ratio} must be in (0, 1): masks are learned to remove something", field="ratio"
+            )
         for name in ("steps", "batch_size", "channel_multiple", "lora_rank", "stats_blocks"):
             if getattr(self, name) < 1:
-                raise GqaPruneError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise SettingError(f"{name} must be >= 1, got {getattr(self, name)}", field=name)
         if not 0 <= self.warmup_steps <= self.steps:
-            raise GqaPruneError(
+            raise SettingError(
                 f"steps {self.steps} < warm-up {self.warmup_steps} (or a negative warm-up): the target would never "
-                "reach the ratio; give --steps >= --warmup-steps >= 0"
+                "reach the ratio; give --steps >= --warmup-steps >= 0",
+                field="warmup_steps",
             )
         for name in ("mask_lr", "lambda_lr", "weight_lr", "lora_alpha", "beta"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
-                raise GqaPruneError(f"{name} must be a finite number > 0, got {value}")
+                raise SettingError(f"{name} must be a finite number > 0, got {value}", field=name)
         if not (math.isfinite(self.lambda2_init) and self.lambda2_init >= 0):
-            raise GqaPruneError(f"lambda2_init must be a finite number >= 0, got {self.lambda2_init}")
+            raise SettingError(
+                f"lambda2_init must be a finite number >= 0, got {self.lambda2_init}", field="lambda2_init"
+            )
         if not math.isfinite(self.init_log_alpha):
-            raise GqaPruneError(f"init_log_alpha must be finite, got {self.init_log_alpha}")
-        if not (self.lower < 0.0 and self.upper > 1.0):
-            raise GqaPruneError(f"the stretch limits need lower < 0 < 1 < upper, got {self.lower}, {self.upper}")
+            raise SettingError(f"init_log_alpha must be finite, got {self.init_log_alpha}", field="init_log_alpha")
+        if not (math.isfinite(self.lower) and math.isfinite(self.upper) and self.lower < 0.0 and self.upper > 1.0):
+            raise SettingError(
+                f"the stretch limits need finite lower < 0 < 1 < upper, got {self.lower}, {self.upper}",
+                field="upper" if math.isfinite(self.lower) and self.lower < 0.0 else "lower",
+            )
         unknown = [kind for kind in self.kinds if kind not in UNIT_KINDS]
         if unknown or not self.kinds:
             name = unknown[0] if unknown else "(none)"
-            raise GqaPruneError(f"unit kind {name!r} is not one of {', '.join(UNIT_KINDS)}")
+            raise SettingError(f"unit kind {name!r} is not one of {', '.join(UNIT_KINDS)}", field="kinds")
         if self.train_weights not in WEIGHT_TRAINING:
-            raise GqaPruneError(f"train_weights {self.train_weights!r} is not one of {', '.join(WEIGHT_TRAINING)}")
+            raise SettingError(
+                f"train_weights {self.train_weights!r} is not one of {', '.join(WEIGHT_TRAINING)}",
+                field="train_weights",
+            )

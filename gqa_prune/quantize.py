@@ -14,67 +14,25 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from .atomic import atomic_dir
 from .errors import GqaPruneError
-from .gptq_format import (
-    KERNELS,
-    PACKING_BACKEND,
-    CpuKernel,
-    kernel_for,
-    linear_bits_per_parameter,
-    load_gptqmodel,
-    projection_in_features,
-)
+from .gptq_format import PACKING_BACKEND, linear_bits_per_parameter, load_gptqmodel, projection_in_features
+from .quant_settings import CpuKernel, QuantSettings
 from .remote_code import trust_remote_code
 from .sources import PROVENANCE_FILE, read_provenance
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("gptq", "rtn")
-
-
-@dataclass(frozen=True)
-class QuantSettings:
-    method: str = "gptq"
-    bits: int = 4
-    group_size: int = 64
-    desc_act: bool = False
-    sym: bool = True
-    kernel: str = "auto"  # CPU kernel for inference: auto picks torch_aten for 4 bits, torch_int8 for 8
-
-    @property
-    def id(self) -> str:
-        """Readable, stable artefact id: gptq-w4g64, rtn-w8g64."""
-        return f"{self.method}-w{self.bits}g{self.group_size}"
-
-    def resolved_kernel(self) -> str:
-        return kernel_for(self.bits, self.kernel)
-
 
 def check_settings(settings: QuantSettings, in_features: dict[str, int]) -> CpuKernel:
-    """Refuse settings the kernel or the shapes cannot take, naming the value and what would work."""
-    if settings.method not in METHODS:
-        raise GqaPruneError(f"quantization method {settings.method!r} is not one of {', '.join(METHODS)}")
-    name = settings.resolved_kernel()
-    if name not in KERNELS:
-        raise GqaPruneError(f"kernel {name!r} is not one of auto, {', '.join(KERNELS)}")
-    kernel = KERNELS[name]
-    if settings.bits not in kernel.bits:
-        able = sorted(k for k, spec in KERNELS.items() if settings.bits in spec.bits)
-        raise GqaPruneError(
-            f"bits {settings.bits} is not supported by the {name} kernel (bits {', '.join(map(str, kernel.bits))}); "
-            f"kernels with {settings.bits} bits: {', '.join(able) or 'none'}"
-        )
-    if settings.group_size not in kernel.group_sizes:
-        raise GqaPruneError(
-            f"group size {settings.group_size} is not supported by the {name} kernel "
-            f"(group sizes {', '.join(map(str, kernel.group_sizes))})"
-        )
+    """Refuse settings the kernel (``QuantSettings.validate``) or the shapes cannot take, naming the value and
+    what would work."""
+    kernel = settings.validate()
     if settings.bits not in (2, 4, 8):  # GPTQ packs odd widths 32 weights at a time
         bad = {layer: width for layer, width in in_features.items() if width % 32}
         if bad:
@@ -152,7 +110,7 @@ def quantize_checkpoint(
     """Check, quantize, and write ``out_dir`` atomically with provenance, model card and the plan (if any)."""
     kernel = check_settings(settings, projection_in_features(model_dir))
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    with atomic_dir(out_dir) as temporary:
+    with atomic_dir(out_dir, "quantize") as temporary:
         quantize(model_dir, temporary, settings, calibration, batch_size)
         for name in ("pruning_plan.json",):
             if (model_dir / name).is_file():

@@ -11,7 +11,7 @@ from dataclasses import MISSING, dataclass, fields
 
 from .allocation import check_rate_bounds
 from .choices import DEFAULT_MODE, MODES, RECONSTRUCTION_SELECTIONS, RECONSTRUCTION_TARGETS, STRATEGIES
-from .errors import GqaPruneError
+from .errors import SettingError
 
 LOSSES = ("lm", "kd")
 IMPORTANCE_BATCH_SIZE = 1  # calibration blocks per importance forward/backward (one 2048-token block)
@@ -73,40 +73,44 @@ class PlanSettings:
         mlp = self.ratio if self.mlp_ratio is None else self.mlp_ratio
         return attn, mlp
 
-    def validate(self, num_layers: int) -> None:
+    def validate(self, num_layers: int | None) -> None:
+        """Refuse bad values in one line (a ``SettingError`` naming the field). ``num_layers`` None: the model is
+        not known yet (the workflow before staging), so protected layers are not checked against it."""
         if self.mode not in MODES:
-            raise GqaPruneError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
+            raise SettingError(f"mode {self.mode!r} is not one of {', '.join(MODES)}", field="mode")
         if self.ratio is not None:
             check_rate_bounds(self.ratio, "ratio")
         if self.mode == "width":
             attn, mlp = self.width_ratios
             if attn is None or mlp is None:
-                raise GqaPruneError("a width plan needs a ratio, or both an attention and an MLP ratio")
-            check_rate_bounds(attn, "attention ratio")
-            check_rate_bounds(mlp, "MLP ratio")
+                raise SettingError("a width plan needs a ratio, or both an attention and an MLP ratio", field="ratio")
+            check_rate_bounds(attn, "attention ratio", field="ratio" if self.attn_ratio is None else "attn_ratio")
+            check_rate_bounds(mlp, "MLP ratio", field="ratio" if self.mlp_ratio is None else "mlp_ratio")
         else:
             if self.ratio is None:
-                raise GqaPruneError(f"a {self.mode} plan needs a ratio")
+                raise SettingError(f"a {self.mode} plan needs a ratio", field="ratio")
             if self.attn_ratio is not None or self.mlp_ratio is not None:
-                raise GqaPruneError(
+                raise SettingError(
                     f"--attn-ratio/--mlp-ratio set a hand split and apply to --mode width only, not {self.mode} "
-                    "(where the scores decide the split)"
+                    "(where the scores decide the split)",
+                    field="attn_ratio" if self.attn_ratio is not None else "mlp_ratio",
                 )
         if self.strategy not in STRATEGIES:
-            raise GqaPruneError(f"strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+            raise SettingError(f"strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}", field="strategy")
         if not (0.0 <= self.min_rate <= self.max_rate < 1.0):
-            raise GqaPruneError(
-                f"need 0 <= min_rate <= max_rate < 1, got min_rate={self.min_rate}, max_rate={self.max_rate}"
+            raise SettingError(
+                f"need 0 <= min_rate <= max_rate < 1, got min_rate={self.min_rate}, max_rate={self.max_rate}",
+                field="max_rate" if not 0.0 <= self.max_rate < 1.0 else "min_rate",
             )
         if not (self.alpha >= 0.0):
-            raise GqaPruneError(f"alpha {self.alpha} must be >= 0 (0 = no contrast between layers)")
+            raise SettingError(f"alpha {self.alpha} must be >= 0 (0 = no contrast between layers)", field="alpha")
         if self.channel_multiple < 1:
-            raise GqaPruneError(f"channel_multiple {self.channel_multiple} must be >= 1")
-        outside = [layer for layer in self.protected_layers if not 0 <= layer < num_layers]
+            raise SettingError(f"channel_multiple {self.channel_multiple} must be >= 1", field="channel_multiple")
+        last = math.inf if num_layers is None else num_layers - 1
+        outside = [layer for layer in self.protected_layers if not 0 <= layer <= last]
         if outside:
-            raise GqaPruneError(
-                f"protected layer {outside[0]} does not exist: the model has layers 0..{num_layers - 1}"
-            )
+            layers = "layers count from 0" if num_layers is None else f"the model has layers 0..{last}"
+            raise SettingError(f"protected layer {outside[0]} does not exist: {layers}", field="protected_layers")
 
 
 @dataclass(frozen=True)
@@ -122,18 +126,21 @@ class ReconstructionSettings:
     batch_size: int = 1
 
     def validate(self) -> None:
+        """Refuse bad values in one line (a ``SettingError`` naming the field)."""
         if not (isinstance(self.ridge, (int, float)) and math.isfinite(self.ridge) and self.ridge > 0):
-            raise GqaPruneError(f"reconstruction ridge {self.ridge!r} must be a finite number > 0")
+            raise SettingError(f"reconstruction ridge {self.ridge!r} must be a finite number > 0", field="ridge")
         if self.target not in RECONSTRUCTION_TARGETS:
-            raise GqaPruneError(
-                f"reconstruction target {self.target!r} is not one of {', '.join(RECONSTRUCTION_TARGETS)}"
+            raise SettingError(
+                f"reconstruction target {self.target!r} is not one of {', '.join(RECONSTRUCTION_TARGETS)}",
+                field="target",
             )
         if self.select not in RECONSTRUCTION_SELECTIONS:
-            raise GqaPruneError(
-                f"reconstruction selection {self.select!r} is not one of {', '.join(RECONSTRUCTION_SELECTIONS)}"
+            raise SettingError(
+                f"reconstruction selection {self.select!r} is not one of {', '.join(RECONSTRUCTION_SELECTIONS)}",
+                field="select",
             )
         if self.batch_size < 1:
-            raise GqaPruneError(f"reconstruction batch size {self.batch_size} must be >= 1")
+            raise SettingError(f"reconstruction batch size {self.batch_size} must be >= 1", field="batch_size")
 
 
 @dataclass(frozen=True)
@@ -151,15 +158,21 @@ class RecoverySettings:
     gradient_checkpointing: bool = False
 
     def validate(self) -> None:
+        """Refuse bad values in one line (a ``SettingError`` naming the field)."""
         if self.loss not in LOSSES:
-            raise GqaPruneError(f"recovery loss {self.loss!r} is not one of {', '.join(LOSSES)}")
+            raise SettingError(f"recovery loss {self.loss!r} is not one of {', '.join(LOSSES)}", field="loss")
         for name in ("rank", "steps", "batch_size"):
             if getattr(self, name) < 1:
-                raise GqaPruneError(f"recovery {name} must be >= 1, got {getattr(self, name)}")
-        if not (self.lr > 0 and self.alpha > 0 and self.temperature > 0 and 0 <= self.dropout < 1):
-            raise GqaPruneError(
+                raise SettingError(f"recovery {name} must be >= 1, got {getattr(self, name)}", field=name)
+        valid = {"lr": self.lr > 0, "alpha": self.alpha > 0, "temperature": self.temperature > 0,
+                 "dropout": 0 <= self.dropout < 1}  # fmt: skip
+        if not all(valid.values()):
+            raise SettingError(
                 f"need lr > 0, alpha > 0, temperature > 0 and 0 <= dropout < 1; got lr={self.lr}, alpha={self.alpha}, "
-                f"temperature={self.temperature}, dropout={self.dropout}"
+                f"temperature={self.temperature}, dropout={self.dropout}",
+                field=next(name for name, ok in valid.items() if not ok),
             )
         if not 0 <= self.warmup_steps < self.steps:
-            raise GqaPruneError(f"warmup_steps {self.warmup_steps} must be in [0, steps={self.steps})")
+            raise SettingError(
+                f"warmup_steps {self.warmup_steps} must be in [0, steps={self.steps})", field="warmup_steps"
+            )

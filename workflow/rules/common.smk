@@ -1,10 +1,12 @@
 # Shared helpers: config validation, paths, the variant grid, resources, the CLI every rule calls.
 # Plain Python (no torch): it runs on every Snakemake invocation, dry runs included.
 import json
+import math
 import os
 import re
 import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import jsonschema
@@ -16,6 +18,15 @@ from snakemake_interface_executor_plugins.settings import DeploymentMethod
 REPO = Path(workflow.basedir)
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 EMBEDDED_MODELS = ("smollm2-135m",)
+
+# The library's settings, importable without torch: each job's settings are built and checked here by the same
+# classes and validate() the CLI uses. This checkout's package, as the jobs import it (PYTHONPATH, below).
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from gqa_prune.errors import GqaPruneError
+from gqa_prune.mask_settings import MaskSettings
+from gqa_prune.quant_settings import QuantSettings
+from gqa_prune.settings import PlanSettings, ReconstructionSettings, RecoverySettings, default_of
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -39,10 +50,19 @@ def _describe(error) -> str:
     return error.message
 
 
+# JSON Schema counts 10.0 as an integer, but the CLI's integer options refuse "10.0": so does the config
+StrictValidator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda checker, value: isinstance(value, int) and not isinstance(value, bool)
+    ),
+)
+
+
 def check_config(config: dict) -> None:
     """Fail before any job with one line per problem: the key path, the value and what is allowed."""
     schema = yaml.safe_load(SCHEMA.read_text())
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: _key_path(e))
+    errors = sorted(StrictValidator(schema).iter_errors(config), key=lambda e: _key_path(e))
     if errors:
         raise WorkflowError("invalid config:\n" + "\n".join(f"  {_key_path(e)}: {_describe(e)}" for e in errors))
     validate(config, schema=str(SCHEMA))  # fills the schema's defaults in
@@ -69,37 +89,47 @@ def _model_layers(source: str) -> int | None:
     return None
 
 
-def check_config_values(config: dict) -> None:
-    """What the schema cannot say: finite numbers, consistent bounds, paths that exist, protect in range."""
-    import math
-
-    problems = []
-    plans = config["plans"]
-    ratios = [("plans.ratios", r) for r in plans["ratios"]] + [(f"plans.baselines[{i}].ratio", b["ratio"]) for i, b in enumerate(plans["baselines"])]
-    for key in ("attn_ratio", "mlp_ratio", "alpha", "min_rate", "max_rate"):
-        if plans.get(key) is not None:
-            ratios.append((f"plans.{key}", plans[key]))
-    problems += [f"{key}: {value!r} is not a finite number" for key, value in ratios if not math.isfinite(value)]
-    if math.isfinite(plans["min_rate"]) and math.isfinite(plans["max_rate"]) and plans["min_rate"] > plans["max_rate"]:
-        problems.append(f"plans.min_rate: {plans['min_rate']} is above plans.max_rate {plans['max_rate']}")
+def settings_problems() -> list[str]:
+    """Every CLI call the grid plans, checked by the library's own validate() (what the CLI runs before any
+    work): one line per refused config key and message, `key: the library's message (the jobs)`."""
     layers = _model_layers(config["model"]["source"])
-    if layers is not None:
-        problems += [f"plans.protect: layer {layer} does not exist (the model has layers 0..{layers - 1})"
-                     for layer in plans["protect"] if layer >= layers]  # fmt: skip
+    refused = {}  # (config key, message) -> the jobs refusing it
+    for job, settings, section, keys in planned_settings():
+        try:
+            settings.validate(layers) if isinstance(settings, PlanSettings) else settings.validate()
+        except GqaPruneError as error:
+            field = getattr(error, "field", "")
+            key = keys.get(field) or (f"{section}.{field}" if field else section)
+            refused.setdefault((key, str(error)), []).append(job)
+    return [f"{key}: {message} ({jobs[0]}" + (f" and {len(jobs) - 1} more)" if len(jobs) > 1 else ")")
+            for (key, message), jobs in refused.items()]  # fmt: skip
+
+
+def check_config_values(config: dict) -> None:
+    """What the schema cannot say, before any job: each job's settings pass the library's checks, ratios give
+    distinct variant ids, hybrid plans have loss curves to price by, data_dir exists."""
+    problems = settings_problems()
+    plans = config["plans"]
+    ratios = [r for r in (*plans["ratios"], *(b["ratio"] for b in plans["baselines"])) if math.isfinite(r)]
+    ids = {}
+    for ratio in ratios:  # (nan, which would share the id "rnan", the library refuses above)
+        other = ids.setdefault(variant_id("x", "y", ratio), ratio)
+        if other != ratio:
+            problems.append(f"plans.ratios: {other!r} and {ratio!r} would share a variant id")
+    hybrid = [variant for variant, (_, middle, _, _) in PRUNED.items() if middle == "hybrid"]
+    if hybrid and not config["importance"]["curves"]:
+        problems.append(f"importance.curves: false, but hybrid plans ({hybrid[0]}) price unit kinds by the measured "
+                        "loss curves; set it true, or drop mode hybrid")  # fmt: skip
     if config["data_dir"] is not None:
         data_dir = Path(config["data_dir"]).expanduser()
         data_dir = data_dir if data_dir.is_absolute() else REPO / data_dir
         if not data_dir.is_dir():
             problems.append(f"data_dir: {config['data_dir']!r} is not a folder (resolved: {data_dir})")
-    learn = config["learn_masks"]
-    if learn["warmup_steps"] > learn["steps"]:
-        problems.append(f"learn_masks.warmup_steps: {learn['warmup_steps']} is above learn_masks.steps {learn['steps']}")
     if problems:
-        raise WorkflowError("invalid config:\n" + "\n".join(f"  {problem}" for problem in problems))
+        raise WorkflowError("invalid config:\n" + "\n".join(f"  {problem}" for problem in sorted(problems)))
 
 
-check_config(config)
-check_config_values(config)
+check_config(config)  # check_config_values runs once the grid is known, below
 
 # ------------------------------------------------------------------------------------------ paths
 MODEL = config["model"]["name"]
@@ -182,17 +212,26 @@ QUANTIZATION = config["quantization"]
 GRID_MIDDLES = [
     *(PLANS["strategies"] if "width" in PLANS["modes"] else []), *(m for m in PLANS["modes"] if m != "width")
 ]
-_ALL_RATIOS = [*PLANS["ratios"], *(b["ratio"] for b in PLANS["baselines"])]
-_SAME_ID = {}
-for _ratio in _ALL_RATIOS:
-    _other = _SAME_ID.setdefault(variant_id("x", "y", _ratio), _ratio)
-    if _other != _ratio:
-        raise WorkflowError(f"invalid config:\n  plans.ratios: {_other!r} and {_ratio!r} would share a variant id")
-PRUNED_VARIANTS = sorted(
-    {variant_id(c, m, r) for r in PLANS["ratios"] for c in PLANS["criteria"] for m in grid_middles(c, GRID_MIDDLES)}
-    | {variant_id(b["criterion"], grid_middles(b["criterion"], [b.get("mode", "width") if b.get("mode", "width") != "width" else b.get("strategy", "inverse")])[0], b["ratio"])
-       for b in PLANS["baselines"]}
-)  # fmt: skip
+
+
+def pruned_grid() -> dict[str, tuple[str, str, float, str]]:
+    """Every pruned variant: id -> (criterion, strategy or mode, ratio, the config key of that ratio); the
+    ratios x criteria x modes of `plans`, then the baselines (an id both name is the first's)."""
+    sources = [(criterion, GRID_MIDDLES, ratio, f"plans.ratios[{i}]")
+               for i, ratio in enumerate(PLANS["ratios"]) for criterion in PLANS["criteria"]]  # fmt: skip
+    for i, baseline in enumerate(PLANS["baselines"]):
+        mode = baseline.get("mode", "width")
+        middle = baseline.get("strategy", default_of(PlanSettings, "strategy")) if mode == "width" else mode
+        sources.append((baseline["criterion"], [middle], baseline["ratio"], f"plans.baselines[{i}].ratio"))
+    grid = {}
+    for criterion, middles, ratio, key in sources:
+        for middle in grid_middles(criterion, middles):
+            grid.setdefault(variant_id(criterion, middle, ratio), (criterion, middle, ratio, key))
+    return grid
+
+
+PRUNED = pruned_grid()
+PRUNED_VARIANTS = sorted(PRUNED)
 RECOVERED_VARIANTS = [
     f"{variant}-lora-{loss}"
     for variant in (chosen(RECOVERY["apply_to"], PRUNED_VARIANTS, "recovery.apply_to") if RECOVERY["methods"] else [])
@@ -219,7 +258,7 @@ GGUF_VARIANTS = [
     for gguf_type in GGUF["types"]
 ]
 VARIANTS = ["dense", *PRUNED_VARIANTS, *RECOVERED_VARIANTS, *QUANTIZED_VARIANTS, *GGUF_VARIANTS]
-CRITERIA = sorted({parse_variant(variant)["criterion"] for variant in PRUNED_VARIANTS})
+CRITERIA = sorted({criterion for criterion, *_ in PRUNED.values()})
 # layer scores the importance stage computes: those asked for, plus the one plans are built from
 LAYER_CRITERIA = sorted(set(config["importance"]["layer_criteria"]) | {PLANS["layer_criterion"]})
 # token-block sets the calib job can make: importance (and GPTQ) calibration, and recovery training text
@@ -284,22 +323,196 @@ def importance_dir(model: str, variant: str) -> str:
     return f"results/{model}/importance/{CALIB}-{parsed['criterion']}"
 
 
+# ------------------------------------------------------------------------------------------ job settings
+# Each CLI call's settings are built here once, as the library's own settings objects: the rules pass them on
+# as flags (*_args), and check_config_values has run the library's validate() on every one the grid plans.
+def plan_settings(criterion: str, middle: str, ratio: float) -> PlanSettings:
+    """What `gqa-prune plan` builds from plan_args for the variant <criterion>-<strategy or mode>-r<ratio>."""
+    mode = middle if middle in MODES_BY_NAME else "width"
+    width = mode == "width"
+    return PlanSettings(
+        ratio=ratio,
+        mode=mode,
+        strategy=middle if width else default_of(PlanSettings, "strategy"),
+        attn_ratio=PLANS["attn_ratio"] if width else None,  # a hand split is for width plans only
+        mlp_ratio=PLANS["mlp_ratio"] if width else None,
+        alpha=PLANS["alpha"],
+        min_rate=PLANS["min_rate"],
+        max_rate=PLANS["max_rate"],
+        protected_layers=tuple(sorted(PLANS["protect"])),
+        channel_multiple=PLANS["channel_multiple"],
+        layer_criterion=PLANS["layer_criterion"],
+        criterion=criterion,
+    )
+
+
 def plan_args(variant: str) -> str:
     """Every plan setting as CLI flags."""
     parsed = parse_variant(variant)
+    settings = plan_settings(parsed["criterion"], parsed["strategy"] or parsed["mode"], parsed["ratio"])
     return cli_flags({
-        "--ratio": parsed["ratio"],
-        "--mode": parsed["mode"],  # always explicit: the CLI's default mode is hybrid
-        "--strategy": parsed["strategy"],
-        "--alpha": PLANS["alpha"],
-        "--min-rate": PLANS["min_rate"],
-        "--max-rate": PLANS["max_rate"],
-        "--channel-multiple": PLANS["channel_multiple"],
-        "--layer-criterion": PLANS["layer_criterion"],
-        "--attn-ratio": PLANS["attn_ratio"] if parsed["mode"] == "width" else None,
-        "--mlp-ratio": PLANS["mlp_ratio"] if parsed["mode"] == "width" else None,
-        "--protect": ",".join(map(str, sorted(PLANS["protect"]))) or None,
+        "--ratio": settings.ratio,
+        "--mode": settings.mode,  # always explicit: the CLI's default mode is hybrid
+        "--strategy": settings.strategy if settings.mode == "width" else None,
+        "--alpha": settings.alpha,
+        "--min-rate": settings.min_rate,
+        "--max-rate": settings.max_rate,
+        "--channel-multiple": settings.channel_multiple,
+        "--layer-criterion": settings.layer_criterion,
+        "--attn-ratio": settings.attn_ratio,
+        "--mlp-ratio": settings.mlp_ratio,
+        "--protect": ",".join(map(str, settings.protected_layers)) or None,
     })
+
+
+def mask_settings(ratio: float) -> MaskSettings:
+    """What `gqa-prune learn-masks --ratio <ratio>` builds from learn_masks_args (criterion l0)."""
+    train = LEARN["train_weights"] != "none"
+    return MaskSettings(
+        ratio=ratio,
+        steps=LEARN["steps"],
+        batch_size=LEARN["batch_size"],
+        warmup_steps=LEARN["warmup_steps"],
+        mask_lr=LEARN["mask_lr"],
+        lambda_lr=LEARN["lambda_lr"],
+        lambda2_init=LEARN["lambda2_init"],
+        kinds=tuple(LEARN["kinds"]),
+        channel_multiple=PLANS["channel_multiple"],  # learned MLP widths step as plans do
+        train_weights=LEARN["train_weights"],
+        weight_lr=LEARN["weight_lr"] if train else default_of(MaskSettings, "weight_lr"),
+        seed=LEARN["seed"],
+        gradient_checkpointing=LEARN["gradient_checkpointing"],
+    )
+
+
+def learn_masks_args(ratio: float) -> str:
+    """Every learn-masks setting but the ratio (the rule passes its wildcard) as CLI flags."""
+    settings = mask_settings(ratio)
+    return cli_flags({
+        "--steps": settings.steps,
+        "--batch-size": settings.batch_size,
+        "--warmup-steps": settings.warmup_steps,
+        "--mask-lr": settings.mask_lr,
+        "--lambda-lr": settings.lambda_lr,
+        "--lambda2-init": settings.lambda2_init,
+        "--kinds": ",".join(settings.kinds),
+        "--channel-multiple": settings.channel_multiple,
+        "--train-weights": settings.train_weights,
+        "--weight-lr": settings.weight_lr if settings.train_weights != "none" else None,
+        "--seed": settings.seed,
+        "--gradient-checkpointing": settings.gradient_checkpointing,
+    })
+
+
+def reconstruction_settings() -> ReconstructionSettings:
+    """What `gqa-prune prune --calib ...` builds from reconstruction_args (the refit, when enabled)."""
+    return ReconstructionSettings(
+        ridge=RECONSTRUCTION["ridge"],
+        target=RECONSTRUCTION["target"],
+        select=RECONSTRUCTION["select"],
+        batch_size=RECONSTRUCTION["batch_size"],
+    )
+
+
+def reconstruction_args() -> str:
+    """The refit's CLI flags; none when reconstruction is off (prune then gets no --calib either)."""
+    if not RECONSTRUCTION["enabled"]:
+        return ""
+    settings = reconstruction_settings()
+    return cli_flags({
+        "--ridge": settings.ridge,
+        "--reconstruct-target": settings.target,
+        "--select": settings.select,
+        "--batch-size": settings.batch_size,
+    })
+
+
+def recovery_settings(loss: str) -> RecoverySettings:
+    """What `gqa-prune recover --loss <loss>` builds from recovery_args."""
+    return RecoverySettings(
+        loss=loss,
+        rank=RECOVERY["rank"],
+        alpha=RECOVERY["alpha"],
+        dropout=RECOVERY["dropout"],
+        lr=RECOVERY["lr"],
+        steps=RECOVERY["steps"],
+        batch_size=RECOVERY["batch_size"],
+        warmup_steps=RECOVERY["warmup_steps"],
+        temperature=RECOVERY["temperature"] if loss == "kd" else default_of(RecoverySettings, "temperature"),
+        seed=RECOVERY["seed"],
+        gradient_checkpointing=RECOVERY["gradient_checkpointing"],
+    )
+
+
+def recovery_args(loss: str) -> str:
+    """Every recovery setting as CLI flags; the temperature only for kd (lm runs ignore it)."""
+    settings = recovery_settings(loss)
+    return cli_flags({
+        "--loss": settings.loss,
+        "--rank": settings.rank,
+        "--alpha": settings.alpha,
+        "--dropout": settings.dropout,
+        "--lr": settings.lr,
+        "--steps": settings.steps,
+        "--batch-size": settings.batch_size,
+        "--warmup-steps": settings.warmup_steps,
+        "--temperature": settings.temperature if settings.loss == "kd" else None,
+        "--seed": settings.seed,
+        "--gradient-checkpointing": settings.gradient_checkpointing,
+    })
+
+
+def quant_settings(quant: str) -> QuantSettings:
+    """What `gqa-prune quantize` builds from quantize_args for one method (<method>-w<bits>g<group_size>)."""
+    method = QUANT_METHODS[quant]
+    return QuantSettings(
+        method=method["method"],
+        bits=method["bits"],
+        group_size=method["group_size"],
+        desc_act=QUANTIZATION["desc_act"] if method["method"] == "gptq" else False,
+        sym=QUANTIZATION["sym"],
+        kernel=QUANTIZATION["kernel"],
+    )
+
+
+def quantize_args(quant: str) -> str:
+    """CLI flags of one quantization method; calibration-only settings are passed to GPTQ only, so
+    changing them never re-runs the round-to-nearest jobs."""
+    settings = quant_settings(quant)
+    gptq = settings.method == "gptq"
+    return cli_flags({
+        "--method": settings.method,
+        "--bits": settings.bits,
+        "--group-size": settings.group_size,
+        "--asym": not settings.sym,
+        "--kernel": settings.kernel,
+        "--desc-act": settings.desc_act if gptq else None,
+        "--n-samples": QUANTIZATION["n_samples"] if gptq else None,
+        "--batch-size": QUANTIZATION["batch_size"] if gptq else None,
+    })
+
+
+def planned_settings() -> Iterator[tuple[str, object, str, dict[str, str]]]:
+    """Each CLI call the grid plans, as (the job, its settings, their config section, {field: config key} where
+    a field's key is not <section>.<field>)."""
+    plan_keys = {"protected_layers": "plans.protect", "strategy": "plans.strategies", "mode": "plans.modes"}
+    for variant, (criterion, middle, ratio, ratio_key) in PRUNED.items():
+        plan = plan_settings(criterion, middle, ratio)
+        yield f"gqa-prune plan of {variant}", plan, "plans", {**plan_keys, "ratio": ratio_key}
+        if criterion == LEARNED:  # masks learned first, to the ratio in the variant's id (the rule's wildcard)
+            masks = mask_settings(float(variant.rpartition("-r")[2]))
+            keys = {"ratio": ratio_key, "channel_multiple": "plans.channel_multiple"}
+            yield f"gqa-prune learn-masks for {variant}", masks, "learn_masks", keys
+    if RECONSTRUCTION["enabled"]:
+        yield "gqa-prune prune", reconstruction_settings(), "reconstruction", {}
+    for loss in RECOVERY["methods"] if RECOVERED_VARIANTS else []:
+        yield f"gqa-prune recover --loss {loss}", recovery_settings(loss), "recovery", {"loss": "recovery.methods"}
+    for i, method in enumerate(QUANTIZATION["methods"] if QUANTIZED_VARIANTS else []):
+        keys = {field: f"quantization.methods[{i}].{field}" for field in ("method", "bits", "group_size")}
+        yield f"gqa-prune quantize {quant_id(method)}", quant_settings(quant_id(method)), "quantization", keys
+
+
+check_config_values(config)
 
 
 EVAL = config["eval"]
@@ -321,23 +534,6 @@ def efficiency_args(variant: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ rule helpers
-def quantize_args(quant: str) -> str:
-    """CLI flags of one quantization method; calibration-only settings are passed to GPTQ only, so
-    changing them never re-runs the round-to-nearest jobs."""
-    method = QUANT_METHODS[quant]
-    gptq = method["method"] == "gptq"
-    return cli_flags({
-        "--method": method["method"],
-        "--bits": method["bits"],
-        "--group-size": method["group_size"],
-        "--asym": not QUANTIZATION["sym"],
-        "--kernel": QUANTIZATION["kernel"],
-        "--desc-act": QUANTIZATION["desc_act"] if gptq else None,
-        "--n-samples": QUANTIZATION["n_samples"] if gptq else None,
-        "--batch-size": QUANTIZATION["batch_size"] if gptq else None,
-    })
-
-
 def tradeoff_manifest(model: str) -> dict:
     """Which artefact each figure of the table comes from (written beside the table as tradeoff.sources.json)."""
     entries = []

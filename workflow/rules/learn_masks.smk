@@ -10,20 +10,7 @@ rule learn_masks:
     wildcard_constraints:
         ratio=r"[0-9]+(?:\.[0-9]+)?",
     params:
-        settings=cli_flags({
-            "--steps": LEARN["steps"],
-            "--batch-size": LEARN["batch_size"],
-            "--warmup-steps": LEARN["warmup_steps"],
-            "--mask-lr": LEARN["mask_lr"],
-            "--lambda-lr": LEARN["lambda_lr"],
-            "--lambda2-init": LEARN["lambda2_init"],
-            "--kinds": ",".join(LEARN["kinds"]),
-            "--channel-multiple": PLANS["channel_multiple"],
-            "--train-weights": LEARN["train_weights"],
-            "--weight-lr": LEARN["weight_lr"] if LEARN["train_weights"] != "none" else None,
-            "--seed": LEARN["seed"],
-            "--gradient-checkpointing": LEARN["gradient_checkpointing"],
-        }),
+        settings=lambda wildcards: learn_masks_args(float(wildcards.ratio)),
         device=config["device"],
         dtype=config["model"]["dtype"],
     log:

@@ -10,12 +10,7 @@ rule prune:
     params:
         dtype=config["model"]["dtype"],
         device=config["device"],
-        reconstruction=cli_flags({
-            "--ridge": RECONSTRUCTION["ridge"],
-            "--reconstruct-target": RECONSTRUCTION["target"],
-            "--select": RECONSTRUCTION["select"],
-            "--batch-size": RECONSTRUCTION["batch_size"],
-        }) if RECONSTRUCTION["enabled"] else "",
+        reconstruction=reconstruction_args(),
         calib=lambda wildcards, input: f"--calib {input.calib}" if RECONSTRUCTION["enabled"] else "",
     log:
         f"{RESULTS}/logs/prune/{{variant}}.log",

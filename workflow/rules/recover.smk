@@ -9,19 +9,7 @@ rule recover:
     output:
         directory(f"{RESULTS}/recovered/{{variant}}"),
     params:
-        settings=lambda wildcards: cli_flags({
-            "--loss": parse_variant(wildcards.variant)["recovery"],
-            "--rank": RECOVERY["rank"],
-            "--alpha": RECOVERY["alpha"],
-            "--dropout": RECOVERY["dropout"],
-            "--lr": RECOVERY["lr"],
-            "--steps": RECOVERY["steps"],
-            "--batch-size": RECOVERY["batch_size"],
-            "--warmup-steps": RECOVERY["warmup_steps"],
-            "--temperature": RECOVERY["temperature"] if parse_variant(wildcards.variant)["recovery"] == "kd" else None,
-            "--seed": RECOVERY["seed"],
-            "--gradient-checkpointing": RECOVERY["gradient_checkpointing"],
-        }),
+        settings=lambda wildcards: recovery_args(parse_variant(wildcards.variant)["recovery"]),
         teacher=lambda wildcards, input: f"--teacher {input.teacher}" if input.teacher else "",
         device=config["device"],
         dtype=config["model"]["dtype"],
