@@ -16,9 +16,36 @@ import io
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 
 NOISY_IMPORT_LOGGERS = ("torchao", "torch.utils._pytree")
+# tokenicer (GPTQModel's tokenizer helper) sets these on import and creates /tmp/tokenicer_hf_home
+HF_CACHE_VARIABLES = ("HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_MODULES_CACHE")
+
+
+def import_tokenicer_contained() -> None:
+    """Import tokenicer once with its cache variables pointing into a scratch folder, then restore the
+    environment and remove the folder: our process keeps the user's Hugging Face cache settings, and no
+    stray folder is left. transformers and huggingface_hub are imported first, so their cache paths are
+    fixed from the user's environment, not from the scratch one."""
+    if "tokenicer" in sys.modules or importlib.util.find_spec("tokenicer") is None:
+        return
+    import huggingface_hub.constants  # noqa: F401
+    import transformers  # noqa: F401
+
+    saved = {name: os.environ.get(name) for name in HF_CACHE_VARIABLES}
+    with tempfile.TemporaryDirectory(prefix="gqa-prune-tokenicer-") as scratch:
+        if saved["HF_HOME"] is None:
+            os.environ["HF_HOME"] = scratch
+        try:
+            importlib.import_module("tokenicer")
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 @contextlib.contextmanager
@@ -41,6 +68,7 @@ def import_quietly(module: str):
     if importlib.util.find_spec(module) is None:
         return None
     os.environ.setdefault("GPTQMODEL_DISABLE_GIL_WARNING", "1")
+    import_tokenicer_contained()
     sink = io.StringIO()
     with quiet_optional_imports(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         return importlib.import_module(module)

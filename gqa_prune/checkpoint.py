@@ -157,17 +157,19 @@ def save_pruned(
     provenance: dict | None = None,
     card_sections: Sequence[str] = (),
     write_extra: Callable[[Path], None] | None = None,
+    kind: str = "prune",
 ) -> Path:
     """Write the pruned model, tokenizer, plan, provenance and model card into ``out_dir`` atomically.
 
     ``provenance`` adds keys to gqa_prune.json (e.g. how the model was recovered), ``card_sections`` adds
-    Markdown to the model card, ``write_extra`` writes further files into the folder before it is renamed.
+    Markdown to the model card, ``write_extra`` writes further files into the folder before it is renamed;
+    ``kind`` is the sub-command named in the output's marker (prune, recover).
     """
     if geometry_of(model) != plan.pruned_geometry():
         raise ValueError("model shape does not match the plan's pruned shape; apply the plan before saving")
     config_kind = to_export_form(model)
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as temporary:
+    with atomic_dir(out_dir, kind) as temporary:
         model.save_pretrained(temporary)
         tokenizer.save_pretrained(temporary)
         plan.save(temporary / PLAN_FILE)

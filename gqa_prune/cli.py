@@ -284,7 +284,7 @@ def cmd_ppl(args: argparse.Namespace) -> None:
         engine = "transformers"
     record = {"model": str(args.model), "dataset": "wikitext-2-raw test", "engine": engine, **result.to_dict()}
     if args.out:
-        write_json(args.out, record)
+        write_json(args.out, record, "ppl")
     print(f"{args.model}: WikiText-2 {result.describe()} [{engine}]")
 
 
@@ -321,7 +321,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     max_length = args.max_length or default_window(model)
     raw = run_lm_eval(model, tokenizer, args.tasks, args.data_dir, batch_size=args.batch_size, max_length=max_length)
     summary = summarize(raw, args.data_dir)
-    write_json(args.out, {"model": str(args.model), "max_length": max_length, "summary": summary, "lm_eval": raw})
+    write_json(
+        args.out, {"model": str(args.model), "max_length": max_length, "summary": summary, "lm_eval": raw}, "evaluate"
+    )
     for task, entry in summary.items():
         metric = "word_perplexity" if task == "wikitext" else ("acc_norm" if "acc_norm" in entry else "acc")
         print(f"{task}: {metric} {entry[metric]:.4f} ({entry['items']} items)")
@@ -336,11 +338,17 @@ def cmd_efficiency(args: argparse.Namespace) -> None:
     if gguf:
         from .export import llama_cpp
 
+        limit = llama_cpp.context_length(llama_cpp.check_ours(args.model))
+        if args.prompt_tokens + args.decode_tokens > limit:
+            raise GqaPruneError(
+                f"--prompt-tokens + --decode-tokens {args.prompt_tokens + args.decode_tokens} exceeds the model's "
+                f"{limit} positions (GGUF context_length)"
+            )
         figures = llama_cpp.speed(
             args.model, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, repeats=args.repeats
         )
         figures.update(engine="llama.cpp", bytes=figures["file_bytes"], linear_bits=figures["bits_per_weight"])
-        write_json(args.out, {"model": str(args.model), **figures})
+        write_json(args.out, {"model": str(args.model), **figures}, "efficiency")
         print(
             f"{args.model}: llama.cpp prompt {figures['prompt_tokens_per_s']:.1f} tokens/s ({args.prompt_tokens} "
             f"tokens), decode {figures['decode_tokens_per_s']:.1f} tokens/s = "
@@ -358,7 +366,7 @@ def cmd_efficiency(args: argparse.Namespace) -> None:
     check_length(args.model, args.prompt_tokens + args.decode_tokens, "--prompt-tokens + --decode-tokens")
     figures = measure(model, settings, rss_before)
     figures.update(bytes=weight_bytes(args.model), linear_bits=linear_bits_per_parameter(args.model))
-    write_json(args.out, {"model": str(args.model), **figures})
+    write_json(args.out, {"model": str(args.model), **figures}, "efficiency")
     print(
         f"{args.model}: prefill {figures['prefill_ms']:.1f} ms ({settings.prompt_tokens} tokens), "
         f"decode {figures['decode_tokens_per_s']:.1f} tokens/s, KV {figures['kv_cache_bytes_per_token']:,} B/token"
@@ -415,6 +423,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         sym=not args.asym,
         kernel=args.kernel,
     )
+    settings.validate()  # before any work, as the workflow's config validation does
     require_model_dir(args.model)
     calibration = None
     if settings.method == "gptq":
@@ -429,7 +438,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 def cmd_aggregate(args: argparse.Namespace) -> None:
     from .report import write_report
 
-    text = args.manifest if args.manifest.lstrip().startswith("{") else Path(args.manifest).read_text()
+    inline = args.manifest.lstrip().startswith("{")
+    if not inline and not Path(args.manifest).is_file():
+        raise GqaPruneError(f"manifest {args.manifest!r} is neither inline JSON nor an existing file")
+    text = args.manifest if inline else Path(args.manifest).read_text(errors="replace")
     try:
         manifest = json.loads(text)
     except json.JSONDecodeError as error:
@@ -447,13 +459,11 @@ def cmd_profile_install(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------------------------- parser
 def _limits(text: str) -> tuple[float, float]:
-    """'-0.1,1.1' -> (-0.1, 1.1): the hard-concrete stretch limits l < 0 < 1 < r."""
+    """'-0.1,1.1' -> (-0.1, 1.1): the hard-concrete stretch limits (``MaskSettings.validate`` checks them)."""
     try:
         lower, upper = (float(value) for value in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"limits {text!r} must look like '-0.1,1.1' (l < 0 < 1 < r)") from None
-    if not (lower < 0.0 and upper > 1.0):
-        raise argparse.ArgumentTypeError(f"limits {text!r} need l < 0 < 1 < r")
     return lower, upper
 
 
@@ -792,28 +802,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# sub-command -> its output options and whether each is a folder (checked before any work)
+# sub-command -> its output options: (option, is a folder, the sub-command named in the output's marker)
 OUTPUTS = {
-    "stage": (("out", True),),
-    "calib": (("out", False),),
-    "importance": (("out", True),),
-    "plan": (("out", False), ("plot", False)),
-    "learn-masks": (("out", True),),
-    "prune": (("out", True),),
-    "ppl": (("out", False),),
-    "recover": (("out", True),),
-    "quantize": (("out", True),),
-    "evaluate": (("out", False),),
-    "efficiency": (("out", False),),
-    "export-gguf": (("out", False),),
-    "aggregate": (("csv", False),),
-    "plot": (("out", False),),
+    "stage": (("out", True, "stage"),),
+    "calib": (("out", False, "calib"),),
+    "importance": (("out", True, "importance"),),
+    "plan": (("out", False, "plan"), ("plot", False, "plot")),
+    "learn-masks": (("out", True, "learn-masks"),),
+    "prune": (("out", True, "prune"),),
+    "ppl": (("out", False, "ppl"),),
+    "recover": (("out", True, "recover"),),
+    "quantize": (("out", True, "quantize"),),
+    "evaluate": (("out", False, "evaluate"),),
+    "efficiency": (("out", False, "efficiency"),),
+    "export-gguf": (("out", False, "export-gguf"),),
+    "aggregate": (("csv", False, "aggregate"),),
+    "plot": (("out", False, "plot"),),
 }
+
+
+def _names_a_path(text: str) -> bool:
+    try:
+        return bool(text) and not text.lstrip().startswith("{") and Path(text).exists()
+    except (OSError, ValueError):
+        return False
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Before any work: each output replaces only an earlier output of the same sub-command, and is no input."""
+    from .atomic import check_not_input, check_output
+
+    outputs = [(getattr(args, option), is_dir, kind) for option, is_dir, kind in OUTPUTS.get(args.command, ())]
+    outputs = [(path, is_dir, kind) for path, is_dir, kind in outputs if path is not None]
+    names = {option for option, _, _ in OUTPUTS.get(args.command, ())}
+    inputs = {  # path options, and text options that name an existing path (--source, --manifest)
+        f"--{name.replace('_', '-')}": Path(value)
+        for name, value in vars(args).items()
+        if name not in names and (isinstance(value, Path) or (isinstance(value, str) and _names_a_path(value)))
+    }
+    for path, is_dir, kind in outputs:
+        check_not_input(path, inputs)
+        check_output(path, is_dir, kind)
 
 
 def _terminate(signum, frame) -> None:
     """SIGTERM (a scheduler's kill, Snakemake's cancel) unwinds like Ctrl-C, so temporaries are removed."""
     raise SystemExit(128 + signum)
+
+
+def _end_progress_line() -> None:
+    """An interrupted progress bar leaves its line open (one interrupted while being made cannot even be
+    closed): with tqdm loaded, start a new line, so that the closing message is a line of its own."""
+    if "tqdm" in sys.modules:
+        print(file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -832,19 +873,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
 
-    from .atomic import check_output
     from .remote_code import allow_remote_code
 
     try:
         allow_remote_code(args.trust_remote_code)
-
-        for option, is_dir in OUTPUTS.get(args.command, ()):
-            if getattr(args, option, None) is not None:
-                check_output(getattr(args, option), is_dir)
+        check_outputs(args)
         args.run(args)
     except GqaPruneError as error:
         print(f"gqa-prune {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: temporaries are gone (atomic), nothing half-written is left
+        _end_progress_line()
+        print(f"gqa-prune {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         allow_remote_code(False)  # per call: main() may run again in the same process (tests, notebooks)

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-from .atomic import atomic_file
+from .atomic import MARKER, atomic_file, marked
 from .errors import GqaPruneError
 
 logger = logging.getLogger(__name__)
@@ -201,8 +201,9 @@ def calibration_blocks(
 
 
 def save_calibration(path: str | os.PathLike, blocks: torch.Tensor, metadata: dict) -> None:
-    with atomic_file(path) as temporary:
-        save_file({"input_ids": blocks.contiguous()}, str(temporary), metadata={"gqa_prune": json.dumps(metadata)})
+    with atomic_file(path, "calib") as temporary:
+        record = json.dumps(marked(metadata, "calib"))  # one key: safetensors orders several at random
+        save_file({"input_ids": blocks.contiguous()}, str(temporary), metadata={"gqa_prune": record})
 
 
 def load_calibration(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
@@ -225,6 +226,7 @@ def load_calibration(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
         raise GqaPruneError(
             f"{path}: not a calibration file written by `gqa-prune calib` (no [blocks, tokens] input_ids)"
         )
+    metadata.pop(MARKER, None)
     return blocks, metadata
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .arch import Geometry, adapter_for, geometry_of
+from .blocks import check_blocks
 from .criteria import STRUCTURAL_CRITERIA, UNIT_CRITERIA, PassResults, measured_loss
 from .errors import GqaPruneError
 from .passes import (
@@ -46,12 +47,7 @@ def _check_inputs(model: nn.Module, blocks: torch.Tensor, criterion: str, layer_
         raise GqaPruneError(f"layer criterion {unknown[0]!r} is not one of {', '.join(STRUCTURAL_CRITERIA)}")
     if batch_size < 1:
         raise GqaPruneError(f"batch_size must be >= 1, got {batch_size}")
-    vocab_size = model.get_input_embeddings().num_embeddings
-    if blocks.numel() and int(blocks.max()) >= vocab_size:
-        raise GqaPruneError(
-            f"calibration token id {int(blocks.max())} >= vocab size {vocab_size}: "
-            "blocks were made with another tokenizer"
-        )
+    check_blocks(model, blocks, min_tokens=2, purpose="a next-token loss")
 
 
 def score(

@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import Geometry, adapter_for, geometry_of
+from .blocks import check_blocks
 from .errors import GqaPruneError
 from .hard_concrete import HardConcrete, deterministic_count, kept_sizes, top_k_mask
 from .mask_settings import CRITERION, TRAINED_WEIGHTS_DIR, MaskSettings
@@ -44,6 +45,7 @@ from .scores import Scores
 from .units import KINDS, WIDTH_KINDS, width_kind
 
 logger = logging.getLogger(__name__)
+MIN_BLOCK_TOKENS = 8  # several next-token targets per block: masks learned on 1-2 tokens a block learn noise
 
 FINAL_LR_FACTOR = 0.05  # the mask learning rate decays to this fraction after the warm-up
 
@@ -343,9 +345,13 @@ def learn_masks(model: nn.Module, blocks: torch.Tensor, settings: MaskSettings) 
     at ``settings.ratio`` (within ``SIZE_TOLERANCE`` of the target size, else a one-line error)."""
     settings.validate()
     adapter, geometry = adapter_for(model.config), geometry_of(model)
-    vocab_size = model.get_input_embeddings().num_embeddings
-    if blocks.numel() and int(blocks.max()) >= vocab_size:
-        raise GqaPruneError(f"token id {int(blocks.max())} >= vocab size {vocab_size}: blocks from another tokenizer")
+    check_blocks(model, blocks, min_tokens=MIN_BLOCK_TOKENS, purpose="learning masks")
+    widest = max(geometry.intermediate_sizes)
+    if "mlp_channel" in settings.kinds and settings.channel_multiple >= widest:
+        raise GqaPruneError(
+            f"channel_multiple {settings.channel_multiple} is not below any layer's MLP width (at most {widest}): "
+            "no MLP channel could be masked; lower --channel-multiple"
+        )
     reachable = max_ratio(geometry, settings.kinds, settings.channel_multiple)
     if settings.ratio > reachable:
         raise GqaPruneError(
@@ -549,7 +555,7 @@ def save_learned(
 
     result.scores.check_finite("learn-masks")
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as temporary:
+    with atomic_dir(out_dir, "learn-masks") as temporary:
         write_files(result.scores, temporary)
         ratio = result.settings.ratio if result.settings else result.scores.info["l0"]["ratio"]
         write_training(result.history, temporary, f"hard-concrete masks to ratio {ratio}")

@@ -36,7 +36,7 @@ from .allocation import (
     split_by_curves,
 )
 from .arch import Geometry
-from .atomic import write_text
+from .atomic import MARKER, write_text
 from .errors import GqaPruneError
 from .scores import Scores
 from .settings import PlanSettings
@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 PLAN_FORMAT = "gqa-prune-plan"
 PLAN_VERSION = 2
+PLAN_KIND = "plan"  # the sub-command named in a plan file's output marker
 
 
 @dataclass(frozen=True)
@@ -249,6 +250,7 @@ class PruningPlan:
             "params_before": self.params_before,
             "summary": self.param_summary(),  # derived; checked against the layers on load
             "layers": [layer.to_dict() for layer in self.layers],
+            MARKER: PLAN_KIND,  # the output of `gqa-prune plan` (atomic's marker)
         }
 
     def to_json(self) -> str:
@@ -290,7 +292,7 @@ class PruningPlan:
         return cls.from_dict(json.loads(text))
 
     def save(self, path: str | os.PathLike) -> None:
-        write_text(path, self.to_json())
+        write_text(path, self.to_json(), PLAN_KIND)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PruningPlan:
@@ -328,6 +330,9 @@ def build_plan(scores: Scores, settings: PlanSettings, params_before: int | None
     """Build a plan of ``settings.mode`` from importance scores."""
     geometry = scores.geometry
     settings.validate(geometry.num_layers)
+    scores.check_finite("plan")  # scores built in memory are held to what a loaded folder is
+    if settings.mode == "learned" and "channel_multiple" in scores.info.get("l0", {}):
+        settings = replace(settings, channel_multiple=int(scores.info["l0"]["channel_multiple"]))  # the masks' own
     if params_before is None:
         params_before = int(scores.info.get("parameters", 0))
         if not params_before:

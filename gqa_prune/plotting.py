@@ -9,11 +9,21 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .atomic import atomic_file  # noqa: E402
+from .atomic import atomic_file, marked  # noqa: E402
 from .plan import PruningPlan  # noqa: E402
 
+PLOT_KIND = "plot"  # the sub-command named in a drawing's marker (``plan --plot`` draws the same PNG)
 
-def plot_plan(plan: PruningPlan, out_png: str | os.PathLike, title: str | None = None) -> None:
+
+def _save(figure, out_png: str | os.PathLike, kind: str) -> None:
+    """Write the figure atomically as PNG, marked (a text chunk) as the output of sub-command ``kind``."""
+    figure.tight_layout()
+    with atomic_file(out_png, kind) as temporary:
+        figure.savefig(temporary, format="png", dpi=110, metadata=marked({}, kind))
+    plt.close(figure)
+
+
+def plot_plan(plan: PruningPlan, out_png: str | os.PathLike, title: str | None = None, kind: str = PLOT_KIND) -> None:
     """Per layer: kept KV groups and MLP channels against layer importance; removed layers and sublayers marked."""
     layers = list(range(plan.geometry.num_layers))
     importance = [layer.importance for layer in plan.layers]
@@ -56,13 +66,12 @@ def plot_plan(plan: PruningPlan, out_png: str | os.PathLike, title: str | None =
         f"MLP {summary['achieved_mlp_ratio']:.1%})",
         fontsize="medium",
     )
-    figure.tight_layout()
-    with atomic_file(out_png) as temporary:
-        figure.savefig(temporary, format="png", dpi=110)
-    plt.close(figure)
+    _save(figure, out_png, kind)
 
 
-def plot_loss_curve(steps: list[int], losses: list[float], out_png: str | os.PathLike, title: str) -> None:
+def plot_loss_curve(
+    steps: list[int], losses: list[float], out_png: str | os.PathLike, title: str, kind: str = PLOT_KIND
+) -> None:
     """Training loss per step, with a moving average when there are enough steps."""
     figure, axis = plt.subplots(figsize=(6.5, 3.8))
     axis.plot(steps, losses, color="tab:blue", linewidth=0.8, alpha=0.5 if len(steps) > 20 else 1.0, label="loss")
@@ -77,10 +86,7 @@ def plot_loss_curve(steps: list[int], losses: list[float], out_png: str | os.Pat
     axis.set_ylabel("loss")
     axis.set_title(title, fontsize="medium")
     axis.legend(fontsize="small")
-    figure.tight_layout()
-    with atomic_file(out_png) as temporary:
-        figure.savefig(temporary, format="png", dpi=110)
-    plt.close(figure)
+    _save(figure, out_png, kind)
 
 
 def plot_pareto(
@@ -91,6 +97,7 @@ def plot_pareto(
     x_label: str,
     y_label: str,
     out_png: str | os.PathLike,
+    kind: str,
     log_y: bool = False,
 ) -> None:
     """Every variant as a labelled point; the Pareto front highlighted and joined."""
@@ -109,7 +116,4 @@ def plot_pareto(
     axis.set_ylabel(y_label)
     axis.grid(alpha=0.3)
     axis.legend(fontsize="small")
-    figure.tight_layout()
-    with atomic_file(out_png) as temporary:
-        figure.savefig(temporary, format="png", dpi=110)
-    plt.close(figure)
+    _save(figure, out_png, kind)

@@ -40,5 +40,5 @@ def install_slurm_profile(
     target = Path(destination).expanduser() / "config.yaml"
     if target.exists() and not force:
         raise GqaPruneError(f"{target} exists; pass --force to replace it")
-    write_text(target, render_slurm_profile(partition, account, gpu_model))
+    write_text(target, render_slurm_profile(partition, account, gpu_model), "profile", force=True)
     return target

@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import Geometry, adapter_for
+from .blocks import check_blocks
 from .criteria.obs import DIAGONAL_FLOOR, greedy_obs_keep
 from .errors import GqaPruneError
 from .passes import OUTPUT_ROLE, LayerInputs, capture_layer_inputs, run_layer
@@ -121,11 +122,7 @@ def reconstruct(
     adapter = adapter_for(model.config)
     layers = adapter.decoder_layers(model)
     device = next(model.parameters()).device
-    vocab = model.get_input_embeddings().num_embeddings
-    if blocks.numel() and int(blocks.max()) >= vocab:
-        raise GqaPruneError(
-            f"calibration token id {int(blocks.max())} >= vocab size {vocab}: blocks were made with another tokenizer"
-        )
+    check_blocks(model, blocks)
     tokens = int(blocks.numel())
     widest = max(
         (len(layer.kept.get(kind.name, ())) * geometry.indices_per_unit(OUTPUT_ROLE[kind.scopes[0]])

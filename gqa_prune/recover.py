@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ._quiet import import_quietly
 from .arch import ALL_ROLES
+from .blocks import check_blocks
 from .errors import GqaPruneError, require
 from .settings import RecoverySettings
 
@@ -167,8 +168,14 @@ def recover_checkpoint(
     settings.validate()
     if settings.loss == "kd" and teacher_dir is None:
         raise GqaPruneError("the kd loss needs the dense teacher model (--teacher)")
+    if not (Path(model_dir) / PLAN_FILE).is_file():
+        raise GqaPruneError(
+            f"model folder {str(model_dir)!r} holds no {PLAN_FILE}: recover trains a checkpoint written by "
+            "`gqa-prune prune` (or recover), whose plan it carries into its output"
+        )
     plan = PruningPlan.load(Path(model_dir) / PLAN_FILE)
     model = load_model(model_dir, dtype=dtype, device=device)
+    check_blocks(model, blocks, min_tokens=2, purpose="a next-token loss")
     teacher = load_model(teacher_dir, dtype=dtype, device=device) if settings.loss == "kd" else None
     peft_model = lora_model(model, settings)
     history = train(peft_model, blocks, settings, teacher=teacher)
@@ -191,5 +198,6 @@ def recover_checkpoint(
         provenance={"recovery": record},
         card_sections=[section],
         write_extra=lambda folder: write_loss_curve(history, folder, title),
+        kind="recover",
     )
     return record

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .atomic import write_json, write_text
+from .atomic import COMPANION_SUFFIX, check_output, write_json, write_text
 from .errors import GqaPruneError
 from .gptq_format import linear_bits_per_parameter
 
@@ -70,11 +70,26 @@ def read_benchmark(path: str | os.PathLike) -> dict[str, float]:
     }
 
 
-def _read_json(path: str | os.PathLike) -> dict:
+def _read_json(path: str | os.PathLike, fields: Sequence[str] = ()) -> dict:
+    """An artefact named in the manifest: a JSON object holding ``fields``, or one line saying what is wrong."""
     file = Path(path)
     if not file.is_file():
         raise GqaPruneError(f"artefact {str(file)!r} named in the manifest does not exist")
-    return json.loads(file.read_text())
+    try:
+        record = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise GqaPruneError(
+            f"artefact {str(file)!r} is not valid JSON ({error}); re-run the stage that wrote it"
+        ) from error
+    missing = [name for name in fields if not isinstance(record, dict) or name not in record]
+    if missing:
+        raise GqaPruneError(
+            f"artefact {str(file)!r} lacks {', '.join(map(repr, missing))}; re-run the stage that wrote it"
+        )
+    return record
+
+
+REQUIRED_ENTRY_KEYS = ("variant", "model", "ppl")  # a manifest entry: the model and its ppl JSON at least
 
 
 def primary_metric(task: str, entry: dict) -> str:
@@ -85,10 +100,15 @@ def primary_metric(task: str, entry: dict) -> str:
 def variant_row(entry: dict) -> dict:
     """One table row from a manifest entry (model, ppl; optional plan, lm_eval, efficiency, benchmarks, and the
     provenance file of a model that is a single file, a GGUF)."""
-    plan = _read_json(entry["plan"]) if entry.get("plan") else None
+    missing = [key for key in REQUIRED_ENTRY_KEYS if not entry.get(key)]
+    if missing:
+        raise GqaPruneError(
+            f"the entry has no {', '.join(map(repr, missing))} (needed: {', '.join(REQUIRED_ENTRY_KEYS)})"
+        )
+    plan = _read_json(entry["plan"], ("settings", "summary")) if entry.get("plan") else None
     provenance = _read_json(entry.get("provenance") or Path(entry["model"]) / "gqa_prune.json")
-    ppl = _read_json(entry["ppl"])
-    tasks = _read_json(entry["lm_eval"])["summary"] if entry.get("lm_eval") else {}
+    ppl = _read_json(entry["ppl"], ("perplexity", "window", "tokens_scored"))
+    tasks = _read_json(entry["lm_eval"], ("summary",))["summary"] if entry.get("lm_eval") else {}
     efficiency = _read_json(entry["efficiency"]) if entry.get("efficiency") else {}
     settings = plan["settings"] if plan else {}
     summary = plan["summary"] if plan else {}
@@ -146,8 +166,26 @@ def pareto_mask(xs: Sequence[float], ys: Sequence[float], x_goal: str, y_goal: s
     return mask
 
 
+def _rows(manifest: dict) -> list[dict]:
+    """One row per manifest entry; a bad entry or artefact is one line naming its variant."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("variants"), list) or "model" not in manifest:
+        raise GqaPruneError("the manifest must be a JSON object with 'model' and a list of 'variants'")
+    rows = []
+    for index, entry in enumerate(manifest["variants"]):
+        name = entry.get("variant", f"#{index}") if isinstance(entry, dict) else f"#{index}"
+        try:
+            if not isinstance(entry, dict):
+                raise GqaPruneError("the entry is not a JSON object")
+            rows.append(variant_row(entry))
+        except GqaPruneError as error:
+            raise GqaPruneError(f"manifest variant {name!r}: {error}") from error
+        except (KeyError, TypeError, ValueError) as error:
+            raise GqaPruneError(f"manifest variant {name!r}: a missing or malformed value ({error!r})") from error
+    return rows
+
+
 def tradeoff_table(manifest: dict) -> pd.DataFrame:
-    table = pd.DataFrame([variant_row(entry) for entry in manifest["variants"]])
+    table = pd.DataFrame(_rows(manifest))
     table.insert(0, "model", manifest["model"])
     dense = table.loc[table["variant"] == "dense", "params"]
     if len(dense):
@@ -161,6 +199,7 @@ def tradeoff_table(manifest: dict) -> pd.DataFrame:
     return table
 
 
+KIND = "aggregate"  # the sub-command named in the tradeoff table's output markers
 SUMMARY_COLUMNS = (
     "variant", "engine", "params", "bytes", "linear_bits", "kv_cache_bytes_per_token", "ppl", "mean_acc",
     "arc_easy_acc_norm", "arc_challenge_acc_norm", "hellaswag_acc_norm", "piqa_acc_norm", "winogrande_acc",
@@ -237,20 +276,28 @@ def plot_fronts(table: pd.DataFrame, folder: str | os.PathLike) -> list[Path]:
         ys = rows[front.y].tolist()
         wide = min(ys) > 0 and max(ys) / min(ys) > 10  # e.g. perplexities from 19 to 1,500
         plot_pareto(rows["variant"].tolist(), xs, ys, rows[f"pareto_{name}"].tolist(), front.x_label, front.y_label,
-                    path, log_y=wide)  # fmt: skip
+                    path, KIND, log_y=wide)  # fmt: skip
         written.append(path)
     return written
 
 
+def output_paths(csv_path: Path) -> list[Path]:
+    """Every file ``write_report`` may write for ``csv_path``."""
+    siblings = [csv_path.with_suffix(suffix) for suffix in (COMPANION_SUFFIX, ".md", ".html")]
+    return [csv_path, *siblings, *(csv_path.parent / f"pareto_{name}.png" for name in PARETO_FRONTS)]
+
+
 def write_report(manifest: dict, csv_path: str | os.PathLike) -> pd.DataFrame:
     """Write <stem>.csv/.md/.html, the Pareto PNGs and <stem>.sources.json beside ``csv_path``."""
-    table = tradeoff_table(manifest)
     csv_path = Path(csv_path)
+    for path in output_paths(csv_path):  # all of them before writing any
+        check_output(path, is_dir=False, kind=KIND)
+    table = tradeoff_table(manifest)
     notes = manifest.get("notes", [])
-    write_text(csv_path, table.to_csv(index=False))
+    write_json(csv_path.with_suffix(COMPANION_SUFFIX), manifest, KIND)  # first: it marks the three below
+    write_text(csv_path, table.to_csv(index=False), KIND)
     summary = table[[column for column in SUMMARY_COLUMNS if column in table]]
-    write_text(csv_path.with_suffix(".md"), to_markdown(summary) + "".join(f"\n{note}\n" for note in notes))
-    write_text(csv_path.with_suffix(".html"), to_html(table, notes, f"gqa-prune tradeoff: {manifest['model']}"))
-    write_json(csv_path.with_suffix(".sources.json"), manifest)
+    write_text(csv_path.with_suffix(".md"), to_markdown(summary) + "".join(f"\n{note}\n" for note in notes), KIND)
+    write_text(csv_path.with_suffix(".html"), to_html(table, notes, f"gqa-prune tradeoff: {manifest['model']}"), KIND)
     plot_fronts(table, csv_path.parent)
     return table

@@ -34,6 +34,9 @@ MASK_PREFIX = "mask."  # tensors of deterministic learned masks: mask.<kind>.<la
 _V1_NAMES = {"attn_groups": "gqa_group", "mlp_channels": "mlp_channel"}
 
 
+CURVE_DROP_TOLERANCE = 0.25  # measurement noise a removal curve may show (nats, and a fraction of its level)
+
+
 @dataclass(frozen=True)
 class LossCurve:
     """Measured calibration-loss increase of removing more and more of one kind: (parameters removed, nats).
@@ -69,6 +72,24 @@ class LossCurve:
                 return y1 + (y2 - y1) * (params - x1) / (x2 - x1)
         return float("inf")
 
+    def check(self, where: str) -> None:
+        """Trust a curve only when well-formed: finite losses at strictly ascending, positive parameter counts,
+        rising with them up to measurement noise (a later point may lie at most ``CURVE_DROP_TOLERANCE`` nats,
+        plus that fraction of the highest loss so far, below it)."""
+        params = [point[0] for point in self.points]
+        if any(count <= 0 for count in params) or params != sorted(set(params)):
+            raise GqaPruneError(f"{where}: parameter counts {params} must be positive and strictly ascending")
+        highest = 0.0
+        for count, loss in self.points:
+            if not math.isfinite(loss):
+                raise GqaPruneError(f"{where}: loss {loss} at {count:,} parameters removed is not a finite number")
+            if loss < highest - CURVE_DROP_TOLERANCE * (1 + highest):
+                raise GqaPruneError(
+                    f"{where}: loss {loss:.4g} at {count:,} parameters removed falls below the {highest:.4g} of a "
+                    "smaller removal; a removal curve rises with what it removes"
+                )
+            highest = max(highest, loss)
+
     def to_dict(self) -> dict:
         return {"points": [list(point) for point in self.points]}
 
@@ -101,7 +122,7 @@ class Scores:
         return self.units[kind]
 
     def check_finite(self, where: str) -> None:
-        """Refuse NaN/Inf anywhere: a plan built on them would be arbitrary."""
+        """Refuse NaN/Inf anywhere and malformed loss curves: a plan built on them would be arbitrary."""
         for name, tensor in self._tensors().items():
             if not torch.isfinite(tensor).all():
                 raise GqaPruneError(
@@ -114,6 +135,8 @@ class Scores:
                     raise GqaPruneError(
                         f"{where}: {criterion} scores of {kind} contain NaN/Inf; check weights and calibration data"
                     )
+        for kind, curve in self.curves.items():
+            curve.check(f"{where}: loss curve of {kind}")
         if not math.isfinite(self.calibration_loss):
             raise GqaPruneError(f"{where}: calibration loss is {self.calibration_loss}; the model output is not finite")
 
@@ -166,7 +189,7 @@ def save(scores: Scores, out_dir: str | os.PathLike) -> Path:
     """Write ``units.safetensors`` and ``scores.json`` into ``out_dir`` atomically (byte-reproducible)."""
     scores.check_finite("importance")
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as temporary:
+    with atomic_dir(out_dir, "importance") as temporary:
         write_files(scores, temporary)
     return out_dir
 

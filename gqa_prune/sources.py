@@ -131,7 +131,7 @@ def stage(source: str, out_dir: str | os.PathLike, dtype: str = "auto") -> Path:
     model, tokenizer, provenance = _load_source(source, resolve_dtype(dtype))
     check_config_supported(model.config)
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as temporary:
+    with atomic_dir(out_dir, "stage") as temporary:
         model.save_pretrained(temporary)
         tokenizer.save_pretrained(temporary)
         provenance.update(source=source, parameters=sum(p.numel() for p in model.parameters()))

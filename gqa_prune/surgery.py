@@ -9,6 +9,8 @@ within 1e-5).
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 from torch import nn
 
@@ -18,23 +20,36 @@ from .modeling_gqa_prune import assign_cache_indices
 from .plan import LayerPlan, PruningPlan
 from .units import SKIP_NAMES, STRUCTURAL_KINDS, WIDTH_KINDS
 
-_SHAPE_FIELDS = ("head_dim", "heads_per_group", "kv_groups", "intermediate_sizes", "hidden_size")
+# every field of the geometry, the family first: a same-shape plan of another family must not pass
+_GEOMETRY_FIELDS = tuple(field.name for field in fields(Geometry))
 
 
 def check_plan_fits(plan: PruningPlan, model: nn.Module) -> Geometry:
-    """The plan must have been built for a model of exactly this shape (depth included)."""
+    """The plan must have been built for exactly this model: family, shape (depth included), biases, and
+    parameter count (embeddings tied or not); otherwise the counts it records would not be the saved model's."""
     geometry = geometry_of(model)
     if geometry.num_layers != plan.geometry.num_layers:
         raise GqaPruneError(
             f"plan does not fit this model: the plan is for {plan.geometry.num_layers} layers, the model has "
             f"{geometry.num_layers}"
         )
-    for name in _SHAPE_FIELDS:
+    for name in _GEOMETRY_FIELDS:
         if getattr(geometry, name) != getattr(plan.geometry, name):
             raise GqaPruneError(
                 f"plan does not fit this model: plan {name}={getattr(plan.geometry, name)}, "
                 f"model {name}={getattr(geometry, name)}"
             )
+    parameters = sum(parameter.numel() for parameter in model.parameters())  # tied embeddings once
+    if parameters != plan.params_before:
+        embedding = model.get_input_embeddings().weight.numel()
+        tied = {
+            parameters + embedding: " (this model ties its input and output embeddings, the plan's model did not)",
+            parameters - embedding: " (the plan's model tied its embeddings, this one does not)",
+        }.get(plan.params_before, "")
+        raise GqaPruneError(
+            f"plan does not fit this model: plan params_before={plan.params_before:,}, model has "
+            f"{parameters:,} parameters{tied}"
+        )
     return geometry
 
 

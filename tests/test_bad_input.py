@@ -3,41 +3,76 @@ names the bad value, and nothing written at the output path (nor anything that e
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import C4_SHARD, DATA_DIR
-from helpers import parameter_count, plan_for, scores_for, tiny_model
+from helpers import parameter_count, plan_for, scores_for, tiny_config, tiny_model
 from safetensors.torch import save_file
 from test_cli import assert_one_line_error, run
+from transformers import LlamaForCausalLM
 
 from gqa_prune import scores as stored_scores
+from gqa_prune.atomic import atomic_dir, write_json
+from gqa_prune.checkpoint import save_pruned
+from gqa_prune.data import save_calibration
 from gqa_prune.plan import PlanSettings, build_plan
+from gqa_prune.report import PARETO_FRONTS
+from gqa_prune.surgery import apply_plan
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_tokenizer) -> Path:
-    """A tiny model, calibration blocks, scores, a width plan and a depth plan, made once."""
+    """A tiny model, calibration blocks, scores, plans, and the outputs of other sub-commands, made once."""
     root = tmp_path_factory.mktemp("bad-input")
     model = tiny_model("llama", 3, vocab_size=len(tiny_tokenizer))
     model.save_pretrained(root / "model")
     tiny_tokenizer.save_pretrained(root / "model")
     (root / "model" / "gqa_prune.json").write_text('{"source": "org/tiny"}')
     blocks = torch.randint(0, len(tiny_tokenizer), (8, 32), generator=torch.Generator().manual_seed(0))
-    save_file({"input_ids": blocks}, str(root / "calib.safetensors"))
+    save_calibration(root / "calib.safetensors", blocks, {"source": "random"})
+    save_calibration(root / "calib-folder" / "calib.safetensors", blocks, {"source": "random"})
     save_file({"input_ids": torch.full((2, 32), 500)}, str(root / "foreign-calib.safetensors"))
+    save_calibration(root / "negative-calib.safetensors", blocks - 3, {"source": "edited"})
+    save_calibration(root / "long-calib.safetensors", blocks.repeat(1, 5), {"source": "too long"})
+    save_calibration(root / "short-calib.safetensors", blocks[:, :2], {"source": "2 tokens"})
+    save_calibration(root / "one-token-calib.safetensors", blocks[:, :1], {"source": "1 token"})
     stored_scores.save(scores_for(model), root / "importance")
-    plan_for(model).save(root / "plan.json")
+    plan = plan_for(model)
+    plan.save(root / "plan.json")
+    save_pruned(apply_plan(copy.deepcopy(model), plan), tiny_tokenizer, plan, root / "pruned", source="org/tiny")
+    with atomic_dir(root / "learned", "learn-masks") as folder:  # an importance folder of learn-masks
+        stored_scores.write_files(scores_for(model), folder)
+    write_json(root / "ppl.json", {"perplexity": 2.0, "window": 32, "tokens_scored": 31}, "ppl")
     five = tiny_model("llama", 3, layers=5)
     build_plan(scores_for(five), PlanSettings(ratio=0.4, mode="depth"), parameter_count(five)).save(root / "depth.json")
+    tied_config = tiny_config("llama", 3, vocab_size=len(tiny_tokenizer))
+    tied_config.tie_word_embeddings = True  # the plan's model, but with one embedding matrix for input and output
+    LlamaForCausalLM(tied_config).save_pretrained(root / "tied")
+    tiny_tokenizer.save_pretrained(root / "tied")
+    qwen2, mistral = tiny_model("qwen2", 3), tiny_model("mistral", 3)  # the same shapes, another family
+    plan_for(qwen2).save(root / "qwen2-plan.json")
+    mistral.save_pretrained(root / "mistral")
+    tiny_tokenizer.save_pretrained(root / "mistral")
     (root / "bad-utf8.txt").write_bytes(b"caf\xe9 au lait\n\nsecond document\n")
     (root / "broken.jsonl").write_text('{"text": "fine"}\n{"text": \n')
     (root / "typed.jsonl").write_text('{"text": "fine"}\n{"text": 5}\n')
     (root / "fieldless.jsonl").write_text('{"body": "no text field"}\n')
     (root / "notes.txt").write_text("not a calibration file")
+    (root / "user.gguf").write_text("a user's file that happens to end in .gguf")
+    (root / "user-table.csv").write_text("variant,ppl\nmine,1.0\n")
+    (root / "user-plots").mkdir()
+    (root / "user-plots" / f"pareto_{next(iter(PARETO_FRONTS))}.png").write_bytes(b"a user's picture")
+    (root / "corrupt-ppl.json").write_text('{"perplexity": ')
+    (root / "empty-ppl.json").write_text("{}")
     return root
 
 
@@ -55,6 +90,29 @@ def _model_with(workspace: Path, name: str, edit) -> Path:
         shutil.copytree(workspace / "model", folder)
         edit(folder)
     return folder
+
+
+def _importance_with(workspace: Path, name: str, edit) -> Path:
+    """A copy of the importance folder with its loss curves edited (``edit(curves)``, kind -> points)."""
+    folder = workspace / name
+    if not folder.exists():
+        shutil.copytree(workspace / "importance", folder)
+        record = json.loads((folder / "scores.json").read_text())
+        edit({kind: curve["points"] for kind, curve in record["curves"].items()})
+        (folder / "scores.json").write_text(json.dumps(record))
+    return folder
+
+
+def _first_curve(edit):
+    def apply(curves: dict) -> None:
+        edit(curves[sorted(curves)[0]])
+
+    return apply
+
+
+def _manifest(workspace: Path, **entry) -> str:
+    """An inline aggregate manifest of one variant (the model folder, plus ``entry``)."""
+    return json.dumps({"model": "tiny", "variants": [{"variant": "dense", "model": str(workspace / "model"), **entry}]})
 
 
 def _truncate(folder: Path) -> None:
@@ -95,12 +153,12 @@ def _short_importance(workspace: Path) -> Path:
 # (case id, argv builder(workspace, out) -> list of str, the value-naming text the error line must contain)
 CASES = [
     # outputs
-    ("calib --out is a directory", lambda w, o: ["calib", "--model", w / "model", "--source", C4_SHARD, "--out", w], "is an existing directory"),
-    ("plan --out is a directory", lambda w, o: ["plan", "--importance", w / "importance", "--ratio", "0.2", "--out", w], "is an existing directory"),
+    ("calib --out is a directory", lambda w, o: ["calib", "--model", w / "model", "--source", C4_SHARD, "--out", w / "user-plots"], "is an existing directory"),
+    ("plan --out is a directory", lambda w, o: ["plan", "--importance", w / "importance", "--ratio", "0.2", "--out", w / "user-plots"], "is an existing directory"),
     ("importance --out is a file", lambda w, o: ["importance", "--model", w / "model", "--calib", w / "calib.safetensors", "--out", w / "notes.txt"], "is an existing file"),
     ("prune --out is a foreign folder", lambda w, o: ["prune", "--model", w / "model", "--plan", w / "plan.json", "--out", DATA_DIR], "did not write"),
     ("ppl --out under a file", lambda w, o: ["ppl", "--model", w / "model", "--data-dir", DATA_DIR, "--out", w / "notes.txt" / "ppl.json"], "is a file"),
-    ("plot --out is a directory", lambda w, o: ["plot", "--plan", w / "plan.json", "--out", w], "is an existing directory"),
+    ("plot --out is a directory", lambda w, o: ["plot", "--plan", w / "plan.json", "--out", w / "user-plots"], "is an existing directory"),
     # edited plans
     ("float group indices", lambda w, o: ["prune", "--model", w / "model", "--plan", _plan_with(w, "p1.json", lambda d: d["layers"][1]["kept"].update(gqa_group=[0.2, 0.7, 2.0])), "--out", o], "must be a list of integer indices"),
     ("half-integer channel indices", lambda w, o: ["prune", "--model", w / "model", "--plan", _plan_with(w, "p2.json", lambda d: d["layers"][0]["kept"].update(mlp_channel=[0.5, 1.5, 2.5])), "--out", o], "must be a list of integer indices"),
@@ -156,6 +214,65 @@ CASES = [
     # recovery, sources
     ("distillation without a teacher", lambda w, o: ["recover", "--model", w / "model", "--train-blocks", w / "calib.safetensors", "--loss", "kd", "--out", o], "--loss kd needs --teacher"),
     ("model source that does not exist", lambda w, o: ["stage", "--source", w / "no-such-model", "--out", o], "does not exist"),
+    # outputs replace only their own kind, and never an input
+    ("importance --out a pruned checkpoint", lambda w, o: ["importance", "--model", w / "model", "--calib", w / "calib.safetensors", "--out", w / "pruned"], "holds the output of `gqa-prune prune`"),
+    ("learn-masks --out a pruned checkpoint", lambda w, o: ["learn-masks", "--model", w / "model", "--calib", w / "calib.safetensors", "--ratio", "0.2", "--out", w / "pruned"], "holds the output of `gqa-prune prune`"),
+    ("importance --out a learn-masks folder", lambda w, o: ["importance", "--model", w / "model", "--calib", w / "calib.safetensors", "--out", w / "learned"], "holds the output of `gqa-prune learn-masks`"),
+    ("prune --out an importance folder", lambda w, o: ["prune", "--model", w / "model", "--plan", w / "plan.json", "--out", w / "importance"], "holds the output of `gqa-prune importance`"),
+    ("stage --out a pruned checkpoint", lambda w, o: ["stage", "--source", w / "model", "--out", w / "pruned"], "holds the output of `gqa-prune prune`"),
+    ("recover --out a pruned checkpoint", lambda w, o: ["recover", "--model", w / "model", "--train-blocks", w / "calib.safetensors", "--out", w / "pruned"], "holds the output of `gqa-prune prune`"),
+    ("quantize --out a learn-masks folder", lambda w, o: ["quantize", "--model", w / "pruned", "--method", "rtn", "--bits", "8", "--group-size", "16", "--out", w / "learned"], "holds the output of `gqa-prune learn-masks`"),
+    ("prune --out its own --model", lambda w, o: ["prune", "--model", w / "model", "--plan", w / "plan.json", "--out", w / "model"], "is the input --model"),
+    ("prune --out the folder holding --model", lambda w, o: ["prune", "--model", w / "model", "--plan", w / "plan.json", "--out", w], "contains the input --model"),
+    ("importance --out the folder of --calib", lambda w, o: ["importance", "--model", w / "model", "--calib", w / "calib-folder" / "calib.safetensors", "--out", w / "calib-folder"], "contains the input --calib"),
+    ("recover --out the folder of --train-blocks", lambda w, o: ["recover", "--model", w / "pruned", "--train-blocks", w / "calib-folder" / "calib.safetensors", "--out", w / "calib-folder"], "contains the input --train-blocks"),
+    ("learn-masks --out its own --model", lambda w, o: ["learn-masks", "--model", w / "model", "--calib", w / "calib.safetensors", "--ratio", "0.2", "--out", w / "model"], "is the input --model"),
+    ("stage --out its own --source", lambda w, o: ["stage", "--source", w / "model", "--out", w / "model"], "is the input --source"),
+    ("quantize --out its own --model", lambda w, o: ["quantize", "--model", w / "pruned", "--method", "rtn", "--bits", "8", "--group-size", "16", "--out", w / "pruned"], "is the input --model"),
+    ("plan --out its own --importance", lambda w, o: ["plan", "--importance", w / "importance", "--ratio", "0.2", "--out", w / "importance"], "is the input --importance"),
+    ("calib --out over the model's weights", lambda w, o: ["calib", "--model", w / "model", "--source", C4_SHARD, "--out", w / "model" / "model.safetensors"], "is an existing file that gqa-prune did not write"),
+    ("calib --out over a ppl result", lambda w, o: ["calib", "--model", w / "model", "--source", C4_SHARD, "--out", w / "ppl.json"], "holds the output of `gqa-prune ppl`"),
+    ("plan --out over a ppl result", lambda w, o: ["plan", "--importance", w / "importance", "--ratio", "0.2", "--out", w / "ppl.json"], "holds the output of `gqa-prune ppl`"),
+    ("plan --plot over a plan", lambda w, o: ["plan", "--importance", w / "importance", "--ratio", "0.2", "--out", o, "--plot", w / "plan.json"], "holds the output of `gqa-prune plan`"),
+    ("ppl --out over a plan", lambda w, o: ["ppl", "--model", w / "model", "--data-dir", DATA_DIR, "--out", w / "plan.json"], "holds the output of `gqa-prune plan`"),
+    ("evaluate --out over a ppl result", lambda w, o: ["evaluate", "--model", w / "model", "--tasks", "piqa=2", "--out", w / "ppl.json"], "holds the output of `gqa-prune ppl`"),
+    ("efficiency --out over calibration blocks", lambda w, o: ["efficiency", "--model", w / "model", "--out", w / "calib.safetensors"], "holds the output of `gqa-prune calib`"),
+    ("plot --out over a ppl result", lambda w, o: ["plot", "--plan", w / "plan.json", "--out", w / "ppl.json"], "holds the output of `gqa-prune ppl`"),
+    ("export-gguf --out over a user's file", lambda w, o: ["export-gguf", "--model", w / "model", "--out", w / "user.gguf"], "is an existing file that gqa-prune did not write"),
+    ("export-gguf --out without .gguf", lambda w, o: ["export-gguf", "--model", w / "model", "--out", o], "must end in .gguf"),
+    ("aggregate --csv over a user's table", lambda w, o: ["aggregate", "--manifest", _manifest(w, ppl=str(w / "ppl.json")), "--csv", w / "user-table.csv"], "is an existing file that gqa-prune did not write"),
+    ("aggregate beside a user's plot", lambda w, o: ["aggregate", "--manifest", _manifest(w, ppl=str(w / "ppl.json")), "--csv", w / "user-plots" / "table.csv"], "pareto_"),
+    # plans checked against the model
+    ("plan of an untied model on its tied twin", lambda w, o: ["prune", "--model", w / "tied", "--plan", w / "plan.json", "--out", o], "this model ties its input and output embeddings"),
+    ("same-shape plan of another family", lambda w, o: ["prune", "--model", w / "mistral", "--plan", w / "qwen2-plan.json", "--calib", w / "calib.safetensors", "--out", o], "plan family=qwen2, model family=mistral"),
+    # loss curves trusted only when well-formed
+    ("loss curve of NaN", lambda w, o: ["plan", "--importance", _importance_with(w, "nan-curve", _first_curve(lambda points: points[0].__setitem__(1, float("nan")))), "--ratio", "0.2", "--out", o], "is not a finite number"),
+    ("loss curve of -inf", lambda w, o: ["plan", "--importance", _importance_with(w, "ninf-curve", _first_curve(lambda points: points[-1].__setitem__(1, float("-inf")))), "--ratio", "0.2", "--out", o], "loss -inf at"),
+    ("unsorted loss curve", lambda w, o: ["plan", "--importance", _importance_with(w, "unsorted-curve", _first_curve(lambda points: points.reverse())), "--ratio", "0.2", "--out", o], "must be positive and strictly ascending"),
+    ("loss curve falling with removals", lambda w, o: ["plan", "--importance", _importance_with(w, "falling-curve", _first_curve(lambda points: points[-1].__setitem__(1, -100.0))), "--ratio", "0.2", "--out", o], "a removal curve rises with what it removes"),
+    # calibration blocks the model cannot take
+    ("negative token ids: prune", lambda w, o: ["prune", "--model", w / "model", "--plan", w / "plan.json", "--calib", w / "negative-calib.safetensors", "--out", o], "calibration token id -3 is negative"),
+    ("negative token ids: learn-masks", lambda w, o: ["learn-masks", "--model", w / "model", "--calib", w / "negative-calib.safetensors", "--ratio", "0.2", "--channel-multiple", "16", "--out", o], "calibration token id -3 is negative"),
+    ("negative token ids: importance", lambda w, o: ["importance", "--model", w / "model", "--calib", w / "negative-calib.safetensors", "--out", o], "calibration token id -3 is negative"),
+    ("negative token ids: recover", lambda w, o: ["recover", "--model", w / "pruned", "--train-blocks", w / "negative-calib.safetensors", "--out", o], "calibration token id -3 is negative"),
+    ("blocks longer than the model: prune", lambda w, o: ["prune", "--model", w / "model", "--plan", w / "plan.json", "--calib", w / "long-calib.safetensors", "--out", o], "blocks of 160 tokens exceed the model's 128 positions"),
+    ("blocks longer than the model: importance", lambda w, o: ["importance", "--model", w / "model", "--calib", w / "long-calib.safetensors", "--out", o], "blocks of 160 tokens exceed the model's 128 positions"),
+    ("2-token blocks: learn-masks", lambda w, o: ["learn-masks", "--model", w / "model", "--calib", w / "short-calib.safetensors", "--ratio", "0.2", "--channel-multiple", "16", "--out", o], "learning masks needs 8 or more"),
+    ("1-token blocks: importance", lambda w, o: ["importance", "--model", w / "model", "--calib", w / "one-token-calib.safetensors", "--out", o], "a next-token loss needs 2 or more"),
+    # learn-masks settings, checked before training
+    ("learn-masks upper limit inf", lambda w, o: ["learn-masks", "--model", w / "model", "--calib", w / "calib.safetensors", "--ratio", "0.2", "--limits=-0.1,inf", "--out", o], "finite lower < 0 < 1 < upper, got -0.1, inf"),
+    ("learn-masks lower limit -inf", lambda w, o: ["learn-masks", "--model", w / "model", "--calib", w / "calib.safetensors", "--ratio", "0.2", "--limits=-inf,1.1", "--out", o], "finite lower < 0 < 1 < upper, got -inf, 1.1"),
+    ("learn-masks limits inside [0, 1]", lambda w, o: ["learn-masks", "--model", w / "model", "--calib", w / "calib.safetensors", "--ratio", "0.2", "--limits", "0.1,0.9", "--out", o], "lower < 0 < 1 < upper, got 0.1, 0.9"),
+    ("learn-masks channel multiple wider than the MLP", lambda w, o: ["learn-masks", "--model", w / "model", "--calib", w / "calib.safetensors", "--ratio", "0.2", "--channel-multiple", "1000", "--out", o], "channel_multiple 1000 is not below any layer's MLP width"),
+    # lengths and artefacts
+    ("efficiency prompt beyond the model", lambda w, o: ["efficiency", "--model", w / "model", "--prompt-tokens", "4096", "--out", o], "4128 exceeds the model's 128 positions"),
+    ("ppl of a file that is not GGUF", lambda w, o: ["ppl", "--model", w / "user.gguf", "--data-dir", DATA_DIR, "--out", o], "is not a GGUF file"),
+    ("recover a plain Hugging Face folder", lambda w, o: ["recover", "--model", w / "model", "--train-blocks", w / "calib.safetensors", "--out", o], "holds no pruning_plan.json: recover trains a checkpoint written by `gqa-prune prune`"),
+    ("aggregate entry without ppl", lambda w, o: ["aggregate", "--manifest", _manifest(w), "--csv", o], "manifest variant 'dense': the entry has no 'ppl'"),
+    ("aggregate corrupt ppl JSON", lambda w, o: ["aggregate", "--manifest", _manifest(w, ppl=str(w / "corrupt-ppl.json")), "--csv", o], "corrupt-ppl.json' is not valid JSON"),
+    ("aggregate ppl JSON without its figures", lambda w, o: ["aggregate", "--manifest", _manifest(w, ppl=str(w / "empty-ppl.json")), "--csv", o], "lacks 'perplexity', 'window', 'tokens_scored'"),
+    ("aggregate manifest that does not exist", lambda w, o: ["aggregate", "--manifest", w / "no-manifest.json", "--csv", o], "is neither inline JSON nor an existing file"),
+    ("aggregate manifest without variants", lambda w, o: ["aggregate", "--manifest", '{"model": "tiny"}', "--csv", o], "must be a JSON object with 'model' and a list of 'variants'"),
 ]  # fmt: skip
 
 
@@ -163,14 +280,62 @@ CASES = [
 def test_bad_input_is_one_line_and_writes_nothing(workspace, tmp_path, capsys, case, argv, expected):
     out = tmp_path / "out"
     arguments = [str(part) for part in argv(workspace, out)]
-    before = sorted(str(path) for path in workspace.rglob("*"))
+    before = _snapshot(workspace)
     code, _, err = run(capsys, *arguments)
     assert_one_line_error(code, err, expected)
     assert not out.exists() and not list(tmp_path.iterdir())
-    after = sorted(str(path) for path in workspace.rglob("*"))
-    assert set(before) <= set(after), "something that existed was removed"
-    assert not [path for path in after if ".tmp-" in path]
+    assert _snapshot(workspace) == before, "something that existed was changed, removed or left behind"
 
 
-def test_the_corpus_holds_at_least_forty_distinct_cases():
-    assert len({case for case, _, _ in CASES}) == len(CASES) >= 40
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``folder`` with its size and modification time (what "nothing changed" compares)."""
+    return {str(path): (path.stat().st_size, path.stat().st_mtime_ns) for path in folder.rglob("*")}
+
+
+def test_the_corpus_holds_at_least_ninety_distinct_cases():
+    assert len({case for case, _, _ in CASES}) == len(CASES) >= 90
+
+
+def _cli(*argv) -> list[str]:
+    return [sys.executable, "-m", "gqa_prune.cli", *map(str, argv)]
+
+
+def test_ctrl_c_ends_with_one_line_exit_130_and_nothing_left(workspace, tmp_path):
+    """SIGINT while learning masks (waits for the progress bar, not for a time): one line, 130, no output."""
+    out = tmp_path / "masks"
+    argv = _cli("learn-masks", "--model", workspace / "model", "--calib", workspace / "calib.safetensors",
+                "--ratio", "0.2", "--channel-multiple", "16", "--steps", "1000000", "--warmup-steps", "1", "--out", out)  # fmt: skip
+    process = subprocess.Popen(
+        argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    seen = b""
+    while b"step" not in seen:  # tqdm has started: the process is inside the training loop
+        chunk = os.read(process.stderr.fileno(), 4096)
+        assert chunk, f"learn-masks ended before training: {seen.decode(errors='replace')}"
+        seen += chunk
+    process.send_signal(signal.SIGINT)
+    rest = process.communicate(timeout=300)[1]
+    lines = [line for line in (seen + rest).decode(errors="replace").replace("\r", "\n").splitlines() if line.strip()]
+    assert process.returncode == 130
+    assert lines[-1] == "gqa-prune learn-masks: interrupted; nothing was written"
+    assert not any("Traceback" in line for line in lines)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(workspace, tmp_path):
+    """A 64 KiB tmpfs (a private mount namespace) cannot take the staged model: ENOSPC, one line, nothing left."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) for a private tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = 'mount -t tmpfs -o size=64k tmpfs "$1" || exit 99; shift; "$@"; code=$?; ls -A "$DISK"; exit $code'
+    argv = _cli("stage", "--source", workspace / "model", "--out", disk / "staged")
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", disk, *argv], capture_output=True, text=True,
+                            env={**os.environ, "DISK": str(disk), "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    if result.returncode == 99 or "Operation not permitted" in result.stderr:
+        pytest.skip(f"cannot mount a private tmpfs here: {result.stderr.strip()}")
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(errors) == 1 and f"no space left on the device while writing '{disk / 'staged'}'" in errors[0]
+    assert result.stdout.split() == [], "the full disk keeps something of the failed output"
+    assert list(disk.iterdir()) == []

@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
-from helpers import FAMILIES, calibration_ids, logits_in_fresh_process, plan_for, tiny_model
+from helpers import FAMILIES, calibration_ids, logits_in_fresh_process, parameter_count, plan_for, tiny_model
 from transformers import AutoModelForCausalLM
 
 from gqa_prune.checkpoint import PLAN_FILE, save_pruned
 from gqa_prune.plan import PruningPlan
+from gqa_prune.sources import load_model
 from gqa_prune.surgery import apply_plan
 
 INPUTS = calibration_ids(blocks=2, length=10, seed=3)
@@ -83,3 +84,12 @@ def test_checkpoint_is_safetensors_and_json_only_with_a_model_card(tmp_path, tin
     assert f"{summary['params_before']:,}" in card and f"{summary['params_after']:,}" in card
     assert "base_model: org/tiny" in card and "trust_remote_code=True" in card
     assert not [path for path in tmp_path.iterdir() if ".tmp-" in path.name]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])  # untied and tied embeddings
+def test_recorded_parameter_counts_are_those_of_the_saved_model(tmp_path, tiny_tokenizer, family):
+    folder, plan, _ = _pruned_checkpoint(tmp_path, tiny_tokenizer, family, 3, protected_layers=(0,))
+    record = json.loads((folder / "gqa_prune.json").read_text())
+    saved = load_model(folder, dtype="float32", device="cpu")
+    assert record["params_after"] == sum(parameter.numel() for parameter in saved.parameters())
+    assert record["params_before"] == parameter_count(tiny_model(family, 3, vocab_size=len(tiny_tokenizer)))

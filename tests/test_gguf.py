@@ -247,7 +247,7 @@ def test_bad_input_gets_one_line_and_leaves_nothing(bpe_tokenizer, tmp_path, cap
     notes = tmp_path / "notes.gguf"
     notes.write_text("my notes\n")
     code, _, err = run(capsys, "export-gguf", "--model", folder, "--out", notes)
-    assert_one_line_error(code, err, "is not a GGUF file gqa-prune wrote")
+    assert_one_line_error(code, err, "is an existing file that gqa-prune did not write")
     assert notes.read_text() == "my notes\n"
     code, _, err = run(capsys, "export-gguf", "--model", folder, "--out", tmp_path / "model.bin")
     assert_one_line_error(code, err, "must end in .gguf")

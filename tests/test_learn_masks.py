@@ -197,6 +197,11 @@ def test_masks_to_plan_to_prune_give_the_masked_models_logits(learned, tmp_path)
         logits = pruned(input_ids=blocks).logits
     assert torch.allclose(logits, reference, atol=1e-5)
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+    # the plan records the channel multiple the masks were learned in, not the one it was asked for
+    assert (
+        build_plan(scores, PlanSettings(ratio=RATIO, mode="learned", channel_multiple=128)).settings.channel_multiple
+        == 1
+    )
     # another ratio is refused: the masks fix the size
     with pytest.raises(GqaPruneError, match="mode learned reproduces them"):
         build_plan(scores, PlanSettings(ratio=0.5, mode="learned", channel_multiple=1))
@@ -304,7 +309,7 @@ def test_a_non_finite_loss_stops_at_its_step_and_writes_nothing(tmp_path, cli_in
         (tmp_path / "broken" / file.name).write_bytes(file.read_bytes())
     out = tmp_path / "l0"
     code = main(["learn-masks", "--model", str(tmp_path / "broken"), "--calib", str(blocks), "--ratio", "0.3",
-                 "--steps", "20", "--warmup-steps", "5", "--out", str(out)])  # fmt: skip
+                 "--steps", "20", "--warmup-steps", "5", "--channel-multiple", "16", "--out", str(out)])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "the loss became nan at step 1; nothing written" in err[-1]
     assert not out.exists() and not list(tmp_path.glob(".l0.tmp-*"))

@@ -8,6 +8,8 @@ checkpoint loaded by this process; a fresh process without gqa_prune must reprod
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,3 +120,27 @@ def test_cli_refusal_is_one_line_and_writes_nothing(pruned, tmp_path, capsys):
     )
     assert error_lines[0].endswith("layers); group sizes that divide every layer: 32")
     assert not (tmp_path / "q").exists()
+
+
+def test_gptqmodel_leaves_our_environment_and_tmp_as_they_were(tmp_path):
+    """tokenicer (imported with GPTQModel) would set HF_HOME and friends and create /tmp/tokenicer_hf_home."""
+    import subprocess
+    import sys
+
+    stray = Path("/tmp/tokenicer_hf_home")
+    existed = stray.exists()
+    script = (
+        "import json, os\n"
+        "before = dict(os.environ)\n"
+        "from gqa_prune.gptq_format import load_gptqmodel\n"
+        "load_gptqmodel()\n"
+        "import peft\n"
+        "names = ('HF_HOME', 'HF_HUB_CACHE', 'TRANSFORMERS_CACHE', 'HF_MODULES_CACHE')\n"
+        "print(json.dumps({name: [before.get(name), os.environ.get(name)] for name in names}))\n"
+    )
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_HOME", "HF_HUB_CACHE"))}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    variables = json.loads(result.stdout.strip().splitlines()[-1])
+    assert all(before == after for before, after in variables.values()), variables
+    assert existed or not stray.exists()

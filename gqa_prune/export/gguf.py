@@ -25,16 +25,18 @@ from torch import nn
 
 from .. import __version__
 from ..arch import ATTENTION_ROLES, MLP_ROLES, adapter_for, geometry_of
-from ..atomic import atomic_file
+from ..atomic import MARKER, atomic_file, check_output
 from ..choices import GGUF_TYPES
 from ..errors import GqaPruneError
 from ..gptq_format import is_quantized
 from ..sources import load_model, load_tokenizer, read_provenance, require_model_dir
-from .gguf_file import MARKER_KEY, is_ours
+from .gguf_file import MARKER_KEY
 from .gguf_vocab import add_vocab
 from .layout import Block, Layout, layout_for
 
 logger = logging.getLogger(__name__)
+
+KIND = "export-gguf"  # the sub-command named in the output's marker
 
 FLOAT_TYPES = {
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
@@ -171,6 +173,7 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, float_type: str, metadat
         if key != "name":
             writer.add_string(f"gqa_prune.{key}", value)
     writer.add_string(MARKER_KEY, __version__)
+    writer.add_string(MARKER, KIND)
     writer.add_context_length(context_length(config))
     writer.add_embedding_length(geometry.hidden_size)
     writer.add_block_count(len(layout.blocks))
@@ -204,22 +207,13 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, float_type: str, metadat
     return layout
 
 
-def check_replaceable(out: str | os.PathLike) -> None:
-    """An existing output is replaced only if export-gguf wrote it; anything else is refused before any work."""
-    if Path(out).exists() and not is_ours(out):
-        raise GqaPruneError(
-            f"output {str(out)!r} exists and is not a GGUF file gqa-prune wrote; refusing to replace it "
-            "(choose another path or remove it yourself)"
-        )
-
-
 def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, gguf_type: str = "f16") -> dict:
     """Export a gqa-prune (or plain Hugging Face) model folder to one GGUF file, atomically; returns a summary."""
     check_gguf_type(gguf_type)
     if Path(out).suffix != ".gguf":
         raise GqaPruneError(f"output {str(out)!r} must end in .gguf (ppl and efficiency recognise GGUF files by it)")
     folder = require_model_dir(model_dir)
-    check_replaceable(out)
+    check_output(out, is_dir=False, kind=KIND)  # before the work, not after it
     if is_quantized(folder):
         raise GqaPruneError(
             f"model folder {str(folder)!r} is a GPTQ checkpoint; export the float model it was quantized from "
@@ -237,7 +231,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, gguf_type:
         "model_folder": str(folder.resolve()),
         "type": gguf_type,
     }
-    with atomic_file(out) as temporary:
+    with atomic_file(out, KIND) as temporary:
         if gguf_type in FLOAT_TYPES:
             layout = write_gguf(model, tokenizer, temporary, gguf_type, metadata)
         else:

@@ -1,4 +1,4 @@
-"""Reading GGUF files: whether gqa-prune wrote one (its marker key), and its metadata and tensor sizes."""
+"""Reading GGUF files: their metadata and tensor sizes (``atomic.written_by`` reads the output marker)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,6 @@ import os
 import gguf
 
 MARKER_KEY = "gqa_prune.version"  # present in every GGUF gqa-prune writes (llama.cpp's quantizer keeps it)
-
-
-def is_ours(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a GGUF file that gqa-prune wrote (its metadata has the marker key)."""
-    try:
-        with open(path, "rb") as handle:
-            if handle.read(4) != b"GGUF":
-                return False
-        return MARKER_KEY in gguf.GGUFReader(str(path)).fields
-    except (OSError, ValueError, IndexError, KeyError):
-        return False
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
