@@ -183,7 +183,7 @@ def test_editing_a_rules_shell_reruns_that_rule_and_downstream(workflow_run, tmp
             {"gguf.types": ["q3_k"]},
             "gguf.types[0]: 'q3_k' is not allowed; allowed: f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m",
         ),
-        ({"eval.apply_to": ["dense-gguf-f16"]}, "eval.apply_to: 'dense-gguf-f16' is a GGUF variant"),
+        ({"eval.apply_to": ["dense-gguf-q8_0"]}, "eval.apply_to: 'dense-gguf-q8_0' is a GGUF variant"),
         ({"gguf.apply_to": ["dense-gptq-w4g32"]}, "gguf.apply_to: 'dense-gptq-w4g32' is not a variant of this grid"),
     ],
 )

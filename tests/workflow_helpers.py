@@ -19,7 +19,7 @@ RECOVERED = ["taylor-inverse-r0.20-lora-lm", "taylor-inverse-r0.20-lora-kd"]
 QUANTIZED = [
     f"{base}-{quant}" for base in ("dense", "taylor-inverse-r0.20-lora-kd") for quant in ("gptq-w4g32", "rtn-w8g32")
 ]
-GGUF = [f"{base}-gguf-{kind}" for base in ("dense", "taylor-inverse-r0.20-lora-kd") for kind in ("f16", "q8_0")]
+GGUF = [f"{base}-gguf-q8_0" for base in ("dense", "taylor-inverse-r0.20-lora-kd")]  # f16: tests/test_gguf.py
 VARIANTS = ["dense", *PRUNED, *RECOVERED, *QUANTIZED, *GGUF]
 
 
@@ -53,7 +53,7 @@ def tiny_config(model_dir: Path, **overrides) -> dict:
             "n_samples": 8,
         },
         "gguf": {
-            "types": ["f16", "q8_0"],
+            "types": ["q8_0"],  # written as f32, then quantized by llama.cpp: both export paths
             "apply_to": ["dense", "taylor-inverse-r0.20-lora-kd"],
             "efficiency": {"prompt_tokens": 8, "decode_tokens": 4, "repeats": 1},
         },
