@@ -23,6 +23,7 @@ from transformers import (
 
 from .errors import GqaPruneError
 from .modeling_gqa_prune import PRUNED_CLASSES, PRUNED_DECODER_LAYERS
+from .moe import MOE_FAMILIES, moe_family_for
 
 Scope = Literal["attn", "mlp"]  # the sublayer a projection belongs to
 
@@ -129,9 +130,15 @@ def adapter_for(config) -> FamilyAdapter:
     for adapter in ADAPTERS.values():
         if model_type in adapter.model_types:
             return adapter
+    if model_type in MOE_FAMILIES:
+        raise GqaPruneError(
+            f"{model_type!r} is a mixture of experts: gqa-prune prunes its experts (importance, then plan "
+            f"--expert-ratio); GQA groups, channels and layers only of {', '.join(SUPPORTED_FAMILIES)}"
+        )
     raise GqaPruneError(
         f"unsupported architecture {model_type!r}: gqa-prune supports {', '.join(SUPPORTED_FAMILIES)} "
-        "(decoder-only GQA models with q/k/v/o and gate/up/down projections)"
+        f"(decoder-only GQA models with q/k/v/o and gate/up/down projections) and the experts of "
+        f"{', '.join(MOE_FAMILIES)}"
     )
 
 
@@ -294,8 +301,11 @@ def geometry_of(model: nn.Module) -> Geometry:
     )
 
 
-def check_config_supported(config) -> FamilyAdapter:
-    """Refuse unsupported families and head layouts before any weights are touched."""
+def check_config_supported(config) -> FamilyAdapter | None:
+    """Refuse unsupported families and head layouts before any weights are touched (None: a supported
+    mixture-of-experts family, whose experts ``gqa_prune.moe`` handles)."""
+    if moe_family_for(config) is not None:
+        return None
     adapter = adapter_for(config)
     heads = getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads

@@ -181,3 +181,64 @@ def save_pruned(
             write_extra(temporary)
     logger.info("saved pruned model (%s config) -> %s", config_kind, out_dir)
     return out_dir
+
+
+def expert_model_card(plan, source: str, model_name: str) -> str:
+    """README.md for an expert-pruned checkpoint: experts before/after, the criterion, how to load."""
+    summary = plan.summary()
+    before, after = plan.geometry.experts, plan.pruned_geometry().experts
+    moe = [index for index, count in enumerate(before) if count]
+    return f"""---
+library_name: transformers
+tags:
+- gqa-prune
+- expert-pruning
+- pruned
+---
+# {model_name} (expert pruning)
+
+Pruned by gqa-prune from `{source}`: every mixture-of-experts layer ({len(moe)} of {len(before)}) lost the same
+number of routed experts, the lowest-scored under `{plan.criterion}` on calibration data; attention, routers of
+the kept experts, shared experts and state-space layers are unchanged. Weights are not fine-tuned after pruning.
+
+| | before | after |
+|---|---:|---:|
+| parameters | {summary["params_before"]:,} | {summary["params_after"]:,} |
+| experts per MoE layer | {_span([before[i] for i in moe])} | {_span([after[i] for i in moe])} |
+| experts routed per token | {plan.geometry.top_k} | {plan.geometry.top_k} |
+
+Asked for an expert ratio of {plan.expert_ratio}; removed {summary["achieved_expert_ratio"]:.2%} of the experts. Which
+experts each layer kept (original indices, in order) is in `{PLAN_FILE}`.
+
+Config: stock (one expert count for every layer), so any tool loads it with no custom code:
+
+```python
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(path)
+```
+"""
+
+
+def save_expert_pruned(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    plan,
+    out_dir: str | os.PathLike,
+    source: str,
+    kind: str = "prune",
+) -> Path:
+    """Write an expert-pruned model (stock config), tokenizer, plan, provenance and card into ``out_dir`` atomically."""
+    from .moe import expert_geometry_of
+
+    if expert_geometry_of(model) != plan.pruned_geometry():
+        raise ValueError("model experts do not match the plan's pruned experts; apply the plan before saving")
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir, kind) as temporary:
+        model.save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
+        plan.save(temporary / PLAN_FILE)
+        record = {"source": source, "config": "stock", **plan.summary()}
+        (temporary / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        (temporary / "README.md").write_text(expert_model_card(plan, source, out_dir.name))
+    logger.info("saved expert-pruned model (stock config) -> %s", out_dir)
+    return out_dir

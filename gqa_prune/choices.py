@@ -7,6 +7,8 @@ the two equal, so a registry and its command-line choices cannot drift apart.
 from __future__ import annotations
 
 UNIT_CRITERIA = ("taylor", "fisher", "obs", "magnitude", "activation", "random")
+EXPERT_CRITERIA = ("reap", "frequency", "gate", "ean", "random")  # criteria.experts.EXPERT_CRITERIA
+DEFAULT_EXPERT_CRITERION = "reap"  # REAP, arXiv 2510.13999: the strongest of these in its paper and in bench/experts.py
 LAYER_CRITERIA = ("block_influence", "activation", "removal")
 MODES = ("width", "depth", "hybrid", "learned")  # learned: keep exactly the units of learned (l0) masks
 UNIT_KINDS = ("layer", "attn_sublayer", "mlp_sublayer", "gqa_group", "mlp_channel")  # units.KINDS

@@ -116,10 +116,14 @@ def cmd_calib(args: argparse.Namespace) -> None:
 def cmd_importance(args: argparse.Namespace) -> None:
     from . import importance, scores
     from .data import load_calibration
+    from .moe import moe_family_for
     from .sources import load_model
 
     blocks, calibration = load_calibration(args.calib)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
+    if moe_family_for(model.config) is not None:
+        _expert_importance(args, model, blocks, calibration)
+        return
     result = importance.score(
         model,
         blocks,
@@ -138,13 +142,63 @@ def cmd_importance(args: argparse.Namespace) -> None:
     print(f"importance ({args.criterion}; layers and sublayers: {', '.join(result.structural)}{curves}) -> {args.out}")
 
 
+def _expert_importance(args: argparse.Namespace, model, blocks, calibration: dict) -> None:
+    """importance of a mixture-of-experts model: the expert statistics every expert criterion folds."""
+    from . import expert_scores
+    from .expert_importance import score_experts
+
+    result = score_experts(model, blocks, batch_size=args.batch_size)
+    result.info.update(calibration=calibration)
+    expert_scores.save(result, args.out)
+    moe_layers = len(result.geometry.moe_layers)
+    print(
+        f"importance (experts of {moe_layers} MoE layers: routed count, gate, output norm -- reap, frequency, "
+        f"gate, ean; choose with plan --expert-criterion) -> {args.out}"
+    )
+
+
+def _expert_plan(args: argparse.Namespace) -> None:
+    from . import expert_scores
+    from .expert_plan import build_expert_plan
+
+    if args.ratio:
+        raise GqaPruneError(
+            "--ratio: pruning GQA groups, channels or layers of a mixture-of-experts model is not supported yet; "
+            "give --expert-ratio alone"
+        )
+    if args.expert_ratio is None:
+        raise GqaPruneError(
+            f"{args.importance} holds expert scores: give --expert-ratio (fraction of experts to remove)"
+        )
+    scores = expert_scores.load(args.importance)
+    plan = build_expert_plan(scores, args.expert_ratio, args.expert_criterion, seed=args.seed)
+    plan.save(args.out)
+    summary = plan.summary()
+    print(
+        f"plan (experts, {plan.criterion}): remove {summary['achieved_expert_ratio']:.2%} of the experts "
+        f"({summary['experts_before']} -> {summary['experts_after']}; {summary['params_before']:,} -> "
+        f"{summary['params_after']:,} parameters) -> {args.out}"
+    )
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
     from . import scores as stored_scores
+    from .expert_scores import is_expert_folder
     from .mask_settings import TRAINED_WEIGHTS_DIR
     from .plan import PlanSettings, build_plan
     from .plotting import plot_plan
 
+    if is_expert_folder(args.importance):
+        _expert_plan(args)
+        return
     scores = stored_scores.load(args.importance)
+    if args.expert_ratio is not None:
+        raise GqaPruneError(
+            f"--expert-ratio: the model scored in {args.importance} has no mixture-of-experts layers "
+            f"(family {scores.geometry.family})"
+        )
+    if args.ratio is None:
+        raise GqaPruneError("plan: give --ratio (fraction of attention+MLP parameters to remove, in [0, 1))")
     trained = args.importance / TRAINED_WEIGHTS_DIR
     settings = PlanSettings(
         ratio=args.ratio,
@@ -210,13 +264,35 @@ def cmd_learn_masks(args: argparse.Namespace) -> None:
     )
 
 
+def _expert_prune(args: argparse.Namespace, plan) -> None:
+    from .checkpoint import save_expert_pruned
+    from .expert_surgery import apply_expert_plan
+    from .sources import load_model, load_tokenizer, read_provenance
+
+    if args.calib is not None:
+        raise GqaPruneError("--calib: an expert plan removes whole experts and refits nothing; leave --calib out")
+    model = load_model(args.model, dtype=args.dtype, device="cpu")
+    tokenizer = load_tokenizer(args.model)
+    apply_expert_plan(model, plan)
+    source = read_provenance(args.model).get("source", str(args.model))
+    save_expert_pruned(model, tokenizer, plan, args.out, source=source)
+    summary = plan.summary()
+    print(
+        f"pruned: {plan.params_before:,} -> {plan.params_after:,} parameters ({summary['experts_before']} -> "
+        f"{summary['experts_after']} experts; stock config) -> {args.out}"
+    )
+
+
 def cmd_prune(args: argparse.Namespace) -> None:
     from .checkpoint import save_pruned
-    from .plan import PruningPlan
+    from .expert_plan import ExpertPlan, load_plan
     from .sources import load_model, load_tokenizer, read_provenance
     from .surgery import apply_plan
 
-    plan = PruningPlan.load(args.plan)
+    plan = load_plan(args.plan)
+    if isinstance(plan, ExpertPlan):
+        _expert_prune(args, plan)
+        return
     if plan.settings.weights and Path(args.model).resolve() != Path(plan.settings.weights):
         raise GqaPruneError(
             f"plan {str(args.plan)!r} keeps units learned together with trained weights: prune those "
@@ -519,9 +595,11 @@ def _learn_masks_parser(commands, device_options) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .choices import (
+        DEFAULT_EXPERT_CRITERION,
         DEFAULT_MODE,
         DEVICES,
         DTYPES,
+        EXPERT_CRITERIA,
         GGUF_TYPES,
         LAYER_CRITERIA,
         MODES,
@@ -623,8 +701,21 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="build a pruning plan from importance scores")
     plan.add_argument("--importance", required=True, type=Path, help="folder written by `importance`")
     plan.add_argument(
-        "--ratio", type=_ratio, required=True, help="fraction of attention+MLP parameters to remove, in [0, 1)"
+        "--ratio", type=_ratio, default=None, help="fraction of attention+MLP parameters to remove, in [0, 1)"
     )
+    plan.add_argument(
+        "--expert-ratio",
+        type=_ratio,
+        default=None,
+        help="mixture of experts: fraction of every MoE layer's routed experts to remove, in [0, 1)",
+    )
+    plan.add_argument(
+        "--expert-criterion",
+        default=DEFAULT_EXPERT_CRITERION,
+        choices=list(EXPERT_CRITERIA),
+        help=f"which experts go first (default: {DEFAULT_EXPERT_CRITERION})",
+    )
+    plan.add_argument("--seed", type=int, default=0, help="seed of the random expert criterion")
     plan.add_argument(
         "--mode", default=None, choices=MODES,
         help="width: GQA groups and MLP channels; depth: whole layers; hybrid: layers, sublayers, groups and "

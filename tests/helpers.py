@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from gqa_prune import importance
+from gqa_prune.moe import moe_family_for
 from gqa_prune.plan import PlanSettings, PruningPlan, build_plan
 
 FAMILIES = {
@@ -147,3 +148,63 @@ def logits_in_fresh_process(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return load_file(str(workdir / "logits.safetensors"))["logits"], done.stdout, done.stderr
+
+
+# ---------------------------------------------------------------------------------------------- experts
+def _moe_families() -> dict:
+    """model_type -> (config class, model class, expert-count key, extra config) of the supported MoE families."""
+    import transformers as hf
+
+    hybrid = {
+        "layer_types": ["mamba", "attention", "mamba"], "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 8,
+        "mamba_n_groups": 1, "mamba_expand": 2, "shared_intermediate_size": 20,
+    }  # fmt: skip
+    return {
+        "mixtral": (hf.MixtralConfig, hf.MixtralForCausalLM, "num_local_experts", {}),
+        "qwen2_moe": (
+            hf.Qwen2MoeConfig,
+            hf.Qwen2MoeForCausalLM,
+            "num_experts",
+            {
+                "moe_intermediate_size": 16,
+                "shared_expert_intermediate_size": 20,
+                "norm_topk_prob": False,
+                "mlp_only_layers": [1],
+            },
+        ),  # fmt: skip
+        "qwen3_moe": (
+            hf.Qwen3MoeConfig,
+            hf.Qwen3MoeForCausalLM,
+            "num_experts",
+            {"moe_intermediate_size": 16, "norm_topk_prob": True},
+        ),  # fmt: skip
+        "olmoe": (hf.OlmoeConfig, hf.OlmoeForCausalLM, "num_experts", {}),
+        "gpt_oss": (hf.GptOssConfig, hf.GptOssForCausalLM, "num_local_experts", {}),
+        "granitemoehybrid": (hf.GraniteMoeHybridConfig, hf.GraniteMoeHybridForCausalLM, "num_local_experts", hybrid),
+    }
+
+
+MOE_FAMILY_NAMES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "granitemoehybrid")
+
+
+def tiny_moe(family: str, seed: int = 0, vocab_size: int = 96, experts: int = 6, top_k: int = 2):
+    """A tiny random MoE model of ``family`` (3 layers, hidden 32, ``experts`` experts, top-``top_k``), every
+    parameter perturbed so that routers, biases and norms all matter in equivalence tests."""
+    config_class, model_class, experts_key, extra = _moe_families()[family]
+    config = config_class(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=128, num_experts_per_tok=top_k,
+        **{experts_key: experts}, **extra,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "A_log" in name or name.endswith(".D") or "dt_bias" in name:
+                continue  # state-space parameters keep their stable initialisation
+            parameter.add_(0.1 * torch.randn_like(parameter))
+        moe = moe_family_for(config)
+        for layer in moe.decoder_layers(model):  # routers that spread tokens over all experts
+            if moe.sparse_block(layer) is not None:
+                moe.router(moe.sparse_block(layer)).weight.normal_(0.0, 1.0)
+    return model

@@ -15,15 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import C4_SHARD, DATA_DIR
-from helpers import parameter_count, plan_for, scores_for, tiny_config, tiny_model
+from helpers import parameter_count, plan_for, scores_for, tiny_config, tiny_model, tiny_moe
 from safetensors.torch import save_file
 from test_cli import assert_one_line_error, run
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, PhimoeConfig, PhimoeForCausalLM
 
+from gqa_prune import expert_scores
 from gqa_prune import scores as stored_scores
 from gqa_prune.atomic import atomic_dir, write_json
 from gqa_prune.checkpoint import save_pruned
 from gqa_prune.data import save_calibration
+from gqa_prune.expert_importance import score_experts
+from gqa_prune.expert_plan import build_expert_plan
 from gqa_prune.plan import PlanSettings, build_plan
 from gqa_prune.report import PARETO_FRONTS
 from gqa_prune.surgery import apply_plan
@@ -62,6 +65,14 @@ def workspace(tmp_path_factory, tiny_tokenizer) -> Path:
     plan_for(qwen2).save(root / "qwen2-plan.json")
     mistral.save_pretrained(root / "mistral")
     tiny_tokenizer.save_pretrained(root / "mistral")
+    moe = tiny_moe("mixtral", vocab_size=len(tiny_tokenizer))  # experts: 3 MoE layers of 6, top-2
+    moe.save_pretrained(root / "moe")
+    tiny_tokenizer.save_pretrained(root / "moe")
+    moe_scores = score_experts(copy.deepcopy(moe), blocks[:2])
+    expert_scores.save(moe_scores, root / "moe-importance")
+    build_expert_plan(moe_scores, 0.5).save(root / "moe-plan.json")
+    PhimoeForCausalLM(PhimoeConfig(**_TINY_PHIMOE, vocab_size=len(tiny_tokenizer))).save_pretrained(root / "phimoe")
+    tiny_tokenizer.save_pretrained(root / "phimoe")
     (root / "bad-utf8.txt").write_bytes(b"caf\xe9 au lait\n\nsecond document\n")
     (root / "broken.jsonl").write_text('{"text": "fine"}\n{"text": \n')
     (root / "typed.jsonl").write_text('{"text": "fine"}\n{"text": 5}\n')
@@ -74,6 +85,20 @@ def workspace(tmp_path_factory, tiny_tokenizer) -> Path:
     (root / "corrupt-ppl.json").write_text('{"perplexity": ')
     (root / "empty-ppl.json").write_text("{}")
     return root
+
+
+_TINY_PHIMOE = {
+    "hidden_size": 32, "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 128,
+}  # fmt: skip
+
+
+def _expert_plan_with(workspace: Path, name: str, edit) -> Path:
+    data = json.loads((workspace / "moe-plan.json").read_text())
+    edit(data)
+    path = workspace / name
+    path.write_text(json.dumps(data))
+    return path
 
 
 def _plan_with(workspace: Path, name: str, edit) -> Path:
@@ -272,6 +297,18 @@ CASES = [
     ("aggregate corrupt ppl JSON", lambda w, o: ["aggregate", "--manifest", _manifest(w, ppl=str(w / "corrupt-ppl.json")), "--csv", o], "corrupt-ppl.json' is not valid JSON"),
     ("aggregate ppl JSON without its figures", lambda w, o: ["aggregate", "--manifest", _manifest(w, ppl=str(w / "empty-ppl.json")), "--csv", o], "lacks 'perplexity', 'window', 'tokens_scored'"),
     ("aggregate manifest that does not exist", lambda w, o: ["aggregate", "--manifest", w / "no-manifest.json", "--csv", o], "is neither inline JSON nor an existing file"),
+    # mixtures of experts
+    ("MoE layout gqa-prune does not know", lambda w, o: ["importance", "--model", w / "phimoe", "--calib", w / "calib.safetensors", "--out", o], "unsupported mixture-of-experts layout 'phimoe'"),
+    ("expert ratio leaving fewer experts than top-k", lambda w, o: ["plan", "--importance", w / "moe-importance", "--expert-ratio", "0.8", "--out", o], "keeps 1 of layer 0's 6 experts, fewer than the 2"),
+    ("expert ratio on a dense model", lambda w, o: ["plan", "--importance", w / "importance", "--expert-ratio", "0.25", "--out", o], "--expert-ratio: the model scored in"),
+    ("expert scores without --expert-ratio", lambda w, o: ["plan", "--importance", w / "moe-importance", "--out", o], "give --expert-ratio"),
+    ("--ratio with expert scores", lambda w, o: ["plan", "--importance", w / "moe-importance", "--ratio", "0.2", "--expert-ratio", "0.25", "--out", o], "--ratio: pruning GQA groups, channels or layers of a mixture-of-experts model"),
+    ("expert ratio not a number", lambda w, o: ["plan", "--importance", w / "moe-importance", "--expert-ratio", "nan", "--out", o], "ratio nan is outside [0, 1)"),
+    ("expert plan edited below top-k", lambda w, o: ["prune", "--model", w / "moe", "--plan", _expert_plan_with(w, "e1.json", lambda d: d["kept_experts"].__setitem__(0, [3])), "--out", o], "layer 0: kept experts: 1 of 6, fewer than the 2"),
+    ("expert plan with an expert out of range", lambda w, o: ["prune", "--model", w / "moe", "--plan", _expert_plan_with(w, "e2.json", lambda d: d["kept_experts"].__setitem__(2, [0, 1, 9])), "--out", o], "layer 2: kept experts must be sorted, unique indices in 0..5"),
+    ("expert plan on a dense model", lambda w, o: ["prune", "--model", w / "model", "--plan", w / "moe-plan.json", "--out", o], "'llama' has no mixture-of-experts layers"),
+    ("dense plan on a MoE model", lambda w, o: ["prune", "--model", w / "moe", "--plan", w / "plan.json", "--out", o], "'mixtral' is a mixture of experts"),
+    ("expert plan with --calib", lambda w, o: ["prune", "--model", w / "moe", "--plan", w / "moe-plan.json", "--calib", w / "calib.safetensors", "--out", o], "--calib: an expert plan removes whole experts"),
     ("aggregate manifest without variants", lambda w, o: ["aggregate", "--manifest", '{"model": "tiny"}', "--csv", o], "must be a JSON object with 'model' and a list of 'variants'"),
 ]  # fmt: skip
 

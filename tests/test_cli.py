@@ -344,11 +344,13 @@ def test_hand_split_with_a_non_width_mode_is_one_line_refusal(tmp_path, scored, 
 def test_command_line_choices_are_the_registries():
     from gqa_prune import choices
     from gqa_prune.criteria import STRUCTURAL_CRITERIA, UNIT_CRITERIA
+    from gqa_prune.criteria.experts import EXPERT_CRITERIA
     from gqa_prune.export.gguf import FLOAT_TYPES, QUANTIZED_TYPES
     from gqa_prune.sources import DEVICES, DTYPES
 
     assert set(FLOAT_TYPES) | set(QUANTIZED_TYPES) == set(choices.GGUF_TYPES)
     assert tuple(UNIT_CRITERIA) == choices.UNIT_CRITERIA
+    assert tuple(EXPERT_CRITERIA) == choices.EXPERT_CRITERIA
     assert tuple(STRUCTURAL_CRITERIA) == choices.LAYER_CRITERIA
     assert tuple(DTYPES) == choices.DTYPES and tuple(DEVICES) == choices.DEVICES
 

@@ -1,0 +1,80 @@
+"""Expert criteria: keep-scores of the routed experts of each MoE layer (higher = keep), all folded from the
+same forward-only calibration pass (``expert_importance``), which records per expert:
+
+- ``count``: tokens routed to it;
+- ``gate_sum``: the sum of its gates over those tokens (each token's top-k gates renormalised to sum to 1);
+- ``norm_sum``: the sum of the L2 norms of its outputs over those tokens;
+- ``gate_norm_sum``: the sum of gate x output norm.
+
+REAP (router-weighted expert activation pruning, arXiv 2510.13999) is ``gate_norm_sum / count``: how much an
+expert adds to the tokens it serves. The weaker ones compared against it: routing frequency (``count``), gate
+sum and expert activation norm (``norm_sum``, EAN). An expert never routed to scores 0 under every one.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from ..choices import DEFAULT_EXPERT_CRITERION
+
+EXPERT_STATS = ("count", "gate_sum", "norm_sum", "gate_norm_sum")
+
+
+class ExpertCriterion(ABC):
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    @abstractmethod
+    def scores(self, stats: dict[str, torch.Tensor], layer: int, seed: int) -> torch.Tensor:
+        """Keep-scores of one layer's experts from its statistics (each a [experts] tensor)."""
+
+
+class Reap(ExpertCriterion):
+    name = "reap"
+    description = "mean over routed tokens of gate x output norm (REAP)"
+
+    def scores(self, stats, layer, seed):
+        return stats["gate_norm_sum"] / stats["count"].clamp(min=1)
+
+
+class Frequency(ExpertCriterion):
+    name = "frequency"
+    description = "tokens routed to the expert"
+
+    def scores(self, stats, layer, seed):
+        return stats["count"].clone()
+
+
+class GateSum(ExpertCriterion):
+    name = "gate"
+    description = "sum of the expert's renormalised gates"
+
+    def scores(self, stats, layer, seed):
+        return stats["gate_sum"].clone()
+
+
+class Ean(ExpertCriterion):
+    name = "ean"
+    description = "sum of the expert's output norms over routed tokens (EAN)"
+
+    def scores(self, stats, layer, seed):
+        return stats["norm_sum"].clone()
+
+
+class RandomExperts(ExpertCriterion):
+    name = "random"
+    description = "seeded random scores (the baseline)"
+
+    def scores(self, stats, layer, seed):
+        generator = torch.Generator().manual_seed(seed * 100_003 + layer)
+        return torch.rand(len(stats["count"]), generator=generator, dtype=torch.float64)
+
+
+__all__ = ["EXPERT_STATS", "EXPERT_CRITERIA", "DEFAULT_EXPERT_CRITERION", "ExpertCriterion"]
+
+EXPERT_CRITERIA: dict[str, ExpertCriterion] = {
+    c.name: c for c in (Reap(), Frequency(), GateSum(), Ean(), RandomExperts())
+}

@@ -1,0 +1,108 @@
+"""The expert scores value and its storage: per MoE layer and expert, the statistics of one calibration pass.
+
+Stored as ``experts.safetensors`` (``<statistic>.<layer>`` float64 tensors; dense layers have none) and
+``experts.json`` (the expert geometry, calibration loss and how the pass was run). A folder holding these is
+what ``gqa-prune importance`` writes for a mixture-of-experts model; ``plan --expert-ratio`` reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .atomic import atomic_dir
+from .criteria.experts import EXPERT_STATS
+from .errors import GqaPruneError
+from .moe import ExpertGeometry
+
+EXPERT_SCORES_FORMAT = "gqa-prune-expert-scores"
+EXPERT_SCORES_VERSION = 1
+EXPERT_TENSORS_FILE = "experts.safetensors"
+EXPERT_SCORES_FILE = "experts.json"
+
+
+@dataclass
+class ExpertScores:
+    """What the expert pass measured: per layer a [experts] float64 tensor for every statistic."""
+
+    geometry: ExpertGeometry
+    stats: dict[str, list[torch.Tensor]]  # statistic -> per decoder layer (empty where the MLP is dense)
+    calibration_loss: float
+    info: dict = field(default_factory=dict)
+
+    def layer_stats(self, layer: int) -> dict[str, torch.Tensor]:
+        return {name: self.stats[name][layer] for name in EXPERT_STATS}
+
+    def check(self, where: str) -> None:
+        """Statistics for every statistic and layer, sized by the geometry, finite and non-negative."""
+        for name in EXPERT_STATS:
+            per_layer = self.stats.get(name)
+            if per_layer is None or len(per_layer) != self.geometry.num_layers:
+                raise GqaPruneError(f"{where}: expert statistic {name!r} missing or not one per layer")
+            for layer, (tensor, experts) in enumerate(zip(per_layer, self.geometry.experts)):
+                if tensor.shape != (experts,):
+                    raise GqaPruneError(
+                        f"{where}: {name} of layer {layer} has shape {tuple(tensor.shape)}, expected ({experts},)"
+                    )
+                if not torch.isfinite(tensor).all() or (tensor < 0).any():
+                    raise GqaPruneError(f"{where}: {name} of layer {layer} is not finite and non-negative")
+
+
+def is_expert_folder(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / EXPERT_SCORES_FILE).is_file()
+
+
+def save(scores: ExpertScores, out_dir: str | os.PathLike) -> Path:
+    """Write ``experts.safetensors`` and ``experts.json`` into ``out_dir`` atomically (byte-reproducible)."""
+    scores.check("importance")
+    out_dir = Path(out_dir)
+    tensors = {
+        f"{name}.{layer}": tensor.contiguous()
+        for name, per_layer in scores.stats.items()
+        for layer, tensor in enumerate(per_layer)
+        if len(tensor)
+    }
+    record = {
+        "format": EXPERT_SCORES_FORMAT,
+        "version": EXPERT_SCORES_VERSION,
+        "geometry": scores.geometry.to_dict(),
+        "calibration_loss": scores.calibration_loss,
+        "info": scores.info,
+    }
+    with atomic_dir(out_dir, "importance") as temporary:
+        metadata = {"gqa_prune": json.dumps({"format": EXPERT_SCORES_FORMAT}, sort_keys=True)}
+        save_file(tensors, str(temporary / EXPERT_TENSORS_FILE), metadata=metadata)
+        (temporary / EXPERT_SCORES_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+def load(in_dir: str | os.PathLike) -> ExpertScores:
+    """Read an expert importance folder, refusing missing, foreign or malformed files."""
+    from .scores import _read_json, _read_tensors
+
+    in_dir = Path(in_dir)
+    if not (in_dir / EXPERT_SCORES_FILE).is_file() or not (in_dir / EXPERT_TENSORS_FILE).is_file():
+        raise GqaPruneError(
+            f"importance folder {str(in_dir)!r} lacks {EXPERT_TENSORS_FILE} and {EXPERT_SCORES_FILE} "
+            "(write it with `gqa-prune importance` on a mixture-of-experts model)"
+        )
+    record = _read_json(in_dir / EXPERT_SCORES_FILE)
+    if not isinstance(record, dict) or record.get("format") != EXPERT_SCORES_FORMAT:
+        raise GqaPruneError(f"{in_dir / EXPERT_SCORES_FILE}: not a gqa-prune expert scores file")
+    geometry = ExpertGeometry.from_dict(record.get("geometry") or {})
+    tensors = _read_tensors(in_dir / EXPERT_TENSORS_FILE)
+    stats = {
+        name: [
+            tensors.get(f"{name}.{layer}", torch.zeros(0, dtype=torch.float64)).double()
+            for layer in range(geometry.num_layers)
+        ]
+        for name in EXPERT_STATS
+    }
+    scores = ExpertScores(geometry, stats, float(record.get("calibration_loss", float("nan"))), record.get("info", {}))
+    scores.check(str(in_dir))
+    return scores

@@ -1,0 +1,230 @@
+"""Expert pruning of mixture-of-experts models, on tiny seeded models of every supported MoE family: the
+routing rule, pruned = masked reference, stock reload, the expert statistics against a direct computation,
+and plans."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import DATA_DIR
+from helpers import MOE_FAMILY_NAMES, calibration_ids, parameter_count, tiny_moe
+from test_cli import run
+from transformers import AutoModelForCausalLM
+
+from gqa_prune import expert_scores
+from gqa_prune.checkpoint import save_expert_pruned
+from gqa_prune.criteria.experts import EXPERT_CRITERIA
+from gqa_prune.data import save_calibration
+from gqa_prune.errors import GqaPruneError
+from gqa_prune.expert_importance import score_experts
+from gqa_prune.expert_plan import ExpertPlan, build_expert_plan, load_plan
+from gqa_prune.expert_surgery import apply_expert_plan, masked_experts
+from gqa_prune.moe import MOE_FAMILIES, expert_geometry_of, moe_family_for
+
+
+def _scores(model, blocks: int = 4, length: int = 16):
+    return score_experts(copy.deepcopy(model), calibration_ids(blocks=blocks, length=length), batch_size=2)
+
+
+def _logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_every_supported_moe_family_has_a_tiny_model():
+    assert set(MOE_FAMILY_NAMES) == set(MOE_FAMILIES)
+    assert any(family.state_space for family in MOE_FAMILIES.values())
+
+
+@pytest.mark.parametrize("family", MOE_FAMILY_NAMES)
+def test_the_routing_rule_reproduces_the_stock_router(family):
+    model = tiny_moe(family)
+    moe = moe_family_for(model.config)
+    block = next(moe.sparse_block(layer) for layer in moe.decoder_layers(model) if moe.sparse_block(layer))
+    hidden = torch.randn(20, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, gates, indices = moe.router(block)(hidden)
+    expected_gates, expected_indices = moe.routing(model.config).route(logits, model.config.num_experts_per_tok)
+    assert torch.equal(indices, expected_indices)
+    torch.testing.assert_close(gates.float(), expected_gates, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILY_NAMES)
+def test_pruned_equals_masked_reference_and_reloads_in_stock_transformers(family, tmp_path, tiny_tokenizer):
+    model = tiny_moe(family, vocab_size=len(tiny_tokenizer))
+    plan = build_expert_plan(_scores(model), 0.5)
+    ids = calibration_ids(blocks=2, length=12, seed=3)
+    dense = _logits(model, ids)
+    with masked_experts(model, plan):
+        masked = _logits(model, ids)
+    assert (masked - dense).abs().max() > 1e-4, (
+        "removing experts must change the outputs (else the test proves nothing)"
+    )
+    torch.testing.assert_close(_logits(model, ids), dense)  # the reference hooks are gone
+
+    pruned = apply_expert_plan(copy.deepcopy(model), plan)
+    torch.testing.assert_close(_logits(pruned, ids), masked, rtol=0, atol=1e-5)
+    assert parameter_count(pruned) == plan.params_after
+    assert expert_geometry_of(pruned) == plan.pruned_geometry()
+
+    save_expert_pruned(pruned, tiny_tokenizer, plan, tmp_path / "pruned", source="org/tiny-moe")
+    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert "auto_map" not in config and not list((tmp_path / "pruned").glob("*.py"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()  # no trust_remote_code
+    assert type(reloaded) is type(model)
+    torch.testing.assert_close(_logits(reloaded, ids), masked, rtol=0, atol=1e-5)
+    assert isinstance(load_plan(tmp_path / "pruned" / "pruning_plan.json"), ExpertPlan)
+
+
+def _direct_statistics(model) -> dict[str, list[torch.Tensor]]:
+    """The four statistics computed by hand from routed tokens: the router and each expert's SwiGLU MLP
+    evaluated from the weights themselves (Mixtral layout), not through the experts module."""
+    moe = moe_family_for(model.config)
+    layers = moe.decoder_layers(model)
+    inputs = {}
+    handles = [
+        moe.sparse_block(layer).register_forward_hook(
+            lambda module, args, output, index=index: inputs.setdefault(index, []).append(args[0].detach())
+        )
+        for index, layer in enumerate(layers)
+    ]
+    with torch.no_grad():
+        for batch in calibration_ids(blocks=4, length=16).split(2):
+            model(input_ids=batch)
+    for handle in handles:
+        handle.remove()
+    top_k = model.config.num_experts_per_tok
+    statistics = {name: [] for name in ("count", "gate_sum", "norm_sum", "gate_norm_sum")}
+    for index, layer in enumerate(layers):
+        block = moe.sparse_block(layer)
+        hidden = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs[index]]).double()
+        router, experts = moe.router(block).weight.double(), block.experts
+        probabilities = torch.softmax(hidden @ router.T, dim=-1)
+        gates, chosen = torch.topk(probabilities, top_k, dim=-1)
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+        count, gate_sum, norm_sum, gate_norm_sum = (torch.zeros(router.shape[0], dtype=torch.float64) for _ in range(4))
+        for token in range(len(hidden)):
+            for slot in range(top_k):
+                expert = int(chosen[token, slot])
+                gate, up = (experts.gate_up_proj[expert].double() @ hidden[token]).chunk(2)
+                output = experts.down_proj[expert].double() @ (torch.nn.functional.silu(gate) * up)
+                norm, weight = output.norm(), gates[token, slot]
+                count[expert] += 1
+                gate_sum[expert] += weight
+                norm_sum[expert] += norm
+                gate_norm_sum[expert] += weight * norm
+        for name, value in zip(statistics, (count, gate_sum, norm_sum, gate_norm_sum)):
+            statistics[name].append(value)
+    return statistics
+
+
+def test_reap_statistics_match_a_direct_computation_from_routed_tokens():
+    model = tiny_moe("mixtral")
+    scores = _scores(model)
+    direct = _direct_statistics(model)
+    for name, per_layer in direct.items():
+        for layer, expected in enumerate(per_layer):
+            torch.testing.assert_close(scores.stats[name][layer], expected, rtol=1e-4, atol=1e-4)
+    reap = EXPERT_CRITERIA["reap"].scores(scores.layer_stats(0), 0, 0)
+    torch.testing.assert_close(reap, direct["gate_norm_sum"][0] / direct["count"][0].clamp(min=1), rtol=1e-4, atol=1e-4)
+
+
+def test_an_expert_never_routed_to_scores_lowest_under_every_criterion():
+    model = tiny_moe("gpt_oss")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.router.bias[4] = -1e4  # expert 4 never wins a top-k slot
+    scores = _scores(model)
+    for layer in scores.geometry.moe_layers:
+        assert scores.stats["count"][layer][4] == 0
+        for name in ("reap", "frequency", "gate", "ean"):
+            layer_scores = EXPERT_CRITERIA[name].scores(scores.layer_stats(layer), layer, 0)
+            assert layer_scores[4] == 0 and (layer_scores[torch.arange(6) != 4] > 0).all(), name
+    plan = build_expert_plan(scores, 1 / 6)
+    assert all(4 not in kept and len(kept) == 5 for kept in plan.kept)
+
+
+def test_a_planted_useless_expert_is_removed_first_by_reap_but_not_by_frequency():
+    model = tiny_moe("mixtral")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.experts.down_proj[2].zero_()  # routed to as often as before, but adds nothing
+    scores = _scores(model)
+    assert all(scores.stats["count"][layer][2] > 0 for layer in range(3))
+    reap = build_expert_plan(scores, 1 / 6, "reap")
+    assert all(kept == (0, 1, 3, 4, 5) for kept in reap.kept)
+    frequency = build_expert_plan(scores, 1 / 6, "frequency")
+    assert any(2 in kept for kept in frequency.kept)
+
+
+def test_a_dense_layer_between_moe_layers_keeps_no_expert_list():
+    model = tiny_moe("qwen2_moe")  # mlp_only_layers=[1]
+    scores = _scores(model)
+    assert scores.geometry.experts == (6, 0, 6)
+    plan = build_expert_plan(scores, 0.5)
+    assert plan.kept[1] == () and len(plan.kept[0]) == len(plan.kept[2]) == 3
+
+
+def test_a_plan_that_removes_no_expert_changes_nothing():
+    model = tiny_moe("qwen3_moe")
+    plan = build_expert_plan(_scores(model), 0.0)
+    ids = calibration_ids(blocks=2, length=12, seed=5)
+    pruned = apply_expert_plan(copy.deepcopy(model), plan)
+    assert torch.equal(_logits(pruned, ids), _logits(model, ids))
+
+
+def test_expert_plans_round_trip_through_json_and_refuse_fewer_experts_than_top_k(tmp_path):
+    scores = _scores(tiny_moe("olmoe"))
+    plan = build_expert_plan(scores, 1 / 3, "ean")
+    plan.save(tmp_path / "plan.json")
+    assert load_plan(tmp_path / "plan.json") == plan
+    with pytest.raises(GqaPruneError, match="keeps 1 of layer 0's 6 experts, fewer than the 2"):
+        build_expert_plan(scores, 0.8)
+    with pytest.raises(GqaPruneError, match="fewer than the 2 experts every token is routed to"):
+        ExpertPlan(plan.geometry, 0.9, "reap", ((1,), (2,), (3,)), plan.params_before)
+
+
+def test_expert_scores_round_trip_through_their_folder(tmp_path):
+    scores = _scores(tiny_moe("qwen2_moe"))
+    expert_scores.save(scores, tmp_path / "importance")
+    loaded = expert_scores.load(tmp_path / "importance")
+    assert loaded.geometry == scores.geometry and loaded.calibration_loss == scores.calibration_loss
+    for name, per_layer in scores.stats.items():
+        assert all(torch.equal(a, b) for a, b in zip(loaded.stats[name], per_layer))
+
+
+def test_cli_importance_plan_prune_on_a_moe_model(tmp_path, capsys, tiny_tokenizer):
+    model = tiny_moe("mixtral", vocab_size=len(tiny_tokenizer))
+    model.save_pretrained(tmp_path / "moe")
+    tiny_tokenizer.save_pretrained(tmp_path / "moe")
+    blocks = torch.randint(0, len(tiny_tokenizer), (4, 16), generator=torch.Generator().manual_seed(0))
+    save_calibration(tmp_path / "calib.safetensors", blocks, {"source": "random"})
+    code, out, err = run(
+        capsys, "importance", "--model", str(tmp_path / "moe"), "--calib", str(tmp_path / "calib.safetensors"),
+        "--device", "cpu", "--out", str(tmp_path / "importance"),
+    )  # fmt: skip
+    assert code == 0, err
+    assert "experts of 3 MoE layers" in out
+    code, out, err = run(
+        capsys, "plan", "--importance", str(tmp_path / "importance"), "--expert-ratio", "0.5",
+        "--out", str(tmp_path / "plan.json"),
+    )  # fmt: skip
+    assert code == 0, err
+    assert "remove 50.00% of the experts (18 -> 9" in out
+    code, out, err = run(
+        capsys, "prune", "--model", str(tmp_path / "moe"), "--plan", str(tmp_path / "plan.json"),
+        "--out", str(tmp_path / "pruned"),
+    )  # fmt: skip
+    assert code == 0, err
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    assert reloaded.config.num_local_experts == 3
+    assert "stock (one expert count for every layer)" in (tmp_path / "pruned" / "README.md").read_text()
+    code, out, err = run(
+        capsys, "ppl", "--model", str(tmp_path / "pruned"), "--data-dir", str(DATA_DIR), "--window", "32",
+        "--max-tokens", "64", "--device", "cpu", "--out", str(tmp_path / "ppl.json"),
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads((tmp_path / "ppl.json").read_text())["perplexity"] > 1
