@@ -21,9 +21,9 @@ def _register_pruned_classes() -> None:
     with quiet_optional_imports():
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from .modeling_gqa_prune import PRUNED_CLASSES
+        from .modeling_gqa_prune import PRUNED_CLASSES, PRUNED_MOE_CLASSES
 
-        for config_class, model_class in PRUNED_CLASSES.values():
+        for config_class, model_class in (*PRUNED_CLASSES.values(), *PRUNED_MOE_CLASSES.values()):
             AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
             AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
             # save_pretrained then copies modeling_gqa_prune.py beside the weights and writes auto_map

@@ -37,6 +37,15 @@ def _rebuilt_config(config_class: type, config) -> object:
     return rebuilt
 
 
+def set_model_config(model: PreTrainedModel, config) -> None:
+    """Give ``model`` and every pretrained submodule (its base model) the same config: saving and loading look
+    up weight conversions by each submodule's model_type, so a stale inner config would save keys the class
+    then cannot load."""
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.config = config
+
+
 def to_export_form(model: PreTrainedModel) -> str:
     """Give ``model`` the config and model class its checkpoint is saved with; returns "stock" or "gqa-prune".
 
@@ -55,11 +64,27 @@ def to_export_form(model: PreTrainedModel) -> str:
                 "stock %s config refuses this shape (%s); saving with the gqa-prune class", adapter.family, reason
             )
         else:
-            model.config, model.__class__ = stock_config, adapter.model_class
+            set_model_config(model, stock_config)
+            model.__class__ = adapter.model_class
             return "stock"
-    model.config = _rebuilt_config(adapter.pruned_config_class, model.config)
+    set_model_config(model, _rebuilt_config(adapter.pruned_config_class, model.config))
     model.config.allow_global_per_layer_attribute_access = True
     model.__class__ = adapter.pruned_model_class
+    return "gqa-prune"
+
+
+def to_expert_export_form(model: PreTrainedModel) -> str:
+    """Give a mixture-of-experts model with per-layer expert counts or widths the project's class (its
+    checkpoint then ships modeling_gqa_prune.py); returns "stock" or "gqa-prune"."""
+    from .modeling_gqa_prune import PRUNED_MOE_CLASSES
+    from .moe import moe_family_for
+
+    if not model.config.is_heterogeneous:
+        return "stock"
+    config_class, model_class = PRUNED_MOE_CLASSES[moe_family_for(model.config).family]
+    set_model_config(model, _rebuilt_config(config_class, model.config))
+    model.config.allow_global_per_layer_attribute_access = True
+    model.__class__ = model_class
     return "gqa-prune"
 
 
@@ -183,11 +208,30 @@ def save_pruned(
     return out_dir
 
 
-def expert_model_card(plan, source: str, model_name: str) -> str:
-    """README.md for an expert-pruned checkpoint: experts before/after, the criterion, how to load."""
+def expert_model_card(plan, source: str, config_kind: str, model_name: str) -> str:
+    """README.md for an expert-pruned checkpoint: experts and widths before/after, the criterion, how to load."""
     summary = plan.summary()
-    before, after = plan.geometry.experts, plan.pruned_geometry().experts
-    moe = [index for index, count in enumerate(before) if count]
+    before, after = plan.geometry, plan.pruned_geometry()
+    moe = before.moe_layers
+    channels = (
+        f" and {plan.channel_ratio} of every kept expert's intermediate channels (each expert its lowest-scored)"
+        if plan.channels is not None
+        else ""
+    )
+    allocation = (
+        "every mixture-of-experts layer lost the same number of routed experts"
+        if plan.allocation == "uniform"
+        else "routed experts were ranked across all mixture-of-experts layers, so layers lost different numbers"
+    )
+    if config_kind == "stock":
+        config_line = "stock (one expert count and width for every layer), so any tool loads it with no custom code"
+        load_line = "AutoModelForCausalLM.from_pretrained(path)"
+    else:
+        config_line = (
+            "per-layer expert counts and widths in `per_layer_config`, model class in `modeling_gqa_prune.py` "
+            "(stock transformers does not build per-layer expert counts yet)"
+        )
+        load_line = "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # or `import gqa_prune` first"
     return f"""---
 library_name: transformers
 tags:
@@ -197,26 +241,31 @@ tags:
 ---
 # {model_name} (expert pruning)
 
-Pruned by gqa-prune from `{source}`: every mixture-of-experts layer ({len(moe)} of {len(before)}) lost the same
-number of routed experts, the lowest-scored under `{plan.criterion}` on calibration data; attention, routers of
-the kept experts, shared experts and state-space layers are unchanged. Weights are not fine-tuned after pruning.
+Pruned by gqa-prune from `{source}`: {allocation}, the lowest-scored under `{plan.criterion}` on calibration
+data{channels}. {len(moe)} of {before.num_layers} layers have experts. Attention, shared experts, dense MLP
+layers and state-space layers are unchanged. Weights are not fine-tuned after pruning.
 
 | | before | after |
 |---|---:|---:|
 | parameters | {summary["params_before"]:,} | {summary["params_after"]:,} |
-| experts per MoE layer | {_span([before[i] for i in moe])} | {_span([after[i] for i in moe])} |
-| experts routed per token | {plan.geometry.top_k} | {plan.geometry.top_k} |
+| experts per MoE layer | {_moe_span(before.experts, moe)} | {_moe_span(after.experts, moe)} |
+| channels per expert | {_moe_span(before.widths, moe)} | {_moe_span(after.widths, moe)} |
+| experts routed per token | {before.top_k} | {before.top_k} |
 
-Asked for an expert ratio of {plan.expert_ratio}; removed {summary["achieved_expert_ratio"]:.2%} of the experts. Which
-experts each layer kept (original indices, in order) is in `{PLAN_FILE}`.
+Asked for an expert ratio of {plan.expert_ratio}; removed {summary["achieved_expert_ratio"]:.2%} of the experts.
+Which experts each layer kept (original indices, in order) and their channels are in `{PLAN_FILE}`.
 
-Config: stock (one expert count for every layer), so any tool loads it with no custom code:
+Config: {config_line}.
 
 ```python
 from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(path)
+model = {load_line}
 ```
 """
+
+
+def _moe_span(values, layers) -> str:
+    return _span([values[layer] for layer in layers])
 
 
 def save_expert_pruned(
@@ -227,18 +276,19 @@ def save_expert_pruned(
     source: str,
     kind: str = "prune",
 ) -> Path:
-    """Write an expert-pruned model (stock config), tokenizer, plan, provenance and card into ``out_dir`` atomically."""
+    """Write an expert-pruned model, tokenizer, plan, provenance and card into ``out_dir`` atomically."""
     from .moe import expert_geometry_of
 
     if expert_geometry_of(model) != plan.pruned_geometry():
         raise ValueError("model experts do not match the plan's pruned experts; apply the plan before saving")
+    config_kind = to_expert_export_form(model)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, kind) as temporary:
         model.save_pretrained(temporary)
         tokenizer.save_pretrained(temporary)
         plan.save(temporary / PLAN_FILE)
-        record = {"source": source, "config": "stock", **plan.summary()}
+        record = {"source": source, "config": config_kind, **plan.summary()}
         (temporary / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        (temporary / "README.md").write_text(expert_model_card(plan, source, out_dir.name))
-    logger.info("saved expert-pruned model (stock config) -> %s", out_dir)
+        (temporary / "README.md").write_text(expert_model_card(plan, source, config_kind, out_dir.name))
+    logger.info("saved expert-pruned model (%s config) -> %s", config_kind, out_dir)
     return out_dir

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 UNIT_CRITERIA = ("taylor", "fisher", "obs", "magnitude", "activation", "random")
 EXPERT_CRITERIA = ("reap", "frequency", "gate", "ean", "random")  # criteria.experts.EXPERT_CRITERIA
+EXPERT_ALLOCATIONS = ("uniform", "per-layer")  # expert_plan: one count per MoE layer (stock config), or ranked
 DEFAULT_EXPERT_CRITERION = "reap"  # REAP, arXiv 2510.13999: the strongest of these in its paper and in bench/experts.py
 LAYER_CRITERIA = ("block_influence", "activation", "removal")
 MODES = ("width", "depth", "hybrid", "learned")  # learned: keep exactly the units of learned (l0) masks

@@ -166,17 +166,23 @@ def _expert_plan(args: argparse.Namespace) -> None:
             "--ratio: pruning GQA groups, channels or layers of a mixture-of-experts model is not supported yet; "
             "give --expert-ratio alone"
         )
+    if args.expert_ratio is None and args.expert_channel_ratio:
+        args.expert_ratio = 0.0  # channels only
     if args.expert_ratio is None:
         raise GqaPruneError(
             f"{args.importance} holds expert scores: give --expert-ratio (fraction of experts to remove)"
         )
     scores = expert_scores.load(args.importance)
-    plan = build_expert_plan(scores, args.expert_ratio, args.expert_criterion, seed=args.seed)
+    plan = build_expert_plan(
+        scores, args.expert_ratio, args.expert_criterion, seed=args.seed, allocation=args.experts,
+        channel_ratio=args.expert_channel_ratio, channel_multiple=args.channel_multiple,
+    )  # fmt: skip
     plan.save(args.out)
     summary = plan.summary()
+    channels = f", expert channels {plan.channel_ratio}" if plan.channels is not None else ""
     print(
-        f"plan (experts, {plan.criterion}): remove {summary['achieved_expert_ratio']:.2%} of the experts "
-        f"({summary['experts_before']} -> {summary['experts_after']}; {summary['params_before']:,} -> "
+        f"plan (experts {plan.allocation}, {plan.criterion}{channels}): remove {summary['achieved_expert_ratio']:.2%} "
+        f"of the experts ({summary['experts_before']} -> {summary['experts_after']}; {summary['params_before']:,} -> "
         f"{summary['params_after']:,} parameters) -> {args.out}"
     )
 
@@ -192,9 +198,10 @@ def cmd_plan(args: argparse.Namespace) -> None:
         _expert_plan(args)
         return
     scores = stored_scores.load(args.importance)
-    if args.expert_ratio is not None:
+    if args.expert_ratio is not None or args.expert_channel_ratio:
+        option = "--expert-ratio" if args.expert_ratio is not None else "--expert-channel-ratio"
         raise GqaPruneError(
-            f"--expert-ratio: the model scored in {args.importance} has no mixture-of-experts layers "
+            f"{option}: the model scored in {args.importance} has no mixture-of-experts layers "
             f"(family {scores.geometry.family})"
         )
     if args.ratio is None:
@@ -599,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
         DEFAULT_MODE,
         DEVICES,
         DTYPES,
+        EXPERT_ALLOCATIONS,
         EXPERT_CRITERIA,
         GGUF_TYPES,
         LAYER_CRITERIA,
@@ -715,6 +723,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(EXPERT_CRITERIA),
         help=f"which experts go first (default: {DEFAULT_EXPERT_CRITERION})",
     )
+    plan.add_argument(
+        "--experts",
+        default=EXPERT_ALLOCATIONS[0],
+        choices=EXPERT_ALLOCATIONS,
+        help="uniform: every MoE layer loses the same number of experts (stock config); per-layer: experts of all "
+        "layers ranked together (per-layer counts, the project's model class)",
+    )
+    plan.add_argument(
+        "--expert-channel-ratio",
+        type=_ratio,
+        default=0.0,
+        help="fraction of every kept expert's intermediate channels to remove (widths in --channel-multiple)",
+    )
     plan.add_argument("--seed", type=int, default=0, help="seed of the random expert criterion")
     plan.add_argument(
         "--mode", default=None, choices=MODES,
@@ -737,7 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--channel-multiple",
         type=_positive_int,
         default=default_of(PlanSettings, "channel_multiple"),
-        help="kept MLP widths are multiples of this",
+        help="kept MLP and expert widths are multiples of this",
     )
     plan.add_argument("--layer-criterion", default=default_of(PlanSettings, "layer_criterion"), choices=layer_criteria)
     plan.add_argument("--out", required=True, type=Path, help="output plan .json")

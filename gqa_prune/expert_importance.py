@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .blocks import check_blocks
-from .criteria.experts import EXPERT_STATS
+from .criteria.experts import CHANNEL_STAT, EXPERT_STATS
 from .errors import GqaPruneError
 from .expert_scores import ExpertScores
 from .moe import ExpertGeometry, expert_geometry_of, moe_family_for
@@ -29,9 +29,14 @@ class ExpertStatsCollector:
 
     def __init__(self, model: nn.Module, geometry: ExpertGeometry):
         family = moe_family_for(model.config)
+        self.layout = family.layout
         self.stats = {
             name: [torch.zeros(count, dtype=torch.float64) for count in geometry.experts] for name in EXPERT_STATS
         }
+        self.stats[CHANNEL_STAT] = [
+            torch.zeros((count, width) if count else (0,), dtype=torch.float64)
+            for count, width in zip(geometry.experts, geometry.widths)
+        ]
         self.handles = []
         for index, layer in enumerate(family.decoder_layers(model)):
             block = family.sparse_block(layer)
@@ -43,7 +48,7 @@ class ExpertStatsCollector:
             hidden, indices, gates = (*args, *kwargs.values())[:3]
             gates = gates.float()
             shares = gates / gates.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-            stats = {name: self.stats[name][layer] for name in EXPERT_STATS}
+            stats = {name: self.stats[name][layer] for name in (*EXPERT_STATS, CHANNEL_STAT)}
             for expert in torch.unique(indices).tolist():
                 tokens, slots = torch.where(indices == expert)
                 alone = torch.full((len(tokens), 1), expert, dtype=indices.dtype, device=indices.device)
@@ -55,6 +60,11 @@ class ExpertStatsCollector:
                 stats["gate_sum"][expert] += gate.sum()
                 stats["norm_sum"][expert] += norms.sum()
                 stats["gate_norm_sum"][expert] += (gate * norms).sum()
+                activation = self.layout.activation(experts, expert, hidden[tokens]).double()
+                column_norms = self.layout.down_columns(experts, expert).double().norm(dim=0)
+                stats[CHANNEL_STAT][expert] += (
+                    gate.to(activation.device) @ activation.abs()
+                ).cpu() * column_norms.cpu()
 
         return record
 

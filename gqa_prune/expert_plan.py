@@ -1,22 +1,32 @@
-"""``ExpertPlan``: which routed experts every MoE layer keeps, built from expert scores.
+"""``ExpertPlan``: which routed experts every MoE layer keeps, and which intermediate channels each kept expert
+keeps, built from expert scores.
 
-The allocation is uniform: every MoE layer loses ``round(expert_ratio x experts)`` experts, the lowest-scored
-under the chosen criterion, so the pruned model keeps one expert count in its config and stock
-``from_pretrained`` (and vLLM) load it with no custom code -- as every released pruned MoE does. A layer
-must keep at least ``num_experts_per_tok`` experts (the router picks that many per token).
+Experts: ``uniform`` (the default) removes ``round(expert_ratio x experts)`` experts of every MoE layer, the
+lowest-scored under the chosen criterion, so the pruned model keeps one expert count in its config and stock
+``from_pretrained`` loads it with no custom code -- as every released pruned MoE does. ``per-layer`` removes
+the same total but ranks all MoE layers' experts together by the criterion's value, so layers whose experts
+matter less lose more; the checkpoint then records per-layer counts (``per_layer_config``) and loads through
+the project's modeling file. A layer keeps at least ``num_experts_per_tok`` experts either way.
+
+Expert channels: ``channel_ratio`` removes ``round(channel_ratio x width)`` intermediate channels of every kept
+expert (each expert its own lowest-scored ones; the fused expert tensors need one width per layer).
 
 A plan is a value: it round-trips through JSON exactly and is validated on construction (kept indices
-integers, sorted, unique, in range, at least top-k of them in every MoE layer, none in a dense layer).
+integers, sorted, unique, in range; at least top-k experts in every MoE layer, none in a dense layer; one
+channel count per layer, at least one channel).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from .atomic import MARKER, write_text
+from .choices import EXPERT_ALLOCATIONS
 from .criteria.experts import DEFAULT_EXPERT_CRITERION, EXPERT_CRITERIA
 from .errors import GqaPruneError
 from .expert_scores import ExpertScores
@@ -25,6 +35,7 @@ from .plan import PLAN_KIND, PruningPlan, top_units
 
 EXPERT_PLAN_FORMAT = "gqa-prune-expert-plan"
 EXPERT_PLAN_VERSION = 1
+Channels = tuple[tuple[int, ...], ...]  # per kept expert of a layer: its kept channels
 
 
 @dataclass(frozen=True)
@@ -35,56 +46,89 @@ class ExpertPlan:
     kept: tuple[tuple[int, ...], ...]  # per decoder layer: kept experts (empty where the MLP is dense)
     params_before: int  # all parameters of that model (embeddings included, tied ones once)
     seed: int = 0  # of the random criterion
+    allocation: str = "uniform"
+    channel_ratio: float = 0.0
+    channels: tuple[Channels, ...] | None = None  # per layer, per kept expert: kept channels (None: all)
 
     def __post_init__(self) -> None:
         self.validate()
 
+    # ------------------------------------------------------------------------------------------ checks
     def validate(self) -> None:
         geometry = self.geometry
+        if self.allocation not in EXPERT_ALLOCATIONS:
+            raise GqaPruneError(f"expert allocation {self.allocation!r} is not one of {', '.join(EXPERT_ALLOCATIONS)}")
         if len(self.kept) != geometry.num_layers:
             raise GqaPruneError(f"plan has {len(self.kept)} layers but the model has {geometry.num_layers}")
         for layer, (kept, experts) in enumerate(zip(self.kept, geometry.experts)):
             where = f"layer {layer}: kept experts"
-            if not all(isinstance(index, int) and not isinstance(index, bool) for index in kept):
-                raise GqaPruneError(f"{where} must be integer indices, got {list(kept)!r}")
+            _check_indices(kept, experts, where)
             if not experts:
                 if kept:
                     raise GqaPruneError(f"{where} must be empty: layer {layer} has a dense MLP")
                 continue
-            if list(kept) != sorted(set(kept)) or (kept and (kept[0] < 0 or kept[-1] >= experts)):
-                raise GqaPruneError(f"{where} must be sorted, unique indices in 0..{experts - 1}")
             if len(kept) < geometry.top_k:
                 raise GqaPruneError(
                     f"{where}: {len(kept)} of {experts}, fewer than the {geometry.top_k} experts every token is "
                     "routed to (num_experts_per_tok)"
                 )
+        if self.allocation == "uniform" and len({len(kept) for kept in self.kept if kept}) > 1:
+            raise GqaPruneError("a uniform expert plan keeps the same number of experts in every MoE layer")
+        if self.channels is not None:
+            self._validate_channels()
+
+    def _validate_channels(self) -> None:
+        if len(self.channels) != self.geometry.num_layers:
+            raise GqaPruneError(
+                f"plan lists channels of {len(self.channels)} layers, the model has {self.geometry.num_layers}"
+            )
+        for layer, (per_expert, kept) in enumerate(zip(self.channels, self.kept)):
+            if len(per_expert) != len(kept):
+                raise GqaPruneError(
+                    f"layer {layer}: kept channels are listed for {len(per_expert)} experts, it keeps {len(kept)}"
+                )
+            for expert, channels in zip(kept, per_expert):
+                _check_indices(channels, self.geometry.widths[layer], f"layer {layer}: expert {expert}'s kept channels")
+                if not channels:
+                    raise GqaPruneError(f"layer {layer}: expert {expert} keeps no channel")
+            if len({len(channels) for channels in per_expert}) > 1:
+                raise GqaPruneError(f"layer {layer}: every expert of a layer keeps the same number of channels")
+
+    # ------------------------------------------------------------------------------------------ derived
+    def kept_width(self, layer: int) -> int:
+        """Channels each kept expert of ``layer`` keeps."""
+        if self.channels is None or not self.kept[layer]:
+            return self.geometry.widths[layer] if self.kept[layer] else 0
+        return len(self.channels[layer][0])
 
     def pruned_geometry(self) -> ExpertGeometry:
-        return ExpertGeometry(
-            self.geometry.family, self.geometry.top_k, tuple(len(kept) for kept in self.kept),
-            self.geometry.params_per_expert,
-        )  # fmt: skip
-
-    @property
-    def experts_removed(self) -> int:
-        return sum(self.geometry.experts) - sum(len(kept) for kept in self.kept)
-
-    @property
-    def params_after(self) -> int:
-        return self.params_before - self.experts_removed * self.geometry.params_per_expert
+        return replace(
+            self.geometry,
+            experts=tuple(len(kept) for kept in self.kept),
+            widths=tuple(self.kept_width(layer) for layer in range(self.geometry.num_layers)),
+        )
 
     @property
     def is_uniform(self) -> bool:
-        return len({len(kept) for kept in self.kept if kept}) == 1
+        """One expert count and one expert width for every MoE layer (a stock config describes it)."""
+        pruned = self.pruned_geometry()
+        moe = pruned.moe_layers
+        return len({pruned.experts[i] for i in moe}) == 1 and len({pruned.widths[i] for i in moe}) == 1
+
+    @property
+    def params_after(self) -> int:
+        return self.params_before - self.geometry.expert_params + self.pruned_geometry().expert_params
 
     def summary(self) -> dict:
-        removed = self.experts_removed
+        before, after = self.geometry, self.pruned_geometry()
         return {
             "params_before": self.params_before,
             "params_after": self.params_after,
-            "experts_before": sum(self.geometry.experts),
-            "experts_after": sum(self.geometry.experts) - removed,
-            "achieved_expert_ratio": removed / max(1, sum(self.geometry.experts)),
+            "experts_before": sum(before.experts),
+            "experts_after": sum(after.experts),
+            "achieved_expert_ratio": 1 - sum(after.experts) / max(1, sum(before.experts)),
+            "expert_params_before": before.expert_params,
+            "expert_params_after": after.expert_params,
         }
 
     # ------------------------------------------------------------------------------------------ JSON
@@ -95,24 +139,33 @@ class ExpertPlan:
             "geometry": self.geometry.to_dict(),
             "expert_ratio": self.expert_ratio,
             "criterion": self.criterion,
+            "allocation": self.allocation,
+            "channel_ratio": self.channel_ratio,
             "seed": self.seed,
             "params_before": self.params_before,
             "summary": self.summary(),  # derived; checked on load
             "kept_experts": [list(kept) for kept in self.kept],
+            "kept_channels": None if self.channels is None else [[list(c) for c in layer] for layer in self.channels],
             MARKER: PLAN_KIND,
         }
 
     def to_json(self) -> str:
+        """Pretty JSON with one compact line per layer (channel lists are long)."""
         data = self.to_dict()
-        kept = data.pop("kept_experts")
+        kept, channels = data.pop("kept_experts"), data.pop("kept_channels")
         head = json.dumps(data, indent=2, sort_keys=True)
-        body = ",\n".join("    " + json.dumps(layer) for layer in kept)
-        return head[:-2] + ',\n  "kept_experts": [\n' + body + "\n  ]\n}\n"
+        experts_body = ",\n".join("    " + json.dumps(layer) for layer in kept)
+        text = head[:-2] + ',\n  "kept_experts": [\n' + experts_body + "\n  ],\n"
+        if channels is None:
+            return text + '  "kept_channels": null\n}\n'
+        channels_body = ",\n".join("    " + json.dumps(layer) for layer in channels)
+        return text + '  "kept_channels": [\n' + channels_body + "\n  ]\n}\n"
 
     @classmethod
     def from_dict(cls, data: dict) -> ExpertPlan:
         if data.get("format") != EXPERT_PLAN_FORMAT or data.get("version") != EXPERT_PLAN_VERSION:
             raise GqaPruneError(f"not a gqa-prune expert plan (format {data.get('format')!r})")
+        channels = data.get("kept_channels")
         plan = cls(
             geometry=ExpertGeometry.from_dict(data["geometry"]),
             expert_ratio=float(data["expert_ratio"]),
@@ -120,6 +173,9 @@ class ExpertPlan:
             kept=tuple(tuple(kept) for kept in data["kept_experts"]),
             params_before=int(data["params_before"]),
             seed=int(data.get("seed", 0)),
+            allocation=str(data.get("allocation", "uniform")),
+            channel_ratio=float(data.get("channel_ratio", 0.0)),
+            channels=None if channels is None else tuple(tuple(tuple(c) for c in layer) for layer in channels),
         )
         stored = data.get("summary")
         if isinstance(stored, dict) and any(stored.get(key) != value for key, value in plan.summary().items()):
@@ -132,30 +188,118 @@ class ExpertPlan:
         write_text(path, self.to_json(), PLAN_KIND)
 
 
+def _check_indices(kept, size: int, where: str) -> None:
+    if not all(isinstance(index, int) and not isinstance(index, bool) for index in kept):
+        raise GqaPruneError(f"{where} must be integer indices, got {list(kept)!r}")
+    if list(kept) != sorted(set(kept)) or (kept and (kept[0] < 0 or kept[-1] >= size)):
+        raise GqaPruneError(f"{where} must be sorted, unique indices in 0..{size - 1}")
+
+
+# ---------------------------------------------------------------------------------------------- building
 def build_expert_plan(
-    scores: ExpertScores, expert_ratio: float, criterion: str = DEFAULT_EXPERT_CRITERION, seed: int = 0
+    scores: ExpertScores,
+    expert_ratio: float,
+    criterion: str = DEFAULT_EXPERT_CRITERION,
+    seed: int = 0,
+    allocation: str = "uniform",
+    channel_ratio: float = 0.0,
+    channel_multiple: int = 1,
 ) -> ExpertPlan:
-    """Remove ``round(expert_ratio x experts)`` experts of every MoE layer, the lowest-scored under ``criterion``."""
+    """Remove ``expert_ratio`` of the experts (lowest-scored under ``criterion``; the same count in every MoE
+    layer, or ranked across layers with ``allocation="per-layer"``) and ``channel_ratio`` of every kept
+    expert's intermediate channels (lowest channel scores; kept widths rounded down to ``channel_multiple``:
+    fused expert kernels such as torch's grouped_mm need rows of a multiple of 16 bytes)."""
     if criterion not in EXPERT_CRITERIA:
         raise GqaPruneError(f"expert criterion {criterion!r} is not one of {', '.join(EXPERT_CRITERIA)}")
-    if not 0.0 <= expert_ratio < 1.0:
-        raise GqaPruneError(f"--expert-ratio must be in [0, 1), got {expert_ratio}")
+    if allocation not in EXPERT_ALLOCATIONS:
+        raise GqaPruneError(f"--experts {allocation!r} is not one of {', '.join(EXPERT_ALLOCATIONS)}")
+    for name, ratio in (("--expert-ratio", expert_ratio), ("--expert-channel-ratio", channel_ratio)):
+        if not 0.0 <= ratio < 1.0:
+            raise GqaPruneError(f"{name} must be in [0, 1), got {ratio}")
     geometry = scores.geometry
-    kept = []
-    for layer, experts in enumerate(geometry.experts):
-        if not experts:
-            kept.append(())
-            continue
-        keep = experts - round(expert_ratio * experts)
-        if keep < geometry.top_k:
+    layer_scores = {
+        layer: EXPERT_CRITERIA[criterion].scores(scores.layer_stats(layer), layer, seed)
+        for layer in geometry.moe_layers
+    }
+    keep = (
+        _uniform_counts(geometry, expert_ratio)
+        if allocation == "uniform"
+        else _ranked_counts(geometry, expert_ratio, layer_scores)
+    )
+    kept = tuple(
+        top_units(layer_scores[layer], keep[layer]) if layer in keep else () for layer in range(geometry.num_layers)
+    )
+    channels = _kept_channels(scores, kept, channel_ratio, channel_multiple) if channel_ratio > 0 else None
+    return ExpertPlan(
+        geometry,
+        expert_ratio,
+        criterion,
+        kept,
+        int(scores.info["parameters"]),
+        seed,
+        allocation,
+        channel_ratio,
+        channels,
+    )
+
+
+def _uniform_counts(geometry: ExpertGeometry, ratio: float) -> dict[int, int]:
+    counts = {}
+    for layer in geometry.moe_layers:
+        experts = geometry.experts[layer]
+        counts[layer] = experts - round(ratio * experts)
+        if counts[layer] < geometry.top_k:
             raise GqaPruneError(
-                f"--expert-ratio {expert_ratio} keeps {keep} of layer {layer}'s {experts} experts, fewer than the "
+                f"--expert-ratio {ratio} keeps {counts[layer]} of layer {layer}'s {experts} experts, fewer than the "
                 f"{geometry.top_k} every token is routed to (num_experts_per_tok); at most "
                 f"{(experts - geometry.top_k) / experts:.4g} is possible"
             )
-        layer_scores = EXPERT_CRITERIA[criterion].scores(scores.layer_stats(layer), layer, seed)
-        kept.append(top_units(layer_scores, keep))
-    return ExpertPlan(geometry, expert_ratio, criterion, tuple(kept), int(scores.info["parameters"]), seed)
+    return counts
+
+
+def _ranked_counts(geometry: ExpertGeometry, ratio: float, layer_scores: dict[int, torch.Tensor]) -> dict[int, int]:
+    """Per-layer counts: the ``round(ratio x all experts)`` lowest scores of all MoE layers go, each layer
+    keeping at least top-k (ties: the later layer's expert goes first, then the higher index)."""
+    total = sum(geometry.experts)
+    remove = round(ratio * total)
+    removable = sum(geometry.experts[layer] - geometry.top_k for layer in geometry.moe_layers)
+    if remove > removable:
+        raise GqaPruneError(
+            f"--expert-ratio {ratio} removes {remove} of {total} experts, but every MoE layer keeps at least "
+            f"{geometry.top_k} (num_experts_per_tok): at most {removable / total:.4g} is possible"
+        )
+    candidates = sorted(
+        (
+            (float(value), -layer, -index, layer)
+            for layer, values in layer_scores.items()
+            for index, value in enumerate(values.tolist())
+        ),
+    )
+    counts = {layer: geometry.experts[layer] for layer in geometry.moe_layers}
+    for _, _, _, layer in candidates:
+        if remove == 0:
+            break
+        if counts[layer] > geometry.top_k:
+            counts[layer] -= 1
+            remove -= 1
+    return counts
+
+
+def _kept_channels(
+    scores: ExpertScores, kept: tuple[tuple[int, ...], ...], ratio: float, multiple: int
+) -> tuple[Channels, ...]:
+    result = []
+    for layer, experts in enumerate(kept):
+        width = scores.geometry.widths[layer]
+        keep = (width - round(ratio * width)) // multiple * multiple
+        if experts and keep < 1:
+            raise GqaPruneError(
+                f"--expert-channel-ratio {ratio} keeps no channel of layer {layer}'s {width}-channel experts in "
+                f"multiples of {multiple} (--channel-multiple)"
+            )
+        channel_scores = scores.stats["channel"][layer] if experts else None
+        result.append(tuple(top_units(channel_scores[expert], keep) for expert in experts))
+    return tuple(result)
 
 
 def load_plan(path: str | os.PathLike) -> PruningPlan | ExpertPlan:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from .atomic import atomic_dir
-from .criteria.experts import EXPERT_STATS
+from .criteria.experts import CHANNEL_STAT, EXPERT_STATS
 from .errors import GqaPruneError
 from .moe import ExpertGeometry
 
@@ -31,7 +31,8 @@ class ExpertScores:
     """What the expert pass measured: per layer a [experts] float64 tensor for every statistic."""
 
     geometry: ExpertGeometry
-    stats: dict[str, list[torch.Tensor]]  # statistic -> per decoder layer (empty where the MLP is dense)
+    # statistic -> per decoder layer (empty where the MLP is dense): [experts] each, CHANNEL_STAT [experts, width]
+    stats: dict[str, list[torch.Tensor]]
     calibration_loss: float
     info: dict = field(default_factory=dict)
 
@@ -40,14 +41,16 @@ class ExpertScores:
 
     def check(self, where: str) -> None:
         """Statistics for every statistic and layer, sized by the geometry, finite and non-negative."""
-        for name in EXPERT_STATS:
+        for name in (*EXPERT_STATS, CHANNEL_STAT):
             per_layer = self.stats.get(name)
             if per_layer is None or len(per_layer) != self.geometry.num_layers:
                 raise GqaPruneError(f"{where}: expert statistic {name!r} missing or not one per layer")
-            for layer, (tensor, experts) in enumerate(zip(per_layer, self.geometry.experts)):
-                if tensor.shape != (experts,):
+            for layer, tensor in enumerate(per_layer):
+                experts, width = self.geometry.experts[layer], self.geometry.widths[layer]
+                shape = (experts, width) if name == CHANNEL_STAT and experts else (experts,)
+                if tuple(tensor.shape) != shape:
                     raise GqaPruneError(
-                        f"{where}: {name} of layer {layer} has shape {tuple(tensor.shape)}, expected ({experts},)"
+                        f"{where}: {name} of layer {layer} has shape {tuple(tensor.shape)}, expected {shape}"
                     )
                 if not torch.isfinite(tensor).all() or (tensor < 0).any():
                     raise GqaPruneError(f"{where}: {name} of layer {layer} is not finite and non-negative")
@@ -101,7 +104,7 @@ def load(in_dir: str | os.PathLike) -> ExpertScores:
             tensors.get(f"{name}.{layer}", torch.zeros(0, dtype=torch.float64)).double()
             for layer in range(geometry.num_layers)
         ]
-        for name in EXPERT_STATS
+        for name in (*EXPERT_STATS, CHANNEL_STAT)
     }
     scores = ExpertScores(geometry, stats, float(record.get("calibration_loss", float("nan"))), record.get("info", {}))
     scores.check(str(in_dir))

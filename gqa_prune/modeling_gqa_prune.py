@@ -5,6 +5,8 @@ A pruned model whose decoder layers differ in shape records the per-layer sizes 
 (``{"skip": ["attention"]}``); stock model classes do not build from either yet. The classes here are the
 stock Llama / Mistral / Qwen2 / Qwen3 causal-LM classes with one change: each decoder layer is built from
 its own resolved layer config, without the sublayers it skips (the residual stream passes them unchanged).
+The mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss, GraniteMoeHybrid) get the same
+change, so that layers may keep different numbers of experts (``num_experts``) and expert widths.
 Their config classes also accept head counts that do not divide ``hidden_size`` (``head_dim`` is explicit),
 which stock ``LlamaConfig`` refuses.
 
@@ -22,19 +24,37 @@ import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import (
+    GptOssConfig,
+    GptOssForCausalLM,
+    GraniteMoeHybridConfig,
+    GraniteMoeHybridForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssDecoderLayer
+from transformers.models.granitemoehybrid.modeling_granitemoehybrid import GraniteMoeHybridDecoderLayer
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
+from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer
+from transformers.models.olmoe.modeling_olmoe import OlmoeDecoderLayer
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeDecoderLayer
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeDecoderLayer
 
 _HETEROGENEITY_LOGGER = "transformers.integrations.heterogeneity.configuration_utils"
 # per_layer_config "skip" names -> (block, the norm in front of it) on the decoder layer
@@ -107,7 +127,8 @@ def _build_layers_from_per_layer_config(decoder: nn.Module, config, decoder_laye
             # model's config so set_attn_implementation() keeps reaching every layer.
             layer.self_attn.config = config
         decoder.layers[layer_index] = layer
-    assign_cache_indices(decoder.layers)
+    if any("attention" in _skipped(config.per_layer_config[i]) for i in range(config.num_hidden_layers)):
+        assign_cache_indices(decoder.layers)  # else the stock numbering stands (hybrid caches index every layer)
 
 
 class _SkippableSublayersMixin:
@@ -244,6 +265,49 @@ PRUNED_CLASSES = {
     "mistral": (GQAPrunedMistralConfig, GQAPrunedMistralForCausalLM),
     "qwen2": (GQAPrunedQwen2Config, GQAPrunedQwen2ForCausalLM),
     "qwen3": (GQAPrunedQwen3Config, GQAPrunedQwen3ForCausalLM),
+}
+
+
+def _moe_classes(name: str, config_class: type, model_class: type, decoder_layer_class: type) -> tuple[type, type]:
+    """The pruned classes of a mixture-of-experts family: per-layer expert counts and widths from
+    ``per_layer_config`` (every layer keeps its sublayers; the stock decoder layer builds from its own config)."""
+    pruned_config = strict(
+        type(f"GQAPruned{name}Config", (_HeadLayoutValidationMixin, config_class), {
+            "model_type": f"gqa_pruned_{config_class.model_type}", "__module__": __name__,
+        })
+    )  # fmt: skip
+    pruned_model = type(f"GQAPruned{name}ForCausalLM", (_PerLayerShapesMixin, model_class), {
+        "config_class": pruned_config, "_decoder_layer_class": decoder_layer_class, "__module__": __name__,
+    })  # fmt: skip
+    return pruned_config, pruned_model
+
+
+GQAPrunedMixtralConfig, GQAPrunedMixtralForCausalLM = _moe_classes(
+    "Mixtral", MixtralConfig, MixtralForCausalLM, MixtralDecoderLayer
+)
+GQAPrunedQwen2MoeConfig, GQAPrunedQwen2MoeForCausalLM = _moe_classes(
+    "Qwen2Moe", Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen2MoeDecoderLayer
+)
+GQAPrunedQwen3MoeConfig, GQAPrunedQwen3MoeForCausalLM = _moe_classes(
+    "Qwen3Moe", Qwen3MoeConfig, Qwen3MoeForCausalLM, Qwen3MoeDecoderLayer
+)
+GQAPrunedOlmoeConfig, GQAPrunedOlmoeForCausalLM = _moe_classes(
+    "Olmoe", OlmoeConfig, OlmoeForCausalLM, OlmoeDecoderLayer
+)
+GQAPrunedGptOssConfig, GQAPrunedGptOssForCausalLM = _moe_classes(
+    "GptOss", GptOssConfig, GptOssForCausalLM, GptOssDecoderLayer
+)
+GQAPrunedGraniteMoeHybridConfig, GQAPrunedGraniteMoeHybridForCausalLM = _moe_classes(
+    "GraniteMoeHybrid", GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, GraniteMoeHybridDecoderLayer
+)
+# mixture-of-experts family (model_type) -> (config class, causal-LM class) for per-layer expert counts and widths
+PRUNED_MOE_CLASSES = {
+    "mixtral": (GQAPrunedMixtralConfig, GQAPrunedMixtralForCausalLM),
+    "qwen2_moe": (GQAPrunedQwen2MoeConfig, GQAPrunedQwen2MoeForCausalLM),
+    "qwen3_moe": (GQAPrunedQwen3MoeConfig, GQAPrunedQwen3MoeForCausalLM),
+    "olmoe": (GQAPrunedOlmoeConfig, GQAPrunedOlmoeForCausalLM),
+    "gpt_oss": (GQAPrunedGptOssConfig, GQAPrunedGptOssForCausalLM),
+    "granitemoehybrid": (GQAPrunedGraniteMoeHybridConfig, GQAPrunedGraniteMoeHybridForCausalLM),
 }
 # family name -> decoder layer that runs without a skipped sublayer; read by gqa_prune.arch
 PRUNED_DECODER_LAYERS = {

@@ -54,6 +54,76 @@ class Routing:
         return torch.softmax(top_logits, dim=-1), indices
 
 
+_WIDTH_ATTRIBUTES = ("intermediate_dim", "intermediate_size")  # the expert width cached on experts modules
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How one family fuses its experts' MLPs, for what acts on their intermediate channels.
+
+    ``interleaved`` (gpt-oss): ``gate_up_proj [E, H, 2I]`` with gate and up channels alternating, a
+    ``gate_up_proj_bias [E, 2I]``, ``down_proj [E, I, H]`` and a per-expert ``down_proj_bias``; otherwise
+    ``gate_up_proj [E, 2I, H]`` (the I gate rows, then the I up rows) and ``down_proj [E, H, I]``.
+    """
+
+    interleaved: bool = False
+
+    def width(self, experts: nn.Module) -> int:
+        return int(experts.down_proj.shape[1 if self.interleaved else 2])
+
+    def activation(self, experts: nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """The intermediate activations [tokens, I] of one expert on inputs ``x`` [tokens, H]."""
+        if self.interleaved:
+            return experts._apply_gate(x @ experts.gate_up_proj[expert] + experts.gate_up_proj_bias[expert])
+        gate, up = nn.functional.linear(x, experts.gate_up_proj[expert]).chunk(2, dim=-1)
+        return experts.act_fn(gate) * up
+
+    def down_columns(self, experts: nn.Module, expert: int) -> torch.Tensor:
+        """[H, I]: column c is what channel c writes to the residual stream per unit of activation."""
+        down = experts.down_proj[expert]
+        return down.T if self.interleaved else down
+
+    def output(self, experts: nn.Module, expert: int, activation: torch.Tensor) -> torch.Tensor:
+        """One expert's output [tokens, H] from its activations (before the router's gate)."""
+        out = activation @ self.down_columns(experts, expert).T
+        return out + experts.down_proj_bias[expert] if self.interleaved else out
+
+    def _indices(self, kept: torch.Tensor, width: int) -> dict[str, tuple[int, torch.Tensor]]:
+        """Parameter name -> (axis after the expert axis, indices) that keep channels ``kept``."""
+        if self.interleaved:
+            pairs = torch.stack([2 * kept, 2 * kept + 1], dim=1).flatten()
+            return {"gate_up_proj": (1, pairs), "gate_up_proj_bias": (0, pairs), "down_proj": (0, kept)}
+        return {"gate_up_proj": (0, torch.cat([kept, width + kept])), "down_proj": (1, kept)}
+
+    @property
+    def channel_tensors(self) -> tuple[str, ...]:
+        """The expert tensors that hold one slice per intermediate channel."""
+        return tuple(self._indices(torch.zeros(0, dtype=torch.long), 0))
+
+    def slice_channels(self, experts: nn.Module, kept: list[tuple[int, ...]]) -> None:
+        """Keep channels ``kept[e]`` (same count for every expert, ascending) of each expert, in place."""
+        width = self.width(experts)
+        per_expert = [self._indices(torch.as_tensor(channels, dtype=torch.long), width) for channels in kept]
+        for name in self.channel_tensors:
+            tensor = getattr(experts, name).detach()
+            rows = [tensor[expert].index_select(*per_expert[expert][name]) for expert in range(len(kept))]
+            requires_grad = getattr(experts, name).requires_grad
+            setattr(experts, name, nn.Parameter(torch.stack(rows).contiguous(), requires_grad=requires_grad))
+        for attribute in _WIDTH_ATTRIBUTES:
+            if isinstance(getattr(experts, attribute, None), int):
+                setattr(experts, attribute, len(kept[0]))
+
+    def mask_channels(self, experts: nn.Module, kept: list[tuple[int, ...]]) -> None:
+        """Reference: zero the down_proj columns of every channel not kept (in place)."""
+        for expert, channels in enumerate(kept):
+            removed = sorted(set(range(self.width(experts))) - set(channels))
+            down = experts.down_proj.data[expert]
+            if self.interleaved:
+                down[removed, :] = 0
+            else:
+                down[:, removed] = 0
+
+
 @dataclass(frozen=True)
 class MoeFamily:
     """One supported MoE family: its stock class and where the sparse block, router and experts live."""
@@ -63,10 +133,12 @@ class MoeFamily:
     block_attr: str  # the sparse block on the decoder layer
     router_attr: str  # the router on the sparse block
     experts_key: str  # the config key holding the number of experts per layer
+    width_key: str  # the config key holding the intermediate channels of one expert
     softmax_first: bool
     renormalize_key: str | None  # config flag for softmax-first renormalisation; None = always
     shared_expert: str | None = None  # what a layer has besides its routed experts (kept whole)
     state_space: bool = False  # has state-space (Mamba) layers, kept whole
+    layout: ExpertLayout = ExpertLayout()
 
     def routing(self, config) -> Routing:
         renormalize = True if self.renormalize_key is None else bool(getattr(config, self.renormalize_key))
@@ -89,17 +161,23 @@ class MoeFamily:
 MOE_FAMILIES = {
     family.family: family
     for family in (
-        MoeFamily("mixtral", MixtralForCausalLM, "mlp", "gate", "num_local_experts", True, None),
+        MoeFamily("mixtral", MixtralForCausalLM, "mlp", "gate", "num_local_experts", "intermediate_size", True, None),
         MoeFamily(
-            "qwen2_moe", Qwen2MoeForCausalLM, "mlp", "gate", "num_experts", True, "norm_topk_prob",
-            shared_expert="a shared expert with its own sigmoid gate",
+            "qwen2_moe", Qwen2MoeForCausalLM, "mlp", "gate", "num_experts", "moe_intermediate_size", True,
+            "norm_topk_prob", shared_expert="a shared expert with its own sigmoid gate",
         ),
-        MoeFamily("qwen3_moe", Qwen3MoeForCausalLM, "mlp", "gate", "num_experts", True, "norm_topk_prob"),
-        MoeFamily("olmoe", OlmoeForCausalLM, "mlp", "gate", "num_experts", True, "norm_topk_prob"),
-        MoeFamily("gpt_oss", GptOssForCausalLM, "mlp", "router", "num_local_experts", False, None),
+        MoeFamily(
+            "qwen3_moe", Qwen3MoeForCausalLM, "mlp", "gate", "num_experts", "moe_intermediate_size", True,
+            "norm_topk_prob",
+        ),
+        MoeFamily("olmoe", OlmoeForCausalLM, "mlp", "gate", "num_experts", "intermediate_size", True, "norm_topk_prob"),
+        MoeFamily(
+            "gpt_oss", GptOssForCausalLM, "mlp", "router", "num_local_experts", "intermediate_size", False, None,
+            layout=ExpertLayout(interleaved=True),
+        ),
         MoeFamily(
             "granitemoehybrid", GraniteMoeHybridForCausalLM, "block_sparse_moe", "router", "num_local_experts",
-            False, None, shared_expert="a dense shared MLP", state_space=True,
+            "intermediate_size", False, None, shared_expert="a dense shared MLP", state_space=True,
         ),
     )
 }  # fmt: skip
@@ -126,13 +204,17 @@ def moe_family_for(config) -> MoeFamily | None:
 
 @dataclass(frozen=True)
 class ExpertGeometry:
-    """The experts of a (possibly pruned) MoE model: per decoder layer how many (0 = dense MLP), top-k, and
-    the parameters one expert owns (its fused weights and biases, plus its router row and bias)."""
+    """The experts of a (possibly pruned) MoE model: per decoder layer how many (0 = dense MLP) and how many
+    intermediate channels each has, top-k, and what one expert owns: ``expert_fixed_params`` (its router
+    row and bias, gpt-oss's down_proj bias) plus ``params_per_channel`` per channel (a gate and an up row, a
+    down column, gpt-oss's gate/up biases)."""
 
     family: str
     top_k: int
     experts: tuple[int, ...]  # per decoder layer
-    params_per_expert: int
+    widths: tuple[int, ...]  # per decoder layer: intermediate channels of each expert (0 = dense MLP)
+    params_per_channel: int
+    expert_fixed_params: int
 
     @property
     def num_layers(self) -> int:
@@ -142,18 +224,24 @@ class ExpertGeometry:
     def moe_layers(self) -> tuple[int, ...]:
         return tuple(index for index, count in enumerate(self.experts) if count)
 
+    def params_per_expert(self, layer: int) -> int:
+        return self.expert_fixed_params + self.widths[layer] * self.params_per_channel
+
     @property
     def expert_params(self) -> int:
-        """Parameters owned by experts (what an expert ratio is measured against)."""
-        return sum(self.experts) * self.params_per_expert
+        """Parameters owned by experts (what ratios of experts and channels are measured against)."""
+        return sum(count * self.params_per_expert(layer) for layer, count in enumerate(self.experts))
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "experts": list(self.experts)}
+        return {**asdict(self), "experts": list(self.experts), "widths": list(self.widths)}
 
     @classmethod
     def from_dict(cls, data: dict) -> ExpertGeometry:
         try:
-            return cls(data["family"], int(data["top_k"]), tuple(data["experts"]), int(data["params_per_expert"]))
+            return cls(
+                data["family"], int(data["top_k"]), tuple(data["experts"]), tuple(data["widths"]),
+                int(data["params_per_channel"]), int(data["expert_fixed_params"]),
+            )  # fmt: skip
         except (KeyError, TypeError, ValueError) as error:
             raise GqaPruneError(f"expert geometry is malformed ({error!r})") from error
 
@@ -167,6 +255,11 @@ def check_block_layout(block: nn.Module, family: MoeFamily, where: str) -> int:
     """The number of experts of a sparse block; every router and expert tensor must index experts first."""
     router = family.router(block)
     count = int(router.weight.shape[0])
+    missing = [name for name in family.layout.channel_tensors if not hasattr(block.experts, name)]
+    if missing:
+        raise GqaPruneError(
+            f"{where}: the experts have no {missing[0]}; gqa-prune does not know this {family.family} expert layout"
+        )
     for part, module in (("router", router), ("experts", block.experts)):
         for name, tensor in expert_tensors(module).items():
             if tensor.dim() == 0 or tensor.shape[0] != count:
@@ -182,17 +275,33 @@ def expert_geometry_of(model: nn.Module) -> ExpertGeometry:
     family = moe_family_for(model.config)
     if family is None:
         raise GqaPruneError(f"{model.config.model_type!r} has no mixture-of-experts layers")
-    counts, per_expert = [], None
+    counts, widths, owned = [], [], None
     for index, layer in enumerate(family.decoder_layers(model)):
         block = family.sparse_block(layer)
         if block is None:
             counts.append(0)
+            widths.append(0)
             continue
         count = check_block_layout(block, family, f"layer {index}")
+        width = family.layout.width(block.experts)
         counts.append(count)
-        if per_expert is None:
-            tensors = [*expert_tensors(family.router(block)).values(), *expert_tensors(block.experts).values()]
-            per_expert = sum(tensor.numel() for tensor in tensors) // count
-    if per_expert is None:
+        widths.append(width)
+        if owned is None:
+            owned = _owned_params(block, family, width)
+    if owned is None:
         raise GqaPruneError(f"this {family.family} model has no layer with experts")
-    return ExpertGeometry(family.family, int(model.config.num_experts_per_tok), tuple(counts), per_expert)
+    per_channel, fixed = owned
+    return ExpertGeometry(
+        family.family, int(model.config.num_experts_per_tok), tuple(counts), tuple(widths), per_channel, fixed
+    )
+
+
+def _owned_params(block: nn.Module, family: MoeFamily, width: int) -> tuple[int, int]:
+    """(parameters per channel, parameters of one expert that belong to no channel: router row and bias,
+    biases of its output)."""
+    channel_tensors = family.layout.channel_tensors
+    experts = expert_tensors(block.experts)
+    per_channel = sum(experts[name][0].numel() for name in channel_tensors) // width
+    fixed = sum(tensor[0].numel() for name, tensor in experts.items() if name not in channel_tensors)
+    fixed += sum(tensor[0].numel() for tensor in expert_tensors(family.router(block)).values())
+    return per_channel, fixed

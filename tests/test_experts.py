@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -77,6 +78,59 @@ def test_pruned_equals_masked_reference_and_reloads_in_stock_transformers(family
     assert type(reloaded) is type(model)
     torch.testing.assert_close(_logits(reloaded, ids), masked, rtol=0, atol=1e-5)
     assert isinstance(load_plan(tmp_path / "pruned" / "pruning_plan.json"), ExpertPlan)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILY_NAMES)
+def test_the_expert_layout_reproduces_each_experts_output(family):
+    """What channel pruning and channel scores rely on: activations and down columns read from the fused
+    tensors give exactly the experts module's own output for one expert at gate 1."""
+    model = tiny_moe(family)
+    moe = moe_family_for(model.config)
+    block = next(moe.sparse_block(layer) for layer in moe.decoder_layers(model) if moe.sparse_block(layer))
+    x = torch.randn(7, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for expert in range(block.experts.gate_up_proj.shape[0]):
+            own = block.experts.forward(x, torch.full((7, 1), expert), torch.ones(7, 1))
+            layout = moe.layout.output(block.experts, expert, moe.layout.activation(block.experts, expert, x))
+            torch.testing.assert_close(layout, own, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILY_NAMES)
+def test_per_layer_counts_and_expert_channels_equal_their_masked_reference_and_reload(family, tmp_path, tiny_tokenizer):
+    model = tiny_moe(family, vocab_size=len(tiny_tokenizer))
+    scores = _scores(model)
+    plan = build_expert_plan(scores, 1 / 3, allocation="per-layer", channel_ratio=0.25, channel_multiple=8)
+    assert plan.channels is not None
+    ids = calibration_ids(blocks=2, length=12, seed=4)
+    with masked_experts(model, plan):
+        masked = _logits(model, ids)
+    pruned = apply_expert_plan(copy.deepcopy(model), plan)
+    torch.testing.assert_close(_logits(pruned, ids), masked, rtol=0, atol=1e-5)
+    assert parameter_count(pruned) == plan.params_after
+    assert expert_geometry_of(pruned).widths == plan.pruned_geometry().widths
+
+    save_expert_pruned(pruned, tiny_tokenizer, plan, tmp_path / "pruned", source="org/tiny-moe")
+    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    if plan.is_uniform:  # per-layer ranking happened to keep one count: still a stock checkpoint
+        assert "auto_map" not in config
+    else:
+        assert config["model_type"] == f"gqa_pruned_{family}" and config["per_layer_config"]
+        assert (tmp_path / "pruned" / "modeling_gqa_prune.py").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()  # classes of `import gqa_prune`
+    torch.testing.assert_close(_logits(reloaded, ids), masked, rtol=0, atol=1e-5)
+
+
+def test_per_layer_allocation_takes_more_experts_from_the_layer_whose_experts_matter_less():
+    model = tiny_moe("mixtral")
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.down_proj.mul_(0.01)  # layer 1's experts add 100 times less
+    scores = _scores(model)
+    ranked = build_expert_plan(scores, 1 / 3, allocation="per-layer")
+    counts = [len(kept) for kept in ranked.kept]
+    assert counts[1] == 2 and sum(counts) == 12  # 6 of 18 go: layer 1 gives all it can (it keeps top-k = 2)
+    uniform = build_expert_plan(scores, 1 / 3)
+    assert [len(kept) for kept in uniform.kept] == [4, 4, 4]
+    assert ranked.params_after == uniform.params_after
 
 
 def _direct_statistics(model) -> dict[str, list[torch.Tensor]]:
@@ -185,6 +239,15 @@ def test_expert_plans_round_trip_through_json_and_refuse_fewer_experts_than_top_
         build_expert_plan(scores, 0.8)
     with pytest.raises(GqaPruneError, match="fewer than the 2 experts every token is routed to"):
         ExpertPlan(plan.geometry, 0.9, "reap", ((1,), (2,), (3,)), plan.params_before)
+    with_channels = build_expert_plan(
+        scores, 0.5, "reap", allocation="per-layer", channel_ratio=0.5, channel_multiple=4
+    )
+    with_channels.save(tmp_path / "channels.json")
+    assert load_plan(tmp_path / "channels.json") == with_channels
+    with pytest.raises(GqaPruneError, match="every expert of a layer keeps the same number of channels"):
+        channels = list(with_channels.channels)
+        channels[0] = ((0, 1),) + channels[0][1:]
+        replace(with_channels, channels=tuple(channels))
 
 
 def test_expert_scores_round_trip_through_their_folder(tmp_path):
@@ -221,7 +284,7 @@ def test_cli_importance_plan_prune_on_a_moe_model(tmp_path, capsys, tiny_tokeniz
     assert code == 0, err
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
     assert reloaded.config.num_local_experts == 3
-    assert "stock (one expert count for every layer)" in (tmp_path / "pruned" / "README.md").read_text()
+    assert "stock (one expert count and width for every layer)" in (tmp_path / "pruned" / "README.md").read_text()
     code, out, err = run(
         capsys, "ppl", "--model", str(tmp_path / "pruned"), "--data-dir", str(DATA_DIR), "--window", "32",
         "--max-tokens", "64", "--device", "cpu", "--out", str(tmp_path / "ppl.json"),

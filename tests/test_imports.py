@@ -11,7 +11,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gqa_prune"
 # arch -> units -> scores -> plan -> surgery, and what computes scores and refits: no files, no CLI, no workflow
-CORE = {"arch", "units", "scores", "allocation", "plan", "surgery", "passes", "criteria", "importance", "reconstruct"}
+CORE = {"arch", "units", "scores", "allocation", "plan", "surgery", "passes", "criteria", "importance", "reconstruct",
+        "moe", "expert_scores", "expert_plan", "expert_surgery", "expert_importance"}  # fmt: skip
 ABOVE_CORE = {"cli", "sources", "data", "quantize", "gptq_format", "recover", "report", "evaluate", "checkpoint",
               "plotting", "profile", "efficiency", "perplexity", "export"}  # fmt: skip
 

@@ -9,6 +9,8 @@ same forward-only calibration pass (``expert_importance``), which records per ex
 REAP (router-weighted expert activation pruning, arXiv 2510.13999) is ``gate_norm_sum / count``: how much an
 expert adds to the tokens it serves. The weaker ones compared against it: routing frequency (``count``), gate
 sum and expert activation norm (``norm_sum``, EAN). An expert never routed to scores 0 under every one.
+The same pass records ``channel``: per expert and intermediate channel, gate x |activation| x the norm of the
+channel's down_proj column, summed over routed tokens (the keep-score of expert channels).
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ import torch
 from ..choices import DEFAULT_EXPERT_CRITERION
 
 EXPERT_STATS = ("count", "gate_sum", "norm_sum", "gate_norm_sum")
+# per expert and intermediate channel [experts, width]: the sum over routed tokens of gate x |activation| x the
+# norm of the channel's down_proj column -- what the channel adds to the output (expert-channel scores)
+CHANNEL_STAT = "channel"
 
 
 class ExpertCriterion(ABC):
@@ -73,7 +78,7 @@ class RandomExperts(ExpertCriterion):
         return torch.rand(len(stats["count"]), generator=generator, dtype=torch.float64)
 
 
-__all__ = ["EXPERT_STATS", "EXPERT_CRITERIA", "DEFAULT_EXPERT_CRITERION", "ExpertCriterion"]
+__all__ = ["CHANNEL_STAT", "EXPERT_STATS", "EXPERT_CRITERIA", "DEFAULT_EXPERT_CRITERION", "ExpertCriterion"]
 
 EXPERT_CRITERIA: dict[str, ExpertCriterion] = {
     c.name: c for c in (Reap(), Frequency(), GateSum(), Ean(), RandomExperts())

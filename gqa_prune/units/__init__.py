@@ -1,6 +1,7 @@
 """Unit kinds, one module each behind the protocol in ``base``: the registry the plan, surgery and scores use.
 
-Adding a kind (MoE experts, say) is one module defining a ``WidthKind`` or ``StructuralKind`` and a line here.
+Adding a kind is one module defining a ``WidthKind`` or ``StructuralKind`` and a line here. The experts of
+mixture-of-experts layers (``expert``, ``expert_channel``) have plans of their own (``gqa_prune.expert_plan``).
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 from ..arch import Scope
 from .attn_sublayer import ATTN_SUBLAYER
 from .base import SKIP_NAMES, StructuralKind, UnitKind, WidthKind, slice_linear
+from .expert import EXPERT
+from .expert_channel import EXPERT_CHANNEL
 from .gqa_group import GQA_GROUP
 from .layer import LAYER
 from .mlp_channel import MLP_CHANNEL
@@ -19,6 +22,8 @@ WIDTH_KINDS: tuple[WidthKind, ...] = tuple(kind for kind in KINDS.values() if is
 STRUCTURAL_KINDS: tuple[StructuralKind, ...] = tuple(
     kind for kind in KINDS.values() if isinstance(kind, StructuralKind)
 )
+# the kinds of mixture-of-experts layers (plans of their own: gqa_prune.expert_plan)
+EXPERT_KINDS: dict[str, UnitKind] = {kind.name: kind for kind in (EXPERT, EXPERT_CHANNEL)}
 SUBLAYER_KINDS: dict[Scope, StructuralKind] = {
     kind.scopes[0]: kind for kind in STRUCTURAL_KINDS if len(kind.scopes) == 1
 }
@@ -32,5 +37,5 @@ def width_kind(scope: Scope) -> WidthKind:
 __all__ = [
     "KINDS", "WIDTH_KINDS", "STRUCTURAL_KINDS", "SUBLAYER_KINDS", "SKIP_NAMES", "UnitKind", "WidthKind",
     "StructuralKind", "slice_linear", "width_kind", "GQA_GROUP", "MLP_CHANNEL", "ATTN_SUBLAYER", "MLP_SUBLAYER",
-    "LAYER",
+    "LAYER", "EXPERT", "EXPERT_CHANNEL", "EXPERT_KINDS",
 ]  # fmt: skip

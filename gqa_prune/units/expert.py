@@ -31,7 +31,7 @@ class Expert(UnitKind):
         return geometry.experts[layer]
 
     def params_per_unit(self, geometry: ExpertGeometry, layer: int) -> int:
-        return geometry.params_per_expert
+        return geometry.params_per_expert(layer)
 
     def slice(self, block: nn.Module, family: MoeFamily, kept: Sequence[int]) -> None:
         """Keep only the experts ``kept`` (ascending) of a sparse block, in place."""
