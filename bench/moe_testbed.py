@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+from transformers import LlamaForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 TEMPERATURE = 1e-3
 RIDGE = 1e-2  # relative to the mean diagonal of the Gram matrix
 
 
-def balanced_kmeans(features: torch.Tensor, clusters: int, seed: int, iterations: int = 15) -> list[list[int]]:
+def balanced_kmeans(features: torch.Tensor, clusters: int, seed: int, iterations: int = 10) -> list[list[int]]:
     """Rows of ``features`` [n, d] (unit norm) into ``clusters`` groups of n / clusters by cosine similarity;
     each round assigns the most confident (row, centroid) pairs first, up to every group's capacity."""
     rows = features.shape[0]
@@ -71,23 +71,31 @@ def _mlp_inputs(model: LlamaForCausalLM, blocks: torch.Tensor) -> list[torch.Ten
 
 
 def build_testbed(
-    dense: LlamaForCausalLM, blocks: torch.Tensor, experts: int = 16, top_k: int = 8, seed: int = 0
-) -> MixtralForCausalLM:
-    """SmolLM2 (or any Llama without MLP biases) as a Mixtral with ``experts`` experts per layer, top-``top_k``."""
+    dense: LlamaForCausalLM,
+    blocks: torch.Tensor,
+    experts: int = 16,
+    top_k: int = 4,
+    shared: int = 768,
+    seed: int = 0,
+) -> Qwen2MoeForCausalLM:
+    """SmolLM2 (or any Llama without biases) as a Qwen2-MoE: per layer a shared expert of the ``shared``
+    channels that matter most on average, and ``experts`` routed experts of the other channels, top-``top_k``."""
     source = dense.config
-    width = source.intermediate_size
-    if width % experts:
-        raise ValueError(f"{width} MLP channels do not split into {experts} equal experts")
-    config = MixtralConfig(
-        vocab_size=source.vocab_size, hidden_size=source.hidden_size, intermediate_size=width // experts,
-        num_hidden_layers=source.num_hidden_layers, num_attention_heads=source.num_attention_heads,
-        num_key_value_heads=source.num_key_value_heads, head_dim=source.head_dim, hidden_act=source.hidden_act,
-        max_position_embeddings=source.max_position_embeddings, rms_norm_eps=source.rms_norm_eps,
-        rope_parameters=source.rope_parameters, tie_word_embeddings=source.tie_word_embeddings,
-        bos_token_id=source.bos_token_id, eos_token_id=source.eos_token_id, num_local_experts=experts,
-        num_experts_per_tok=top_k, sliding_window=None, router_jitter_noise=0.0,
+    routed_width = source.intermediate_size - shared
+    if shared < 1 or routed_width % experts:
+        raise ValueError(f"{routed_width} routed MLP channels do not split into {experts} equal experts")
+    config = Qwen2MoeConfig(
+        vocab_size=source.vocab_size, hidden_size=source.hidden_size, num_hidden_layers=source.num_hidden_layers,
+        num_attention_heads=source.num_attention_heads, num_key_value_heads=source.num_key_value_heads,
+        head_dim=source.head_dim, hidden_act=source.hidden_act, max_position_embeddings=source.max_position_embeddings,
+        rms_norm_eps=source.rms_norm_eps, rope_parameters=source.rope_parameters,
+        tie_word_embeddings=source.tie_word_embeddings, bos_token_id=source.bos_token_id,
+        eos_token_id=source.eos_token_id, qkv_bias=False, use_sliding_window=False, decoder_sparse_step=1,
+        mlp_only_layers=[], num_experts=experts, num_experts_per_tok=top_k, norm_topk_prob=True,
+        moe_intermediate_size=routed_width // experts, shared_expert_intermediate_size=shared,
+        intermediate_size=source.intermediate_size, router_aux_loss_coef=0.0,
     )  # fmt: skip
-    moe = MixtralForCausalLM(config).eval()
+    moe = Qwen2MoeForCausalLM(config).eval()
     state = {name: tensor for name, tensor in dense.state_dict().items() if ".mlp." not in name}
     missing, _ = moe.load_state_dict(state, strict=False)
     assert all(".mlp." in name for name in missing), missing
@@ -97,9 +105,13 @@ def build_testbed(
             x = inputs[index].double()
             gate, up, down = (p.weight.double() for p in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj))
             activation = nn.functional.silu(x @ gate.T) * (x @ up.T)  # [tokens, width]
-            features = activation.abs().T
-            groups = balanced_kmeans(features / features.norm(dim=1, keepdim=True).clamp(min=1e-12), experts, seed)
-            # what each expert adds to the residual stream for each token: the router's regression target
+            importance = activation.abs().mean(0) * down.norm(dim=0)
+            order = torch.argsort(importance, descending=True)
+            common, rest = sorted(order[:shared].tolist()), sorted(order[shared:].tolist())
+            features = activation[:, rest].abs().T
+            features = features / features.norm(dim=1, keepdim=True).clamp(min=1e-12)
+            groups = [[rest[i] for i in group] for group in balanced_kmeans(features, experts, seed)]
+            # what each routed expert adds to the residual stream for each token: the router's regression target
             targets = torch.stack([(activation[:, g] @ down[:, g].T).norm(dim=1) for g in groups], dim=1)
             gram = x.T @ x
             gram += RIDGE * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
@@ -109,4 +121,8 @@ def build_testbed(
             for e, channels in enumerate(groups):
                 block.experts.gate_up_proj[e].copy_(torch.cat([gate[channels], up[channels]]))
                 block.experts.down_proj[e].copy_(top_k * down[:, channels])
+            block.shared_expert.gate_proj.weight.copy_(gate[common])
+            block.shared_expert.up_proj.weight.copy_(up[common])
+            block.shared_expert.down_proj.weight.copy_(2 * down[:, common])  # its sigmoid gate is 0.5 (weight 0)
+            block.shared_expert_gate.weight.zero_()
     return moe

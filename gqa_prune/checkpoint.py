@@ -274,9 +274,13 @@ def save_expert_pruned(
     plan,
     out_dir: str | os.PathLike,
     source: str,
+    provenance: dict | None = None,
+    card_sections: Sequence[str] = (),
+    write_extra: Callable[[Path], None] | None = None,
     kind: str = "prune",
 ) -> Path:
-    """Write an expert-pruned model, tokenizer, plan, provenance and card into ``out_dir`` atomically."""
+    """Write an expert-pruned model, tokenizer, plan, provenance and card into ``out_dir`` atomically (the
+    arguments as ``save_pruned``'s)."""
     from .moe import expert_geometry_of
 
     if expert_geometry_of(model) != plan.pruned_geometry():
@@ -287,8 +291,11 @@ def save_expert_pruned(
         model.save_pretrained(temporary)
         tokenizer.save_pretrained(temporary)
         plan.save(temporary / PLAN_FILE)
-        record = {"source": source, "config": config_kind, **plan.summary()}
+        record = {"source": source, "config": config_kind, **plan.summary(), **(provenance or {})}
         (temporary / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        (temporary / "README.md").write_text(expert_model_card(plan, source, config_kind, out_dir.name))
+        card = expert_model_card(plan, source, config_kind, out_dir.name)
+        (temporary / "README.md").write_text(card + "".join(f"\n{section}\n" for section in card_sections))
+        if write_extra is not None:
+            write_extra(temporary)
     logger.info("saved expert-pruned model (%s config) -> %s", config_kind, out_dir)
     return out_dir

@@ -481,7 +481,7 @@ def cmd_recover(args: argparse.Namespace) -> None:
     settings = RecoverySettings(
         loss=args.loss, rank=args.rank, alpha=args.alpha, dropout=args.dropout, lr=args.lr, steps=args.steps,
         batch_size=args.batch_size, warmup_steps=args.warmup_steps, temperature=args.temperature, seed=args.seed,
-        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing=args.gradient_checkpointing, router=args.router,
     )  # fmt: skip
     settings.validate()
     if settings.loss == "kd" and args.teacher is None:
@@ -620,6 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
         CURVE_TOKENS,
         IMPORTANCE_BATCH_SIZE,
         LOSSES,
+        ROUTER_MODES,
         CalibrationSettings,
         PlanSettings,
         ReconstructionSettings,
@@ -833,6 +834,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--temperature", type=float, default=default_of(RecoverySettings, "temperature"), help="kd softmax temperature"
     )
     recover.add_argument("--seed", type=int, default=default_of(RecoverySettings, "seed"))
+    recover.add_argument(
+        "--router",
+        default=default_of(RecoverySettings, "router"),
+        choices=ROUTER_MODES,
+        help="mixture of experts: routers frozen (default) or trained in full; LoRA adapts every expert either way",
+    )
     recover.add_argument("--gradient-checkpointing", action="store_true")
     recover.add_argument("--out", required=True, type=Path)
     device_options(recover)

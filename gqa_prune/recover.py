@@ -1,5 +1,9 @@
 """Recovery after pruning: LoRA (peft) on every attention and MLP projection, merged back into the weights.
 
+On a mixture of experts LoRA also adapts the fused expert tensors (peft's ``target_parameters``: one low-rank
+update per expert of ``gate_up_proj`` and ``down_proj``), and the routers stay frozen (``router="frozen"``,
+the default: REAP keeps them) or are trained in full (``"trainable"``, with Qwen2-MoE's shared-expert gate).
+
 Two losses: ``lm`` (next-token cross-entropy on the training text) and ``kd`` (distillation: KL divergence
 from the dense teacher's softened next-token distribution, scaled by T^2 as in Hinton et al.; logit
 distillation is what the strongest pruning-recovery recipes use). Merging keeps every layer's shape, so a
@@ -13,7 +17,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,11 +28,13 @@ from ._quiet import import_quietly
 from .arch import ALL_ROLES
 from .blocks import check_blocks
 from .errors import GqaPruneError, require
+from .moe import moe_family_for
 from .settings import RecoverySettings
 
 logger = logging.getLogger(__name__)
 
 TARGET_MODULES = tuple(role.module for role in ALL_ROLES)  # q/k/v/o and gate/up/down
+EXPERT_PARAMETERS = ("experts.gate_up_proj", "experts.down_proj")  # fused experts (every supported MoE family)
 
 
 @dataclass(frozen=True)
@@ -63,12 +69,19 @@ def lora_model(model: nn.Module, settings: RecoverySettings) -> nn.Module:
     LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
 
     torch.manual_seed(settings.seed)
+    family = moe_family_for(model.config)
+    experts = {}
+    if family is not None:
+        experts["target_parameters"] = list(EXPERT_PARAMETERS)
+        if settings.router == "trainable":
+            experts["modules_to_save"] = [family.router_attr]
     config = LoraConfig(
         r=settings.rank,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=list(TARGET_MODULES),
         task_type="CAUSAL_LM",
+        **experts,
     )
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -161,8 +174,8 @@ def recover_checkpoint(
     device: str = "auto",
 ) -> dict:
     """Load a pruned checkpoint, train LoRA, merge, and save the result in the same format (atomically)."""
-    from .checkpoint import PLAN_FILE, save_pruned
-    from .plan import PruningPlan
+    from .checkpoint import PLAN_FILE, save_expert_pruned, save_pruned
+    from .expert_plan import ExpertPlan, load_plan
     from .sources import load_model, load_tokenizer, read_provenance
 
     settings.validate()
@@ -173,8 +186,11 @@ def recover_checkpoint(
             f"model folder {str(model_dir)!r} holds no {PLAN_FILE}: recover trains a checkpoint written by "
             "`gqa-prune prune` (or recover), whose plan it carries into its output"
         )
-    plan = PruningPlan.load(Path(model_dir) / PLAN_FILE)
+    plan = load_plan(Path(model_dir) / PLAN_FILE)
     model = load_model(model_dir, dtype=dtype, device=device)
+    if moe_family_for(model.config) is not None and settings.dropout:
+        logger.warning("LoRA dropout %s -> 0: peft's LoRA on fused expert tensors takes no dropout", settings.dropout)
+        settings = replace(settings, dropout=0.0)
     check_blocks(model, blocks, min_tokens=2, purpose="a next-token loss")
     teacher = load_model(teacher_dir, dtype=dtype, device=device) if settings.loss == "kd" else None
     peft_model = lora_model(model, settings)
@@ -182,14 +198,19 @@ def recover_checkpoint(
     merged = merge(peft_model, settings).cpu()
     record = settings_record(settings, history)
     kd = f" (KL to the dense teacher, T={settings.temperature})" if settings.loss == "kd" else ""
+    experts = isinstance(plan, ExpertPlan)
+    routers = "trained in full" if settings.router == "trainable" else "frozen"
+    targets = f" and every expert (routers {routers})" if experts else ""
     section = (
         f"## Recovery\n\nLoRA (r={settings.rank}, alpha={settings.alpha}, dropout={settings.dropout}) on every "
-        f"attention and MLP projection, {settings.steps} steps of {settings.batch_size} x {blocks.shape[1]} tokens, "
+        f"attention and MLP projection{targets}, {settings.steps} steps of {settings.batch_size} x "
+        f"{blocks.shape[1]} tokens, "
         f"lr {settings.lr}, loss `{settings.loss}`{kd}; merged into the weights. Final loss "
         f"{record['final_loss']:.4f}; the curve is in `training_loss.csv`."
     )
     title = f"LoRA recovery ({settings.loss}), r={settings.rank}, {settings.steps} steps"
-    save_pruned(
+    save = save_expert_pruned if experts else save_pruned
+    save(
         merged,
         load_tokenizer(model_dir),
         plan,

@@ -14,6 +14,7 @@ from .choices import DEFAULT_MODE, MODES, RECONSTRUCTION_SELECTIONS, RECONSTRUCT
 from .errors import SettingError
 
 LOSSES = ("lm", "kd")
+ROUTER_MODES = ("frozen", "trainable")  # recovery of a mixture of experts: its routers kept, or fully trained
 IMPORTANCE_BATCH_SIZE = 1  # calibration blocks per importance forward/backward (one 2048-token block)
 CURVE_TOKENS = 8192  # default text of the loss curves: hybrid plans on 4 or 8 blocks of 2048 are the same (README)
 
@@ -156,9 +157,12 @@ class RecoverySettings:
     temperature: float = 2.0  # kd only
     seed: int = 0
     gradient_checkpointing: bool = False
+    router: str = "frozen"  # mixtures of experts: routers frozen (REAP's recipe keeps them) or trained in full
 
     def validate(self) -> None:
         """Refuse bad values in one line (a ``SettingError`` naming the field)."""
+        if self.router not in ROUTER_MODES:
+            raise SettingError(f"router {self.router!r} is not one of {', '.join(ROUTER_MODES)}", field="router")
         if self.loss not in LOSSES:
             raise SettingError(f"recovery loss {self.loss!r} is not one of {', '.join(LOSSES)}", field="loss")
         for name in ("rank", "steps", "batch_size"):

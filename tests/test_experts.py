@@ -291,3 +291,22 @@ def test_cli_importance_plan_prune_on_a_moe_model(tmp_path, capsys, tiny_tokeniz
     )  # fmt: skip
     assert code == 0, err
     assert json.loads((tmp_path / "ppl.json").read_text())["perplexity"] > 1
+
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    for router in ("frozen", "trainable"):
+        code, out, err = run(
+            capsys, "recover", "--model", str(tmp_path / "pruned"),
+            "--train-blocks", str(tmp_path / "calib.safetensors"),
+            "--steps", "3", "--warmup-steps", "0", "--lr", "0.01", "--router", router, "--device", "cpu",
+            "--out", str(tmp_path / f"recovered-{router}"),
+        )  # fmt: skip
+        assert code == 0, err
+        recovered = AutoModelForCausalLM.from_pretrained(tmp_path / f"recovered-{router}")  # stock, no remote code
+        assert isinstance(load_plan(tmp_path / f"recovered-{router}" / "pruning_plan.json"), ExpertPlan)
+        layer, before = recovered.model.layers[0].mlp, pruned.model.layers[0].mlp
+        assert not torch.equal(layer.experts.gate_up_proj, before.experts.gate_up_proj)  # LoRA reached the experts
+        assert torch.equal(layer.gate.weight, before.gate.weight) == (router == "frozen")
+        assert (
+            f"routers {'frozen' if router == 'frozen' else 'trained in full'}"
+            in (tmp_path / f"recovered-{router}" / "README.md").read_text()
+        )
