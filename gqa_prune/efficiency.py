@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .arch import adapter_for, geometry_of
+from .moe import moe_family_for
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,14 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     weights in buffers); every other parameter counts once (tied embeddings once). Non-embedding excludes
     the input embedding and an untied output head.
     """
-    adapter = adapter_for(model.config)
-    projections = {  # removed sublayers have none
-        id(projection): projection
-        for layer in adapter.decoder_layers(model)
-        for _, projection in adapter.projections(layer)
-    }
+    projections = {}  # removed sublayers have none; a mixture of experts is never GPTQ-packed: counted as stored
+    if moe_family_for(model.config) is None:
+        adapter = adapter_for(model.config)
+        projections = {
+            id(projection): projection
+            for layer in adapter.decoder_layers(model)
+            for _, projection in adapter.projections(layer)
+        }
     total = 0
     for projection in projections.values():
         bias = getattr(projection, "bias", None)
@@ -58,9 +61,16 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
 
 
 def kv_cache_bytes_per_token(model: nn.Module) -> int:
-    """Bytes the KV cache grows by per token: every layer stores a key and a value per KV head."""
-    geometry = geometry_of(model)
+    """Bytes the KV cache grows by per token: every layer with attention stores a key and a value per KV head
+    (a mixture of experts' state-space layers keep a fixed-size state instead)."""
     element = torch.empty((), dtype=compute_dtype(model)).element_size()
+    family = moe_family_for(model.config)
+    if family is not None:
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        attention = [layer for layer in family.decoder_layers(model) if getattr(layer, "self_attn", None) is not None]
+        return int(len(attention) * 2 * config.num_key_value_heads * head_dim * element)
+    geometry = geometry_of(model)
     return int(sum(2 * groups * geometry.head_dim * element for groups in geometry.kv_groups))
 
 

@@ -181,7 +181,13 @@ MOE_FAMILIES = {
         ),
     )
 }  # fmt: skip
+PRUNED_PREFIX = "gqa_pruned_"  # model_type of the project's classes: gqa_pruned_<stock model_type>
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def is_moe_type(model_type: str | None) -> bool:
+    """Whether a config's model_type is a supported MoE family (stock, or the project's per-layer class)."""
+    return str(model_type).removeprefix(PRUNED_PREFIX) in MOE_FAMILIES
 
 
 def declares_experts(config) -> bool:
@@ -190,8 +196,9 @@ def declares_experts(config) -> bool:
 
 
 def moe_family_for(config) -> MoeFamily | None:
-    """The MoE family of a config (None for a dense model); a MoE layout gqa-prune does not know is refused."""
-    family = MOE_FAMILIES.get(getattr(config, "model_type", None))
+    """The MoE family of a config, stock or of the project's per-layer class (None for a dense model); a MoE
+    layout gqa-prune does not know is refused."""
+    family = MOE_FAMILIES.get(str(getattr(config, "model_type", None)).removeprefix(PRUNED_PREFIX))
     if family is not None:
         return family
     if declares_experts(config):

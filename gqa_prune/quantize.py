@@ -24,7 +24,7 @@ from .errors import GqaPruneError
 from .gptq_format import PACKING_BACKEND, linear_bits_per_parameter, load_gptqmodel, projection_in_features
 from .quant_settings import CpuKernel, QuantSettings
 from .remote_code import trust_remote_code
-from .sources import PROVENANCE_FILE, read_provenance
+from .sources import PROVENANCE_FILE, read_provenance, refuse_experts
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,10 @@ def quantize_checkpoint(
     batch_size: int = 1,
 ) -> dict:
     """Check, quantize, and write ``out_dir`` atomically with provenance, model card and the plan (if any)."""
+    refuse_experts(
+        model_dir, "quantize", "GPTQModel's CPU kernels crash on expert checkpoints here (a segmentation fault "
+        "running a tiny Mixtral quantized rtn-w8), so experts are not quantized yet",
+    )  # fmt: skip
     kernel = check_settings(settings, projection_in_features(model_dir))
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     with atomic_dir(out_dir, "quantize") as temporary:

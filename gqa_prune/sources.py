@@ -183,6 +183,19 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
         raise GqaPruneError(f"cannot load the tokenizer of {str(folder)!r}: {_first_line(error)}") from error
 
 
+def refuse_experts(path: str | os.PathLike, command: str, reason: str) -> None:
+    """One line, before any work, where a sub-command does not handle mixtures of experts yet."""
+    from .moe import is_moe_type
+
+    file = require_model_dir(path) / "config.json"
+    try:
+        model_type = json.loads(file.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):  # loading the model says what is wrong with the folder
+        return
+    if is_moe_type(model_type):
+        raise GqaPruneError(f"{command}: {str(path)!r} is a mixture of experts ({model_type}); {reason}")
+
+
 def max_positions(path: str | os.PathLike) -> int | None:
     """The model's maximum sequence length from its config.json (None if it does not say)."""
     file = require_model_dir(path) / "config.json"

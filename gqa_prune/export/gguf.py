@@ -29,7 +29,7 @@ from ..atomic import MARKER, atomic_file, check_output
 from ..choices import GGUF_TYPES
 from ..errors import GqaPruneError
 from ..gptq_format import is_quantized
-from ..sources import load_model, load_tokenizer, read_provenance, require_model_dir
+from ..sources import load_model, load_tokenizer, read_provenance, refuse_experts, require_model_dir
 from .gguf_file import MARKER_KEY
 from .gguf_vocab import add_vocab
 from .layout import Block, Layout, layout_for
@@ -214,6 +214,11 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, gguf_type:
         raise GqaPruneError(f"output {str(out)!r} must end in .gguf (ppl and efficiency recognise GGUF files by it)")
     folder = require_model_dir(model_dir)
     check_output(out, is_dir=False, kind=KIND)  # before the work, not after it
+    refuse_experts(
+        folder,
+        "export-gguf",
+        "GGUF export writes dense models only so far (ppl, evaluate and efficiency run the Hugging Face checkpoint)",
+    )
     if is_quantized(folder):
         raise GqaPruneError(
             f"model folder {str(folder)!r} is a GPTQ checkpoint; export the float model it was quantized from "
