@@ -1,22 +1,27 @@
 """A real-weight mixture-of-experts test bed on a CPU: SmolLM2-135M with every MLP split into experts.
 
-No MoE model can be downloaded here, so one is made from SmolLM2's own weights (MoEfication-style):
+No MoE model can be downloaded here, so one is made from SmolLM2's own weights (MoEfication-style, with a
+shared expert as DeepSeek-MoE and Qwen2-MoE have):
 
-1. Channels into experts: each layer's 1536 MLP channels are clustered into ``experts`` groups of equal size by
-   balanced k-means on their co-activation (|silu(gate) * up| over calibration tokens, each channel's vector
-   normalised), so channels that fire together land in one expert. Expert e gets the gate/up rows and down
-   columns of its channels -- together the experts hold exactly the dense MLP's weights.
-2. A router per layer, fitted by ridge least squares on calibration activations: from the MLP's input it
-   predicts the norm of each expert's output; a token goes to the ``top_k`` experts predicted largest.
-3. Gates: a Mixtral router softmaxes the top-k logits, and the expert outputs are multiplied by those gates.
-   The router here is scaled by ``temperature`` (1e-3) and every expert's down_proj by ``top_k``, so the gates
-   are within ~1 % of 1/top_k and a token's MLP output is the sum of its chosen experts' outputs: with all
-   experts chosen, exactly the dense MLP. By construction the gates carry almost no information here (REAP on
-   this test bed ranks experts by their mean output norm); on trained MoEs they do.
+1. A shared expert per layer: the ``shared`` channels (of 1536) with the largest mean |silu(gate) * up| x
+   down-column norm on calibration tokens -- always on, behind Qwen2-MoE's sigmoid gate (weight 0: 0.5, its
+   down_proj doubled to make up for it).
+2. Routed experts: the other channels are clustered into ``experts`` groups of equal size by balanced k-means on
+   their co-activation (|silu(gate) * up| over calibration tokens, each channel's vector normalised), so
+   channels that fire together land in one expert. Together the shared and routed experts hold exactly the
+   dense MLP's weights.
+3. A router per layer, fitted by ridge least squares on calibration activations: from the MLP's input it
+   predicts the norm of each routed expert's output; a token goes to the ``top_k`` experts predicted largest.
+4. Gates: the router (``norm_topk_prob``) softmaxes over the top-k and the expert outputs are multiplied by
+   those gates. The router here is scaled by ``temperature`` (1e-3) and every routed expert's down_proj by
+   ``top_k``, so the gates are within ~1 % of 1/top_k and a token's MLP output is the shared expert's plus the
+   sum of its chosen experts' outputs: with all experts chosen, exactly the dense MLP. By construction the gates
+   carry almost no information here (REAP on this test bed ranks experts by their mean output norm); on
+   trained MoEs they do.
 
-The result is a stock ``MixtralForCausalLM`` (30 layers of ``experts`` experts, top-``top_k``, tied embeddings),
-deterministic for a seed. Its WikiText-2 perplexity is worse than dense SmolLM2's because each token uses only
-``top_k / experts`` of the MLP channels; ``bench/experts.py`` prints both.
+The result is a stock ``Qwen2MoeForCausalLM`` (30 layers, tied embeddings, no attention biases), deterministic
+for a seed. Its WikiText-2 perplexity is worse than dense SmolLM2's because each token uses only ``shared +
+top_k x routed width`` of the 1536 MLP channels; ``bench/experts.py`` prints both.
 """
 
 from __future__ import annotations

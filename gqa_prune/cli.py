@@ -160,6 +160,7 @@ def _expert_importance(args: argparse.Namespace, model, blocks, calibration: dic
 def _expert_plan(args: argparse.Namespace) -> None:
     from . import expert_scores
     from .expert_plan import build_expert_plan
+    from .settings import ExpertPlanSettings
 
     if args.ratio:
         raise GqaPruneError(
@@ -172,11 +173,13 @@ def _expert_plan(args: argparse.Namespace) -> None:
         raise GqaPruneError(
             f"{args.importance} holds expert scores: give --expert-ratio (fraction of experts to remove)"
         )
-    scores = expert_scores.load(args.importance)
-    plan = build_expert_plan(
-        scores, args.expert_ratio, args.expert_criterion, seed=args.seed, allocation=args.experts,
-        channel_ratio=args.expert_channel_ratio, channel_multiple=args.channel_multiple,
+    settings = ExpertPlanSettings(
+        expert_ratio=args.expert_ratio, criterion=args.expert_criterion, allocation=args.experts,
+        channel_ratio=args.expert_channel_ratio, channel_multiple=args.channel_multiple, seed=args.seed,
     )  # fmt: skip
+    settings.validate()  # before reading anything
+    scores = expert_scores.load(args.importance)
+    plan = build_expert_plan(scores, settings)
     plan.save(args.out)
     summary = plan.summary()
     channels = f", expert channels {plan.channel_ratio}" if plan.channels is not None else ""

@@ -27,11 +27,12 @@ import torch
 
 from .atomic import MARKER, write_text
 from .choices import EXPERT_ALLOCATIONS
-from .criteria.experts import DEFAULT_EXPERT_CRITERION, EXPERT_CRITERIA
+from .criteria.experts import EXPERT_CRITERIA
 from .errors import GqaPruneError
 from .expert_scores import ExpertScores
 from .moe import ExpertGeometry
 from .plan import PLAN_KIND, PruningPlan, top_units
+from .settings import ExpertPlanSettings
 
 EXPERT_PLAN_FORMAT = "gqa-prune-expert-plan"
 EXPERT_PLAN_VERSION = 1
@@ -196,51 +197,31 @@ def _check_indices(kept, size: int, where: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- building
-def build_expert_plan(
-    scores: ExpertScores,
-    expert_ratio: float,
-    criterion: str = DEFAULT_EXPERT_CRITERION,
-    seed: int = 0,
-    allocation: str = "uniform",
-    channel_ratio: float = 0.0,
-    channel_multiple: int = 1,
-) -> ExpertPlan:
-    """Remove ``expert_ratio`` of the experts (lowest-scored under ``criterion``; the same count in every MoE
-    layer, or ranked across layers with ``allocation="per-layer"``) and ``channel_ratio`` of every kept
-    expert's intermediate channels (lowest channel scores; kept widths rounded down to ``channel_multiple``:
-    fused expert kernels such as torch's grouped_mm need rows of a multiple of 16 bytes)."""
-    if criterion not in EXPERT_CRITERIA:
-        raise GqaPruneError(f"expert criterion {criterion!r} is not one of {', '.join(EXPERT_CRITERIA)}")
-    if allocation not in EXPERT_ALLOCATIONS:
-        raise GqaPruneError(f"--experts {allocation!r} is not one of {', '.join(EXPERT_ALLOCATIONS)}")
-    for name, ratio in (("--expert-ratio", expert_ratio), ("--expert-channel-ratio", channel_ratio)):
-        if not 0.0 <= ratio < 1.0:
-            raise GqaPruneError(f"{name} must be in [0, 1), got {ratio}")
+def build_expert_plan(scores: ExpertScores, settings: ExpertPlanSettings) -> ExpertPlan:
+    """Remove ``expert_ratio`` of the experts (lowest-scored under the criterion; the same count in every MoE
+    layer, or ranked across layers with allocation "per-layer") and ``channel_ratio`` of every kept expert's
+    intermediate channels (lowest channel scores; kept widths rounded down to ``channel_multiple``: fused
+    expert kernels such as torch's grouped_mm need rows of a multiple of 16 bytes)."""
+    settings.validate()
     geometry = scores.geometry
+    criterion = EXPERT_CRITERIA[settings.criterion]
     layer_scores = {
-        layer: EXPERT_CRITERIA[criterion].scores(scores.layer_stats(layer), layer, seed)
-        for layer in geometry.moe_layers
+        layer: criterion.scores(scores.layer_stats(layer), layer, settings.seed) for layer in geometry.moe_layers
     }
-    keep = (
-        _uniform_counts(geometry, expert_ratio)
-        if allocation == "uniform"
-        else _ranked_counts(geometry, expert_ratio, layer_scores)
-    )
+    if settings.allocation == "uniform":
+        keep = _uniform_counts(geometry, settings.expert_ratio)
+    else:
+        keep = _ranked_counts(geometry, settings.expert_ratio, layer_scores)
     kept = tuple(
         top_units(layer_scores[layer], keep[layer]) if layer in keep else () for layer in range(geometry.num_layers)
     )
-    channels = _kept_channels(scores, kept, channel_ratio, channel_multiple) if channel_ratio > 0 else None
+    channels = None
+    if settings.channel_ratio > 0:
+        channels = _kept_channels(scores, kept, settings.channel_ratio, settings.channel_multiple)
     return ExpertPlan(
-        geometry,
-        expert_ratio,
-        criterion,
-        kept,
-        int(scores.info["parameters"]),
-        seed,
-        allocation,
-        channel_ratio,
-        channels,
-    )
+        geometry, settings.expert_ratio, settings.criterion, kept, int(scores.info["parameters"]), settings.seed,
+        settings.allocation, settings.channel_ratio, channels,
+    )  # fmt: skip
 
 
 def _uniform_counts(geometry: ExpertGeometry, ratio: float) -> dict[int, int]:

@@ -10,7 +10,16 @@ import math
 from dataclasses import MISSING, dataclass, fields
 
 from .allocation import check_rate_bounds
-from .choices import DEFAULT_MODE, MODES, RECONSTRUCTION_SELECTIONS, RECONSTRUCTION_TARGETS, STRATEGIES
+from .choices import (
+    DEFAULT_EXPERT_CRITERION,
+    DEFAULT_MODE,
+    EXPERT_ALLOCATIONS,
+    EXPERT_CRITERIA,
+    MODES,
+    RECONSTRUCTION_SELECTIONS,
+    RECONSTRUCTION_TARGETS,
+    STRATEGIES,
+)
 from .errors import SettingError
 
 LOSSES = ("lm", "kd")
@@ -38,6 +47,35 @@ class CalibrationSettings:
     n_samples: int = 32
     seq_len: int = 2048
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class ExpertPlanSettings:
+    """How `gqa-prune plan --expert-ratio` prunes a mixture of experts (``gqa_prune.expert_plan``)."""
+
+    expert_ratio: float
+    criterion: str = DEFAULT_EXPERT_CRITERION
+    allocation: str = EXPERT_ALLOCATIONS[0]
+    channel_ratio: float = 0.0
+    channel_multiple: int = 128
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Refuse bad values in one line (a ``SettingError`` naming the field)."""
+        for name, option in (("expert_ratio", "--expert-ratio"), ("channel_ratio", "--expert-channel-ratio")):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+                raise SettingError(f"{option} must be in [0, 1), got {value}", field=name)
+        if self.criterion not in EXPERT_CRITERIA:
+            raise SettingError(
+                f"expert criterion {self.criterion!r} is not one of {', '.join(EXPERT_CRITERIA)}", field="criterion"
+            )
+        if self.allocation not in EXPERT_ALLOCATIONS:
+            raise SettingError(
+                f"--experts {self.allocation!r} is not one of {', '.join(EXPERT_ALLOCATIONS)}", field="allocation"
+            )
+        if self.channel_multiple < 1:
+            raise SettingError(f"channel_multiple must be >= 1, got {self.channel_multiple}", field="channel_multiple")
 
 
 @dataclass(frozen=True)

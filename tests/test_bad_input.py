@@ -29,6 +29,7 @@ from gqa_prune.expert_importance import score_experts
 from gqa_prune.expert_plan import build_expert_plan
 from gqa_prune.plan import PlanSettings, build_plan
 from gqa_prune.report import PARETO_FRONTS
+from gqa_prune.settings import ExpertPlanSettings
 from gqa_prune.surgery import apply_plan
 
 
@@ -70,7 +71,7 @@ def workspace(tmp_path_factory, tiny_tokenizer) -> Path:
     tiny_tokenizer.save_pretrained(root / "moe")
     moe_scores = score_experts(copy.deepcopy(moe), blocks[:2])
     expert_scores.save(moe_scores, root / "moe-importance")
-    build_expert_plan(moe_scores, 0.5).save(root / "moe-plan.json")
+    build_expert_plan(moe_scores, ExpertPlanSettings(0.5)).save(root / "moe-plan.json")
     PhimoeForCausalLM(PhimoeConfig(**_TINY_PHIMOE, vocab_size=len(tiny_tokenizer))).save_pretrained(root / "phimoe")
     tiny_tokenizer.save_pretrained(root / "phimoe")
     (root / "bad-utf8.txt").write_bytes(b"caf\xe9 au lait\n\nsecond document\n")

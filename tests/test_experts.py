@@ -24,10 +24,16 @@ from gqa_prune.expert_importance import score_experts
 from gqa_prune.expert_plan import ExpertPlan, build_expert_plan, load_plan
 from gqa_prune.expert_surgery import apply_expert_plan, masked_experts
 from gqa_prune.moe import MOE_FAMILIES, expert_geometry_of, moe_family_for
+from gqa_prune.settings import ExpertPlanSettings
 
 
 def _scores(model, blocks: int = 4, length: int = 16):
     return score_experts(copy.deepcopy(model), calibration_ids(blocks=blocks, length=length), batch_size=2)
+
+
+def _plan(scores, ratio: float, criterion: str = "reap", **options) -> ExpertPlan:
+    options.setdefault("channel_multiple", 1)
+    return build_expert_plan(scores, ExpertPlanSettings(ratio, criterion, **options))
 
 
 def _logits(model, ids) -> torch.Tensor:
@@ -56,7 +62,7 @@ def test_the_routing_rule_reproduces_the_stock_router(family):
 @pytest.mark.parametrize("family", MOE_FAMILY_NAMES)
 def test_pruned_equals_masked_reference_and_reloads_in_stock_transformers(family, tmp_path, tiny_tokenizer):
     model = tiny_moe(family, vocab_size=len(tiny_tokenizer))
-    plan = build_expert_plan(_scores(model), 0.5)
+    plan = _plan(_scores(model), 0.5)
     ids = calibration_ids(blocks=2, length=12, seed=3)
     dense = _logits(model, ids)
     with masked_experts(model, plan):
@@ -99,7 +105,7 @@ def test_the_expert_layout_reproduces_each_experts_output(family):
 def test_per_layer_counts_and_expert_channels_equal_their_masked_reference_and_reload(family, tmp_path, tiny_tokenizer):
     model = tiny_moe(family, vocab_size=len(tiny_tokenizer))
     scores = _scores(model)
-    plan = build_expert_plan(scores, 1 / 3, allocation="per-layer", channel_ratio=0.25, channel_multiple=8)
+    plan = _plan(scores, 1 / 3, allocation="per-layer", channel_ratio=0.25, channel_multiple=8)
     assert plan.channels is not None
     ids = calibration_ids(blocks=2, length=12, seed=4)
     with masked_experts(model, plan):
@@ -125,10 +131,10 @@ def test_per_layer_allocation_takes_more_experts_from_the_layer_whose_experts_ma
     with torch.no_grad():
         model.model.layers[1].mlp.experts.down_proj.mul_(0.01)  # layer 1's experts add 100 times less
     scores = _scores(model)
-    ranked = build_expert_plan(scores, 1 / 3, allocation="per-layer")
+    ranked = _plan(scores, 1 / 3, allocation="per-layer")
     counts = [len(kept) for kept in ranked.kept]
     assert counts[1] == 2 and sum(counts) == 12  # 6 of 18 go: layer 1 gives all it can (it keeps top-k = 2)
-    uniform = build_expert_plan(scores, 1 / 3)
+    uniform = _plan(scores, 1 / 3)
     assert [len(kept) for kept in uniform.kept] == [4, 4, 4]
     assert ranked.params_after == uniform.params_after
 
@@ -197,7 +203,7 @@ def test_an_expert_never_routed_to_scores_lowest_under_every_criterion():
         for name in ("reap", "frequency", "gate", "ean"):
             layer_scores = EXPERT_CRITERIA[name].scores(scores.layer_stats(layer), layer, 0)
             assert layer_scores[4] == 0 and (layer_scores[torch.arange(6) != 4] > 0).all(), name
-    plan = build_expert_plan(scores, 1 / 6)
+    plan = _plan(scores, 1 / 6)
     assert all(4 not in kept and len(kept) == 5 for kept in plan.kept)
 
 
@@ -208,9 +214,9 @@ def test_a_planted_useless_expert_is_removed_first_by_reap_but_not_by_frequency(
             layer.mlp.experts.down_proj[2].zero_()  # routed to as often as before, but adds nothing
     scores = _scores(model)
     assert all(scores.stats["count"][layer][2] > 0 for layer in range(3))
-    reap = build_expert_plan(scores, 1 / 6, "reap")
+    reap = _plan(scores, 1 / 6, "reap")
     assert all(kept == (0, 1, 3, 4, 5) for kept in reap.kept)
-    frequency = build_expert_plan(scores, 1 / 6, "frequency")
+    frequency = _plan(scores, 1 / 6, "frequency")
     assert any(2 in kept for kept in frequency.kept)
 
 
@@ -218,13 +224,13 @@ def test_a_dense_layer_between_moe_layers_keeps_no_expert_list():
     model = tiny_moe("qwen2_moe")  # mlp_only_layers=[1]
     scores = _scores(model)
     assert scores.geometry.experts == (6, 0, 6)
-    plan = build_expert_plan(scores, 0.5)
+    plan = _plan(scores, 0.5)
     assert plan.kept[1] == () and len(plan.kept[0]) == len(plan.kept[2]) == 3
 
 
 def test_a_plan_that_removes_no_expert_changes_nothing():
     model = tiny_moe("qwen3_moe")
-    plan = build_expert_plan(_scores(model), 0.0)
+    plan = _plan(_scores(model), 0.0)
     ids = calibration_ids(blocks=2, length=12, seed=5)
     pruned = apply_expert_plan(copy.deepcopy(model), plan)
     assert torch.equal(_logits(pruned, ids), _logits(model, ids))
@@ -232,16 +238,14 @@ def test_a_plan_that_removes_no_expert_changes_nothing():
 
 def test_expert_plans_round_trip_through_json_and_refuse_fewer_experts_than_top_k(tmp_path):
     scores = _scores(tiny_moe("olmoe"))
-    plan = build_expert_plan(scores, 1 / 3, "ean")
+    plan = _plan(scores, 1 / 3, "ean")
     plan.save(tmp_path / "plan.json")
     assert load_plan(tmp_path / "plan.json") == plan
     with pytest.raises(GqaPruneError, match="keeps 1 of layer 0's 6 experts, fewer than the 2"):
-        build_expert_plan(scores, 0.8)
+        _plan(scores, 0.8)
     with pytest.raises(GqaPruneError, match="fewer than the 2 experts every token is routed to"):
         ExpertPlan(plan.geometry, 0.9, "reap", ((1,), (2,), (3,)), plan.params_before)
-    with_channels = build_expert_plan(
-        scores, 0.5, "reap", allocation="per-layer", channel_ratio=0.5, channel_multiple=4
-    )
+    with_channels = _plan(scores, 0.5, "reap", allocation="per-layer", channel_ratio=0.5, channel_multiple=4)
     with_channels.save(tmp_path / "channels.json")
     assert load_plan(tmp_path / "channels.json") == with_channels
     with pytest.raises(GqaPruneError, match="every expert of a layer keeps the same number of channels"):
