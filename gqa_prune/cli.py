@@ -181,6 +181,10 @@ def _expert_plan(args: argparse.Namespace) -> None:
     scores = expert_scores.load(args.importance)
     plan = build_expert_plan(scores, settings)
     plan.save(args.out)
+    if args.plot:
+        from .plotting import plot_expert_plan
+
+        plot_expert_plan(plan, args.plot)
     summary = plan.summary()
     channels = f", expert channels {plan.channel_ratio}" if plan.channels is not None else ""
     print(
@@ -470,10 +474,11 @@ def cmd_export_gguf(args: argparse.Namespace) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
-    from .plan import PruningPlan
-    from .plotting import plot_plan
+    from .expert_plan import ExpertPlan, load_plan
+    from .plotting import plot_expert_plan, plot_plan
 
-    plot_plan(PruningPlan.load(args.plan), args.out)
+    plan = load_plan(args.plan)
+    (plot_expert_plan if isinstance(plan, ExpertPlan) else plot_plan)(plan, args.out)
     print(f"plot -> {args.out}")
 
 

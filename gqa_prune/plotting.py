@@ -1,4 +1,5 @@
-"""Plot a plan: per layer, kept KV groups and MLP channels against the layer importance it was built from."""
+"""Plot a plan: per layer, kept KV groups and MLP channels against the layer importance it was built from (or an
+expert plan's kept experts and widths); training loss curves; Pareto fronts."""
 
 from __future__ import annotations
 
@@ -64,6 +65,33 @@ def plot_plan(plan: PruningPlan, out_png: str | os.PathLike, title: str | None =
         or f"{settings.criterion} / {settings.mode if settings.mode != 'width' else settings.strategy}: removed "
         f"{summary['achieved_ratio']:.1%} of attention+MLP (attn {summary['achieved_attn_ratio']:.1%}, "
         f"MLP {summary['achieved_mlp_ratio']:.1%})",
+        fontsize="medium",
+    )
+    _save(figure, out_png, kind)
+
+
+def plot_expert_plan(plan, out_png: str | os.PathLike, title: str | None = None, kind: str = PLOT_KIND) -> None:
+    """Per decoder layer: experts kept of the dense count, and channels each kept expert keeps (an ExpertPlan)."""
+    before, after = plan.geometry, plan.pruned_geometry()
+    layers = list(range(before.num_layers))
+    figure, (experts_axis, widths_axis) = plt.subplots(
+        2, 1, figsize=(max(6.0, 0.28 * len(layers) + 2), 6.0), sharex=True
+    )
+    for axis, dense, kept, label, colour in (
+        (experts_axis, before.experts, after.experts, "routed experts kept", "tab:purple"),
+        (widths_axis, before.widths, after.widths, "channels per expert", "tab:green"),
+    ):
+        axis.bar(layers, dense, color="lightgrey", label="dense")
+        axis.bar(layers, kept, color=colour, label="kept")
+        axis.set_ylabel(label)
+        axis.legend(loc="lower left", fontsize="small")
+    experts_axis.axhline(before.top_k, color="black", linewidth=0.8, linestyle=":", label="top-k")
+    widths_axis.set_xlabel("decoder layer (no bar: a dense MLP layer)")
+    summary = plan.summary()
+    experts_axis.set_title(
+        title
+        or f"{plan.criterion} / experts {plan.allocation}: removed {summary['achieved_expert_ratio']:.1%} of the "
+        f"experts ({summary['params_before']:,} -> {summary['params_after']:,} parameters)",
         fontsize="medium",
     )
     _save(figure, out_png, kind)

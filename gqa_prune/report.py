@@ -105,13 +105,19 @@ def variant_row(entry: dict) -> dict:
         raise GqaPruneError(
             f"the entry has no {', '.join(map(repr, missing))} (needed: {', '.join(REQUIRED_ENTRY_KEYS)})"
         )
-    plan = _read_json(entry["plan"], ("settings", "summary")) if entry.get("plan") else None
+    plan, experts = None, False
+    if entry.get("plan"):  # a unit plan, or an expert plan (which keeps experts, and has no unit settings)
+        experts = "kept_experts" in _read_json(entry["plan"])
+        plan = _read_json(entry["plan"], ("criterion", "allocation", "summary") if experts else ("settings", "summary"))
     provenance = _read_json(entry.get("provenance") or Path(entry["model"]) / "gqa_prune.json")
     ppl = _read_json(entry["ppl"], ("perplexity", "window", "tokens_scored"))
     tasks = _read_json(entry["lm_eval"], ("summary",))["summary"] if entry.get("lm_eval") else {}
     efficiency = _read_json(entry["efficiency"]) if entry.get("efficiency") else {}
-    settings = plan["settings"] if plan else {}
     summary = plan["summary"] if plan else {}
+    if experts:
+        settings = {"criterion": plan["criterion"], "strategy": f"experts {plan['allocation']}"}
+    else:
+        settings = plan["settings"] if plan else {}
     row = {
         "variant": entry["variant"],
         "criterion": settings.get("criterion", "-"),
@@ -126,6 +132,7 @@ def variant_row(entry: dict) -> dict:
             efficiency["linear_bits"] if "linear_bits" in efficiency else linear_bits_per_parameter(entry["model"])
         ),
         "engine": ppl.get("engine", "transformers"),
+        **({"removed_experts": summary.get("achieved_expert_ratio", 0.0)} if experts else {}),
         "ppl": ppl["perplexity"],
         "ppl_window": ppl["window"],
         "ppl_tokens": ppl["tokens_scored"],

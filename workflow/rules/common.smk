@@ -26,7 +26,13 @@ if str(REPO) not in sys.path:
 from gqa_prune.errors import GqaPruneError
 from gqa_prune.mask_settings import MaskSettings
 from gqa_prune.quant_settings import QuantSettings
-from gqa_prune.settings import PlanSettings, ReconstructionSettings, RecoverySettings, default_of
+from gqa_prune.settings import (
+    ExpertPlanSettings,
+    PlanSettings,
+    ReconstructionSettings,
+    RecoverySettings,
+    default_of,
+)
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -161,7 +167,8 @@ VARIANT_PATTERN = (
 )
 
 
-MODES_BY_NAME = ("depth", "hybrid", "learned")  # plan modes named in ids; width plans are named by their strategy
+MODES_BY_NAME = ("depth", "hybrid", "learned", "experts")  # plan modes named in ids; width plans by their strategy
+EXPERTS_MODE = "experts"  # expert plans of a mixture of experts: <expert criterion>-experts-r<ratio>
 LEARNED = "l0"  # learned masks: always mode learned (l0-learned-r0.20), from importance/<data>-l0-r<ratio>/
 
 
@@ -206,6 +213,7 @@ def chosen(apply_to: list[str], candidates: list[str], key: str) -> list[str]:
 
 
 PLANS = config["plans"]
+EXPERT_PLANS = PLANS["experts"]
 RECONSTRUCTION = config["reconstruction"]
 RECOVERY = config["recovery"]
 QUANTIZATION = config["quantization"]
@@ -219,6 +227,8 @@ def pruned_grid() -> dict[str, tuple[str, str, float, str]]:
     ratios x criteria x modes of `plans`, then the baselines (an id both name is the first's)."""
     sources = [(criterion, GRID_MIDDLES, ratio, f"plans.ratios[{i}]")
                for i, ratio in enumerate(PLANS["ratios"]) for criterion in PLANS["criteria"]]  # fmt: skip
+    sources += [(criterion, [EXPERTS_MODE], ratio, f"plans.experts.ratios[{i}]")
+                for i, ratio in enumerate(EXPERT_PLANS["ratios"]) for criterion in EXPERT_PLANS["criteria"]]  # fmt: skip
     for i, baseline in enumerate(PLANS["baselines"]):
         mode = baseline.get("mode", "width")
         middle = baseline.get("strategy", default_of(PlanSettings, "strategy")) if mode == "width" else mode
@@ -269,7 +279,7 @@ if len(TEXT_SETS) < 2:
 wildcard_constraints:
     model=re.escape(MODEL),
     calib="|".join(map(re.escape, TEXT_SETS)),
-    criterion="|".join(("taylor", "fisher", "magnitude", "activation", "random")),
+    criterion="|".join(("taylor", "fisher", "magnitude", "activation", "random", EXPERTS_MODE)),
     variant=re.sub(r"\?P<\w+>", "", VARIANT_PATTERN),
 
 
@@ -320,7 +330,14 @@ def importance_dir(model: str, variant: str) -> str:
     if parsed["criterion"] == LEARNED:
         ratio = variant.rpartition("-r")[2]
         return f"results/{model}/importance/{LEARN_DATA}-{LEARNED}-r{ratio}"
+    if parsed["mode"] == EXPERTS_MODE:  # one pass records what every expert criterion folds
+        return f"results/{model}/importance/{CALIB}-{EXPERTS_MODE}"
     return f"results/{model}/importance/{CALIB}-{parsed['criterion']}"
+
+
+def refits(variant: str) -> bool:
+    """Whether prune refits the variant by least squares (reconstruction on; expert plans have nothing to refit)."""
+    return RECONSTRUCTION["enabled"] and parse_variant(variant)["mode"] != EXPERTS_MODE
 
 
 # ------------------------------------------------------------------------------------------ job settings
@@ -346,9 +363,31 @@ def plan_settings(criterion: str, middle: str, ratio: float) -> PlanSettings:
     )
 
 
+def expert_plan_settings(criterion: str, ratio: float) -> ExpertPlanSettings:
+    """What `gqa-prune plan --expert-ratio` builds from plan_args for the variant <criterion>-experts-r<ratio>."""
+    return ExpertPlanSettings(
+        expert_ratio=ratio,
+        criterion=criterion,
+        allocation=EXPERT_PLANS["allocation"],
+        channel_ratio=EXPERT_PLANS["channel_ratio"],
+        channel_multiple=PLANS["channel_multiple"],
+        seed=EXPERT_PLANS["seed"],
+    )
+
+
 def plan_args(variant: str) -> str:
     """Every plan setting as CLI flags."""
     parsed = parse_variant(variant)
+    if parsed["mode"] == EXPERTS_MODE:
+        settings = expert_plan_settings(parsed["criterion"], parsed["ratio"])
+        return cli_flags({
+            "--expert-ratio": settings.expert_ratio,
+            "--expert-criterion": settings.criterion,
+            "--experts": settings.allocation,
+            "--expert-channel-ratio": settings.channel_ratio,
+            "--channel-multiple": settings.channel_multiple,
+            "--seed": settings.seed,
+        })
     settings = plan_settings(parsed["criterion"], parsed["strategy"] or parsed["mode"], parsed["ratio"])
     return cli_flags({
         "--ratio": settings.ratio,
@@ -441,6 +480,7 @@ def recovery_settings(loss: str) -> RecoverySettings:
         temperature=RECOVERY["temperature"] if loss == "kd" else default_of(RecoverySettings, "temperature"),
         seed=RECOVERY["seed"],
         gradient_checkpointing=RECOVERY["gradient_checkpointing"],
+        router=RECOVERY["router"],
     )
 
 
@@ -459,6 +499,7 @@ def recovery_args(loss: str) -> str:
         "--temperature": settings.temperature if settings.loss == "kd" else None,
         "--seed": settings.seed,
         "--gradient-checkpointing": settings.gradient_checkpointing,
+        "--router": settings.router,
     })
 
 
@@ -496,7 +537,14 @@ def planned_settings() -> Iterator[tuple[str, object, str, dict[str, str]]]:
     """Each CLI call the grid plans, as (the job, its settings, their config section, {field: config key} where
     a field's key is not <section>.<field>)."""
     plan_keys = {"protected_layers": "plans.protect", "strategy": "plans.strategies", "mode": "plans.modes"}
+    expert_keys = {"criterion": "plans.experts.criteria", "allocation": "plans.experts.allocation",
+                   "channel_ratio": "plans.experts.channel_ratio", "channel_multiple": "plans.channel_multiple",
+                   "seed": "plans.experts.seed"}  # fmt: skip
     for variant, (criterion, middle, ratio, ratio_key) in PRUNED.items():
+        if middle == EXPERTS_MODE:
+            settings = expert_plan_settings(criterion, ratio)
+            yield f"gqa-prune plan of {variant}", settings, "plans.experts", {**expert_keys, "expert_ratio": ratio_key}
+            continue
         plan = plan_settings(criterion, middle, ratio)
         yield f"gqa-prune plan of {variant}", plan, "plans", {**plan_keys, "ratio": ratio_key}
         if criterion == LEARNED:  # masks learned first, to the ratio in the variant's id (the rule's wildcard)
@@ -555,7 +603,8 @@ def tradeoff_manifest(model: str) -> dict:
                 scoring = Path(importance_dir(model, parts["prune"])).name
                 benchmarks["learn_masks"] = f"results/{model}/benchmarks/learn_masks/{scoring}.tsv"
             else:
-                benchmarks["importance"] = f"results/{model}/benchmarks/importance/{CALIB}-{parts['criterion']}.tsv"
+                scoring = Path(importance_dir(model, parts["prune"])).name
+                benchmarks["importance"] = f"results/{model}/benchmarks/importance/{scoring}.tsv"
             benchmarks["prune"] = f"results/{model}/benchmarks/prune/{parts['prune']}.tsv"
         if parts["recovery"]:
             benchmarks["recover"] = f"results/{model}/benchmarks/recover/{parts['prune']}-lora-{parts['recovery']}.tsv"

@@ -1,5 +1,7 @@
-# calibration blocks -> importance/<calib>-<criterion>/{groups.safetensors, layers.json}. The expensive
-# stage: plans of every ratio and strategy reuse it, so changing a plan setting never re-runs it.
+# calibration blocks -> importance/<calib>-<criterion>/{units.safetensors, scores.json}. The expensive
+# stage: plans of every ratio and strategy reuse it, so changing a plan setting never re-runs it. A mixture of
+# experts has one folder, importance/<calib>-experts/ (experts.safetensors, experts.json): every expert
+# criterion folds the statistics of that one forward pass.
 rule importance:
     input:
         model=STAGED,
@@ -7,6 +9,7 @@ rule importance:
     output:
         directory(f"{RESULTS}/importance/{{calib}}-{{criterion}}"),
     params:
+        criterion=lambda wildcards: "" if wildcards.criterion == EXPERTS_MODE else f"--criterion {wildcards.criterion}",
         layer_criteria=",".join(LAYER_CRITERIA),
         batch_size=config["importance"]["batch_size"],
         # the seed only matters to the random criterion; other criteria ignore a change of it
@@ -34,6 +37,6 @@ rule importance:
         "../../envs/core.yaml"
     shell:
         "python -m gqa_prune.cli --threads {threads} importance --model {input.model} --calib {input.calib}"
-        " --criterion {wildcards.criterion} --layer-criteria {params.layer_criteria} --batch-size {params.batch_size}"
+        " {params.criterion} --layer-criteria {params.layer_criteria} --batch-size {params.batch_size}"
         " --seed {params.seed} {params.checkpointing} {params.curves} --device {params.device} --dtype {params.dtype}"
         " --out {output} > {log} 2>&1"

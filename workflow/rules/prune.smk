@@ -1,17 +1,18 @@
 # dense model + plan -> pruned/<variant>/: an HF checkpoint, physically smaller, its surviving output
-# projections refit by least squares on the calibration blocks (reconstruction; on the GPU with cuda).
+# projections refit by least squares on the calibration blocks (reconstruction; on the GPU with cuda). Expert
+# plans remove whole experts and channels: nothing to refit, no calibration blocks.
 rule prune:
     input:
         model=STAGED,
         plan=f"{RESULTS}/plans/{{variant}}.json",
-        calib=[f"{RESULTS}/calib/{CALIB}.safetensors"] if RECONSTRUCTION["enabled"] else [],
+        calib=lambda wildcards: [f"{RESULTS}/calib/{CALIB}.safetensors"] if refits(wildcards.variant) else [],
     output:
         directory(f"{RESULTS}/pruned/{{variant}}"),
     params:
         dtype=config["model"]["dtype"],
         device=config["device"],
-        reconstruction=reconstruction_args(),
-        calib=lambda wildcards, input: f"--calib {input.calib}" if RECONSTRUCTION["enabled"] else "",
+        reconstruction=lambda wildcards: reconstruction_args() if refits(wildcards.variant) else "",
+        calib=lambda wildcards, input: f"--calib {input.calib}" if refits(wildcards.variant) else "",
     log:
         f"{RESULTS}/logs/prune/{{variant}}.log",
     benchmark:
