@@ -8,7 +8,10 @@ Every row uses the same model, the same expert statistics (one `gqa-prune import
 in ``--cache`` (delete it to rebuild).
 
     python bench/experts.py [--ratios 0.25,0.5,0.75] [--per-layer reap,frequency] [--blocks 8]
-        [--max-tokens 16384] [--json rows.json]
+        [--max-tokens 16384] [--json rows.json] [--peer-dirs DIR ...]
+
+The peer, llm-compressor's REAP modifier, runs from its own virtual environment on the same test bed and the
+same calibration blocks (this script writes them beside the cached test bed): see bench/reap_peer.py.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 
 from common import REPO, load_bench, machine, markdown
 from moe_testbed import TEMPERATURE, build_testbed
+from safetensors.torch import save_file
 from transformers import Qwen2MoeForCausalLM
 
 from gqa_prune.criteria.experts import EXPERT_CRITERIA
@@ -42,50 +46,72 @@ def main() -> None:
     parser.add_argument("--shared", type=int, default=1024, help="channels of each layer's shared expert")
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--cache", type=Path, default=REPO / "results" / "bench" / "smollm2-moe")
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--peer-dirs", type=Path, nargs="*", default=[], help="checkpoints of bench/reap_peer.py")
+    parser.add_argument("--json", type=Path, default=None, help="rows so far: a second run skips the rows it holds")
     args = parser.parse_args()
 
     bench = load_bench(n_blocks=args.blocks, max_tokens=args.max_tokens)
     cache = args.cache.with_name(f"{args.cache.name}-e{args.experts}-k{args.top_k}-s{args.shared}")
+    blocks_file = args.cache.with_name(f"experts-calib-{args.blocks}x2048.safetensors")
+    if not blocks_file.is_file():  # the peer calibrates on exactly these blocks
+        save_file({"input_ids": bench.blocks.contiguous()}, str(blocks_file))
     if (cache / "config.json").is_file():
         testbed = Qwen2MoeForCausalLM.from_pretrained(cache).eval()
     else:
         started = time.perf_counter()
         testbed = build_testbed(bench.model, bench.blocks[: args.testbed_blocks], args.experts, args.top_k, args.shared)
         testbed.save_pretrained(cache)
+        bench.tokenizer.save_pretrained(cache)
         print(f"test bed built in {time.perf_counter() - started:.0f} s -> {cache}")
-    rows = []
+    rows = json.loads(args.json.read_text()) if args.json and args.json.is_file() else []
+    done = {row["method"] for row in rows}
 
-    def add(method: str, model, experts: str, seconds: float | None = None) -> None:
-        result = bench.ppl(model)
-        dense_ppl = rows[0]["ppl"] if rows else result.perplexity
+    def add(method: str, model_of, experts: str) -> None:
+        if method in done:
+            return
+        model = model_of()
         rows.append({
             "method": method, "experts per layer": experts,
             "parameters": f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M",
-            "ppl": round(result.perplexity, 2), "x dense": f"{result.perplexity / dense_ppl:.2f}",
-            "plan s": "" if seconds is None else f"{seconds:.2f}",
+            "ppl": round(bench.ppl(model).perplexity, 2),
         })  # fmt: skip
         print(rows[-1], flush=True)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
-    add("dense SmolLM2-135M", bench.model, "(dense MLP)")
-    add(f"test bed: all experts (top-{args.top_k})", testbed, str(args.experts))
-    started = time.perf_counter()
-    statistics = score_experts(testbed, bench.blocks, batch_size=1)
-    print(f"expert statistics: {time.perf_counter() - started:.0f} s over {args.blocks} x 2048 tokens")
-    runs = [(criterion, "uniform") for criterion in args.criteria.split(",")]
+    add("dense SmolLM2-135M", lambda: bench.model, "(dense MLP)")
+    add(f"test bed: all experts (top-{args.top_k})", lambda: testbed, str(args.experts))
+    statistics = {}
+
+    def pruned(ratio: float, criterion: str, allocation: str):
+        if not statistics:
+            started = time.perf_counter()
+            statistics["scores"] = score_experts(testbed, bench.blocks, batch_size=1)
+            print(f"expert statistics: {time.perf_counter() - started:.0f} s over {args.blocks} x 2048 tokens")
+        plan = build_expert_plan(statistics["scores"], ExpertPlanSettings(ratio, criterion, allocation))
+        return apply_expert_plan(copy.deepcopy(testbed), plan)
+
+    runs = [(criterion, "uniform") for criterion in args.criteria.split(",") if criterion]
     runs += [(criterion, "per-layer") for criterion in args.per_layer.split(",") if criterion]
     for ratio in (float(r) for r in args.ratios.split(",")):
+        kept = args.experts - round(ratio * args.experts)
         for criterion, allocation in runs:
-            started = time.perf_counter()
-            plan = build_expert_plan(statistics, ExpertPlanSettings(ratio, criterion, allocation))
-            seconds = time.perf_counter() - started
-            pruned = apply_expert_plan(copy.deepcopy(testbed), plan)
-            kept = [plan.pruned_geometry().experts[i] for i in plan.geometry.moe_layers]
-            counts = str(kept[0]) if min(kept) == max(kept) else f"{min(kept)}-{max(kept)}"
-            add(f"{criterion} ({allocation}), {ratio:.0%} of experts removed", pruned, counts, seconds)
-            del pruned
+            method = f"{criterion} ({allocation}), {ratio:.0%} of experts removed"
+            add(
+                method,
+                lambda: pruned(ratio, criterion, allocation),
+                f"{kept} (mean)" if allocation != "uniform" else str(kept),
+            )
+    for folder in args.peer_dirs:
+        record = json.loads((folder / "peer.json").read_text())
+        method = (
+            f"llm-compressor REAP {record['versions']['llmcompressor']}, {record['sparsity']:.0%} of experts removed"
+        )
+        add(
+            method,
+            lambda: Qwen2MoeForCausalLM.from_pretrained(folder).eval(),
+            str(json.loads((folder / "config.json").read_text())["num_experts"]),
+        )
 
     print()
     print(
@@ -93,8 +119,10 @@ def main() -> None:
         f"routed experts of {testbed.config.moe_intermediate_size}, top-{args.top_k}, gates ~uniform by "
         f"construction: router temperature {TEMPERATURE}); {bench.describe()}"
     )
+    for row in rows:  # the first two rows are the dense model and the whole test bed
+        row["x dense"], row["x test bed"] = f"{row['ppl'] / rows[0]['ppl']:.2f}", f"{row['ppl'] / rows[1]['ppl']:.3f}"
     print()
-    print(markdown(rows, ["method", "experts per layer", "parameters", "ppl", "x dense", "plan s"]))
+    print(markdown(rows, ["method", "experts per layer", "parameters", "ppl", "x dense", "x test bed"]))
     print(f"\nmachine: {machine()}")
 
 

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gqa_prune.choices import DEFAULT_MODE
+from gqa_prune.choices import DEFAULT_MODE, EXPERT_ALLOCATIONS, EXPERT_CRITERIA
 from gqa_prune.cli import build_parser
 from gqa_prune.settings import (
     CURVE_TOKENS,
     IMPORTANCE_BATCH_SIZE,
     CalibrationSettings,
+    ExpertPlanSettings,
     PlanSettings,
     ReconstructionSettings,
     RecoverySettings,
@@ -31,7 +32,7 @@ SECTIONS = {
                                                   "batch_size": "batch_size"}),
     "recovery": (RecoverySettings, {name: name for name in ("rank", "alpha", "dropout", "lr", "steps", "batch_size",
                                                            "warmup_steps", "temperature", "seed",
-                                                           "gradient_checkpointing")}),
+                                                           "gradient_checkpointing", "router")}),
 }  # fmt: skip
 COMMANDS = {"calibration": "calib", "plans": "plan", "reconstruction": "prune", "recovery": "recover"}
 CLI_NAMES = {("prune", "target"): "reconstruct_target"}
@@ -54,6 +55,20 @@ def test_schema_and_cli_defaults_are_the_dataclass_defaults(section):
         dest = CLI_NAMES.get((COMMANDS[section], name), name)
         if dest in cli and not isinstance(expected, bool):
             assert cli[dest] == expected, f"gqa-prune {COMMANDS[section]} --{dest.replace('_', '-')}"
+
+
+def test_expert_plan_defaults_are_the_same_everywhere():
+    schema = SCHEMA["properties"]["plans"]["properties"]["experts"]["properties"]
+    for key in ("allocation", "channel_ratio", "seed"):
+        assert schema[key]["default"] == default_of(ExpertPlanSettings, key), f"schema plans.experts.{key}"
+    assert schema["criteria"]["default"] == [default_of(ExpertPlanSettings, "criterion")]
+    assert schema["criteria"]["items"]["enum"] == list(EXPERT_CRITERIA)
+    assert schema["allocation"]["enum"] == list(EXPERT_ALLOCATIONS)
+    cli = _cli_defaults("plan")
+    assert cli["expert_criterion"] == default_of(ExpertPlanSettings, "criterion")
+    assert cli["experts"] == default_of(ExpertPlanSettings, "allocation")
+    assert cli["expert_channel_ratio"] == default_of(ExpertPlanSettings, "channel_ratio")
+    assert default_of(ExpertPlanSettings, "channel_multiple") == default_of(PlanSettings, "channel_multiple")
 
 
 def test_every_mapped_name_is_a_field():
