@@ -20,6 +20,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .arch import adapter_for, geometry_of
 from .atomic import atomic_dir
+from .expert_plan import ExpertPlan
+from .moe import expert_geometry_of, moe_family_for
 from .plan import PruningPlan
 from .sources import PROVENANCE_FILE
 
@@ -77,7 +79,6 @@ def to_expert_export_form(model: PreTrainedModel) -> str:
     """Give a mixture-of-experts model with per-layer expert counts or widths the project's class (its
     checkpoint then ships modeling_gqa_prune.py); returns "stock" or "gqa-prune"."""
     from .modeling_gqa_prune import PRUNED_MOE_CLASSES
-    from .moe import moe_family_for
 
     if not model.config.is_heterogeneous:
         return "stock"
@@ -176,7 +177,7 @@ def _span(values) -> str:
 def save_pruned(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    plan: PruningPlan,
+    plan: PruningPlan | ExpertPlan,
     out_dir: str | os.PathLike,
     source: str,
     provenance: dict | None = None,
@@ -184,28 +185,49 @@ def save_pruned(
     write_extra: Callable[[Path], None] | None = None,
     kind: str = "prune",
 ) -> Path:
-    """Write the pruned model, tokenizer, plan, provenance and model card into ``out_dir`` atomically.
+    """Write the pruned model (a unit plan's or an expert plan's), tokenizer, plan, provenance and model card into
+    ``out_dir`` atomically.
 
     ``provenance`` adds keys to gqa_prune.json (e.g. how the model was recovered), ``card_sections`` adds
     Markdown to the model card, ``write_extra`` writes further files into the folder before it is renamed;
     ``kind`` is the sub-command named in the output's marker (prune, recover).
     """
-    if geometry_of(model) != plan.pruned_geometry():
-        raise ValueError("model shape does not match the plan's pruned shape; apply the plan before saving")
-    config_kind = to_export_form(model)
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir, kind) as temporary:
+    if isinstance(plan, ExpertPlan):  # a mixture of experts: stock config unless per-layer counts or widths
+        if expert_geometry_of(model) != plan.pruned_geometry():
+            raise ValueError("model experts do not match the plan's pruned experts; apply the plan before saving")
+        config_kind = to_expert_export_form(model)
+        summary, card = plan.summary(), expert_model_card(plan, source, config_kind, Path(out_dir).name)
+    else:
+        if geometry_of(model) != plan.pruned_geometry():
+            raise ValueError("model shape does not match the plan's pruned shape; apply the plan before saving")
+        config_kind = to_export_form(model)
+        summary, card = plan.param_summary(), model_card(plan, source, config_kind, Path(out_dir).name)
+    record = {"source": source, "config": config_kind, **summary, **(provenance or {})}
+    _write_checkpoint(model, tokenizer, plan, out_dir, kind, record, card, card_sections, write_extra)
+    logger.info("saved pruned model (%s config) -> %s", config_kind, out_dir)
+    return Path(out_dir)
+
+
+def _write_checkpoint(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    plan,
+    out_dir: str | os.PathLike,
+    kind: str,
+    record: dict,
+    card: str,
+    card_sections: Sequence[str],
+    write_extra: Callable[[Path], None] | None,
+) -> None:
+    """Weights, tokenizer, plan, provenance (``record``) and card into ``out_dir`` atomically."""
+    with atomic_dir(Path(out_dir), kind) as temporary:
         model.save_pretrained(temporary)
         tokenizer.save_pretrained(temporary)
         plan.save(temporary / PLAN_FILE)
-        record = {"source": source, "config": config_kind, **plan.param_summary(), **(provenance or {})}
         (temporary / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        card = model_card(plan, source, config_kind, out_dir.name)
         (temporary / "README.md").write_text(card + "".join(f"\n{section}\n" for section in card_sections))
         if write_extra is not None:
             write_extra(temporary)
-    logger.info("saved pruned model (%s config) -> %s", config_kind, out_dir)
-    return out_dir
 
 
 def expert_model_card(plan, source: str, config_kind: str, model_name: str) -> str:
@@ -266,36 +288,3 @@ model = {load_line}
 
 def _moe_span(values, layers) -> str:
     return _span([values[layer] for layer in layers])
-
-
-def save_expert_pruned(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    plan,
-    out_dir: str | os.PathLike,
-    source: str,
-    provenance: dict | None = None,
-    card_sections: Sequence[str] = (),
-    write_extra: Callable[[Path], None] | None = None,
-    kind: str = "prune",
-) -> Path:
-    """Write an expert-pruned model, tokenizer, plan, provenance and card into ``out_dir`` atomically (the
-    arguments as ``save_pruned``'s)."""
-    from .moe import expert_geometry_of
-
-    if expert_geometry_of(model) != plan.pruned_geometry():
-        raise ValueError("model experts do not match the plan's pruned experts; apply the plan before saving")
-    config_kind = to_expert_export_form(model)
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir, kind) as temporary:
-        model.save_pretrained(temporary)
-        tokenizer.save_pretrained(temporary)
-        plan.save(temporary / PLAN_FILE)
-        record = {"source": source, "config": config_kind, **plan.summary(), **(provenance or {})}
-        (temporary / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        card = expert_model_card(plan, source, config_kind, out_dir.name)
-        (temporary / "README.md").write_text(card + "".join(f"\n{section}\n" for section in card_sections))
-        if write_extra is not None:
-            write_extra(temporary)
-    logger.info("saved expert-pruned model (%s config) -> %s", config_kind, out_dir)
-    return out_dir

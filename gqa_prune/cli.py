@@ -279,7 +279,7 @@ def cmd_learn_masks(args: argparse.Namespace) -> None:
 
 
 def _expert_prune(args: argparse.Namespace, plan) -> None:
-    from .checkpoint import save_expert_pruned
+    from .checkpoint import save_pruned
     from .expert_surgery import apply_expert_plan
     from .sources import load_model, load_tokenizer, read_provenance
 
@@ -289,7 +289,7 @@ def _expert_prune(args: argparse.Namespace, plan) -> None:
     tokenizer = load_tokenizer(args.model)
     apply_expert_plan(model, plan)
     source = read_provenance(args.model).get("source", str(args.model))
-    save_expert_pruned(model, tokenizer, plan, args.out, source=source)
+    save_pruned(model, tokenizer, plan, args.out, source=source)
     summary = plan.summary()
     print(
         f"pruned: {plan.params_before:,} -> {plan.params_after:,} parameters ({summary['experts_before']} -> "

@@ -174,7 +174,7 @@ def recover_checkpoint(
     device: str = "auto",
 ) -> dict:
     """Load a pruned checkpoint, train LoRA, merge, and save the result in the same format (atomically)."""
-    from .checkpoint import PLAN_FILE, save_expert_pruned, save_pruned
+    from .checkpoint import PLAN_FILE, save_pruned
     from .expert_plan import ExpertPlan, load_plan
     from .sources import load_model, load_tokenizer, read_provenance
 
@@ -209,8 +209,7 @@ def recover_checkpoint(
         f"{record['final_loss']:.4f}; the curve is in `training_loss.csv`."
     )
     title = f"LoRA recovery ({settings.loss}), r={settings.rank}, {settings.steps} steps"
-    save = save_expert_pruned if experts else save_pruned
-    save(
+    save_pruned(
         merged,
         load_tokenizer(model_dir),
         plan,

@@ -94,16 +94,8 @@ _TINY_PHIMOE = {
 }  # fmt: skip
 
 
-def _expert_plan_with(workspace: Path, name: str, edit) -> Path:
-    data = json.loads((workspace / "moe-plan.json").read_text())
-    edit(data)
-    path = workspace / name
-    path.write_text(json.dumps(data))
-    return path
-
-
-def _plan_with(workspace: Path, name: str, edit) -> Path:
-    data = json.loads((workspace / "plan.json").read_text())
+def _plan_with(workspace: Path, name: str, edit, source: str = "plan.json") -> Path:
+    data = json.loads((workspace / source).read_text())
     edit(data)
     path = workspace / name
     path.write_text(json.dumps(data))
@@ -305,8 +297,8 @@ CASES = [
     ("expert scores without --expert-ratio", lambda w, o: ["plan", "--importance", w / "moe-importance", "--out", o], "give --expert-ratio"),
     ("--ratio with expert scores", lambda w, o: ["plan", "--importance", w / "moe-importance", "--ratio", "0.2", "--expert-ratio", "0.25", "--out", o], "--ratio: pruning GQA groups, channels or layers of a mixture-of-experts model"),
     ("expert ratio not a number", lambda w, o: ["plan", "--importance", w / "moe-importance", "--expert-ratio", "nan", "--out", o], "ratio nan is outside [0, 1)"),
-    ("expert plan edited below top-k", lambda w, o: ["prune", "--model", w / "moe", "--plan", _expert_plan_with(w, "e1.json", lambda d: d["kept_experts"].__setitem__(0, [3])), "--out", o], "layer 0: kept experts: 1 of 6, fewer than the 2"),
-    ("expert plan with an expert out of range", lambda w, o: ["prune", "--model", w / "moe", "--plan", _expert_plan_with(w, "e2.json", lambda d: d["kept_experts"].__setitem__(2, [0, 1, 9])), "--out", o], "layer 2: kept experts must be sorted, unique indices in 0..5"),
+    ("expert plan edited below top-k", lambda w, o: ["prune", "--model", w / "moe", "--plan", _plan_with(w, "e1.json", lambda d: d["kept_experts"].__setitem__(0, [3]), "moe-plan.json"), "--out", o], "layer 0: kept experts: 1 of 6, fewer than the 2"),
+    ("expert plan with an expert out of range", lambda w, o: ["prune", "--model", w / "moe", "--plan", _plan_with(w, "e2.json", lambda d: d["kept_experts"].__setitem__(2, [0, 1, 9]), "moe-plan.json"), "--out", o], "layer 2: kept experts must be sorted, unique indices in 0..5"),
     ("expert plan on a dense model", lambda w, o: ["prune", "--model", w / "model", "--plan", w / "moe-plan.json", "--out", o], "'llama' has no mixture-of-experts layers"),
     ("dense plan on a MoE model", lambda w, o: ["prune", "--model", w / "moe", "--plan", w / "plan.json", "--out", o], "'mixtral' is a mixture of experts"),
     ("expert plan with --calib", lambda w, o: ["prune", "--model", w / "moe", "--plan", w / "moe-plan.json", "--calib", w / "calib.safetensors", "--out", o], "--calib: an expert plan removes whole experts"),

@@ -16,7 +16,7 @@ from test_cli import run
 from transformers import AutoModelForCausalLM
 
 from gqa_prune import expert_scores
-from gqa_prune.checkpoint import save_expert_pruned
+from gqa_prune.checkpoint import save_pruned
 from gqa_prune.criteria.experts import EXPERT_CRITERIA
 from gqa_prune.data import save_calibration
 from gqa_prune.errors import GqaPruneError
@@ -77,7 +77,7 @@ def test_pruned_equals_masked_reference_and_reloads_in_stock_transformers(family
     assert parameter_count(pruned) == plan.params_after
     assert expert_geometry_of(pruned) == plan.pruned_geometry()
 
-    save_expert_pruned(pruned, tiny_tokenizer, plan, tmp_path / "pruned", source="org/tiny-moe")
+    save_pruned(pruned, tiny_tokenizer, plan, tmp_path / "pruned", source="org/tiny-moe")
     config = json.loads((tmp_path / "pruned" / "config.json").read_text())
     assert "auto_map" not in config and not list((tmp_path / "pruned").glob("*.py"))
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()  # no trust_remote_code
@@ -115,7 +115,7 @@ def test_per_layer_counts_and_expert_channels_equal_their_masked_reference_and_r
     assert parameter_count(pruned) == plan.params_after
     assert expert_geometry_of(pruned).widths == plan.pruned_geometry().widths
 
-    save_expert_pruned(pruned, tiny_tokenizer, plan, tmp_path / "pruned", source="org/tiny-moe")
+    save_pruned(pruned, tiny_tokenizer, plan, tmp_path / "pruned", source="org/tiny-moe")
     config = json.loads((tmp_path / "pruned" / "config.json").read_text())
     if plan.is_uniform:  # per-layer ranking happened to keep one count: still a stock checkpoint
         assert "auto_map" not in config
