@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--top-k", type=int, default=4)
     parser.add_argument("--shared", type=int, default=1024, help="channels of each layer's shared expert")
+    parser.add_argument("--temperature", type=float, default=TEMPERATURE, help="router scale (1e-3: uniform gates)")
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--cache", type=Path, default=REPO / "results" / "bench" / "smollm2-moe")
     parser.add_argument("--peer-dirs", type=Path, nargs="*", default=[], help="checkpoints of bench/reap_peer.py")
@@ -51,7 +52,8 @@ def main() -> None:
     args = parser.parse_args()
 
     bench = load_bench(n_blocks=args.blocks, max_tokens=args.max_tokens)
-    cache = args.cache.with_name(f"{args.cache.name}-e{args.experts}-k{args.top_k}-s{args.shared}")
+    suffix = "" if args.temperature == TEMPERATURE else f"-t{args.temperature:g}"
+    cache = args.cache.with_name(f"{args.cache.name}-e{args.experts}-k{args.top_k}-s{args.shared}{suffix}")
     blocks_file = args.cache.with_name(f"experts-calib-{args.blocks}x2048.safetensors")
     if not blocks_file.is_file():  # the peer calibrates on exactly these blocks
         save_file({"input_ids": bench.blocks.contiguous()}, str(blocks_file))
@@ -59,7 +61,10 @@ def main() -> None:
         testbed = Qwen2MoeForCausalLM.from_pretrained(cache).eval()
     else:
         started = time.perf_counter()
-        testbed = build_testbed(bench.model, bench.blocks[: args.testbed_blocks], args.experts, args.top_k, args.shared)
+        testbed = build_testbed(
+            bench.model, bench.blocks[: args.testbed_blocks], args.experts, args.top_k, args.shared,
+            temperature=args.temperature,
+        )  # fmt: skip
         testbed.save_pretrained(cache)
         bench.tokenizer.save_pretrained(cache)
         print(f"test bed built in {time.perf_counter() - started:.0f} s -> {cache}")
@@ -83,12 +88,15 @@ def main() -> None:
     add(f"test bed: all experts (top-{args.top_k})", lambda: testbed, str(args.experts))
     statistics = {}
 
-    def pruned(ratio: float, criterion: str, allocation: str):
+    def scores():
         if not statistics:
             started = time.perf_counter()
             statistics["scores"] = score_experts(testbed, bench.blocks, batch_size=1)
             print(f"expert statistics: {time.perf_counter() - started:.0f} s over {args.blocks} x 2048 tokens")
-        plan = build_expert_plan(statistics["scores"], ExpertPlanSettings(ratio, criterion, allocation))
+        return statistics["scores"]
+
+    def pruned(ratio: float, criterion: str, allocation: str):
+        plan = build_expert_plan(scores(), ExpertPlanSettings(ratio, criterion, allocation))
         return apply_expert_plan(copy.deepcopy(testbed), plan)
 
     runs = [(criterion, "uniform") for criterion in args.criteria.split(",") if criterion]
@@ -104,21 +112,21 @@ def main() -> None:
             )
     for folder in args.peer_dirs:
         record = json.loads((folder / "peer.json").read_text())
-        method = (
-            f"llm-compressor REAP {record['versions']['llmcompressor']}, {record['sparsity']:.0%} of experts removed"
-        )
+        peer = f"llm-compressor REAP {record['versions']['llmcompressor']}"
+        experts = str(json.loads((folder / "config.json").read_text())["num_experts"])
         add(
-            method,
-            lambda: Qwen2MoeForCausalLM.from_pretrained(folder).eval(),
-            str(json.loads((folder / "config.json").read_text())["num_experts"]),
+            f"{peer}, {record['sparsity']:.0%} of experts removed",
+            lambda: Qwen2MoeForCausalLM.from_pretrained(folder),
+            experts,
         )
+        report = folder.parent / f"{folder.name}.experts.json"
+        if report.is_file():  # which experts the peer kept, against gqa-prune's reap on the same blocks
+            plan = build_expert_plan(scores(), ExpertPlanSettings(record["sparsity"], "reap"))
+            theirs = json.loads(report.read_text())
+            same = sum(tuple(theirs.get(f"model.layers.{i}.mlp", ())) == plan.kept[i] for i in plan.geometry.moe_layers)
+            print(f"{peer} at {record['sparsity']:.0%}: the same kept experts as gqa-prune's reap in {same} of "
+                  f"{len(plan.geometry.moe_layers)} layers")  # fmt: skip
 
-    print()
-    print(
-        f"SmolLM2-MoE test bed (Qwen2-MoE: per layer a shared expert of {args.shared} channels and {args.experts} "
-        f"routed experts of {testbed.config.moe_intermediate_size}, top-{args.top_k}, gates ~uniform by "
-        f"construction: router temperature {TEMPERATURE}); {bench.describe()}"
-    )
     for row in rows:  # the first two rows are the dense model and the whole test bed
         row["x dense"], row["x test bed"] = f"{row['ppl'] / rows[0]['ppl']:.2f}", f"{row['ppl'] / rows[1]['ppl']:.3f}"
     print()

@@ -82,6 +82,7 @@ def build_testbed(
     top_k: int = 4,
     shared: int = 768,
     seed: int = 0,
+    temperature: float = TEMPERATURE,
 ) -> Qwen2MoeForCausalLM:
     """SmolLM2 (or any Llama without biases) as a Qwen2-MoE: per layer a shared expert of the ``shared``
     channels that matter most on average, and ``experts`` routed experts of the other channels, top-``top_k``."""
@@ -122,7 +123,7 @@ def build_testbed(
             gram += RIDGE * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
             router = torch.linalg.solve(gram, x.T @ targets).T  # [experts, hidden]
             block = moe_layer.mlp
-            block.gate.weight.copy_(TEMPERATURE * router)
+            block.gate.weight.copy_(temperature * router)
             for e, channels in enumerate(groups):
                 block.experts.gate_up_proj[e].copy_(torch.cat([gate[channels], up[channels]]))
                 block.experts.down_proj[e].copy_(top_k * down[:, channels])

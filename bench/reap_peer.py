@@ -44,7 +44,9 @@ def main() -> None:
         model=model,
         processor=tokenizer,
         dataset=dataset,
-        recipe=REAPPruningModifier(sparsity=args.sparsity, report_path=str(args.out.with_suffix(".experts.json"))),
+        recipe=REAPPruningModifier(
+            sparsity=args.sparsity, report_path=str(args.out.parent / f"{args.out.name}.experts.json")
+        ),
         max_seq_length=int(blocks.shape[1]),
         num_calibration_samples=int(blocks.shape[0]),
         moe_calibrate_all_experts=False,
