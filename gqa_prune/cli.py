@@ -293,7 +293,7 @@ def _expert_prune(args: argparse.Namespace, plan) -> None:
     summary = plan.summary()
     print(
         f"pruned: {plan.params_before:,} -> {plan.params_after:,} parameters ({summary['experts_before']} -> "
-        f"{summary['experts_after']} experts; stock config) -> {args.out}"
+        f"{summary['experts_after']} experts; {'stock' if plan.is_uniform else 'per-layer'} config) -> {args.out}"
     )
 
 

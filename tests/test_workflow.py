@@ -16,6 +16,7 @@ import yaml
 from conftest import REPO
 from workflow_helpers import (
     ENV,
+    EVALUATED,
     GGUF,
     PRUNED,
     QUANTIZED,
@@ -29,6 +30,7 @@ from workflow_helpers import (
     rule_blocks,
     snakemake,
     tiny_config,
+    workflow_config,
 )
 
 
@@ -43,7 +45,7 @@ def workflow_run(tmp_path_factory, bpe_tokenizer):
     bpe_tokenizer.save_pretrained(root / "tiny-source")
     workdir = root / "work"
     workdir.mkdir()
-    config = tiny_config(root / "tiny-source")
+    config = workflow_config(root / "tiny-source")
     done = snakemake(workdir, config, "--cores", "2")
     return workdir, config, done
 
@@ -89,7 +91,7 @@ def test_every_number_in_the_table_traces_to_its_artefact(workflow_run):
         for stage, path in entry["benchmarks"].items():  # wall times are the benchmark files' own figures
             seconds = float((workdir / path).read_text().splitlines()[1].split("\t")[0])
             assert float(row[f"{stage}_s"]) == seconds
-        if entry["variant"] in GGUF:  # lm-eval runs model folders only
+        if entry["variant"] not in EVALUATED:  # lm-eval runs model folders only, those eval.apply_to names
             assert "lm_eval" not in entry and not row["mean_acc"]
             continue
         tasks = json.loads((workdir / entry["lm_eval"]).read_text())
@@ -111,19 +113,19 @@ def test_touching_nothing_reruns_nothing(workflow_run):
 
 def test_adding_a_ratio_runs_only_that_plan_and_aggregate(workflow_run):
     workdir, config, _ = workflow_run
-    changed = tiny_config(Path(config["model"]["source"]), **{"plans.ratios": [0.2, 0.3, 0.4]})
+    changed = workflow_config(Path(config["model"]["source"]), **{"plans.ratios": [0.2, 0.3, 0.4]})
     assert planned_jobs(workdir, changed) == downstream_of_plan(["taylor-inverse-r0.40"])
 
 
 def test_changing_a_plan_setting_reruns_plans_and_downstream_not_importance(workflow_run):
     workdir, config, _ = workflow_run
-    changed = tiny_config(Path(config["model"]["source"]), **{"plans.alpha": 2.0})
+    changed = workflow_config(Path(config["model"]["source"]), **{"plans.alpha": 2.0})
     assert planned_jobs(workdir, changed) == downstream_of_plan(PRUNED)
 
 
 def test_changing_a_lora_setting_reruns_recovery_and_what_derives_from_it(workflow_run):
     workdir, config, _ = workflow_run
-    changed = tiny_config(Path(config["model"]["source"]), **{"recovery.lr": 0.001})
+    changed = workflow_config(Path(config["model"]["source"]), **{"recovery.lr": 0.001})
     derived = [v for v in QUANTIZED if v.startswith("taylor-inverse-r0.20-lora-kd-")]
     exported = [v for v in GGUF if v.startswith("taylor-inverse-r0.20-lora-kd-")]
     expected = {("aggregate", "model=tiny"), ("all", "")} | jobs_for("recover", RECOVERED)
@@ -134,7 +136,7 @@ def test_changing_a_lora_setting_reruns_recovery_and_what_derives_from_it(workfl
 
 def test_changing_gptq_calibration_reruns_only_gptq_jobs(workflow_run):
     workdir, config, _ = workflow_run
-    changed = tiny_config(Path(config["model"]["source"]), **{"quantization.n_samples": 6})
+    changed = workflow_config(Path(config["model"]["source"]), **{"quantization.n_samples": 6})
     gptq = [v for v in QUANTIZED if v.endswith("gptq-w4g32")]
     assert planned_jobs(workdir, changed) == {("aggregate", "model=tiny"), ("all", "")} | jobs_for(
         "quantize", gptq
@@ -143,7 +145,7 @@ def test_changing_gptq_calibration_reruns_only_gptq_jobs(workflow_run):
 
 def test_changing_calibration_reruns_importance_and_downstream_not_staging(workflow_run):
     workdir, config, _ = workflow_run
-    changed = tiny_config(Path(config["model"]["source"]), **{"calibration.n_samples": 12})
+    changed = workflow_config(Path(config["model"]["source"]), **{"calibration.n_samples": 12})
     expected = downstream_of_plan(PRUNED) | {("calib", "calib=c4, model=tiny")}
     expected |= {("importance", f"calib=c4, criterion={criterion}, model=tiny") for criterion in ("random", "taylor")}
     expected |= jobs_for("quantize", ["dense-gptq-w4g32"]) | evaluation_of(["dense-gptq-w4g32"])  # GPTQ calibrates
@@ -224,7 +226,7 @@ def test_report_renders_plots_and_table(workflow_run):
 
 def test_killed_run_leaves_nothing_a_rerun_accepts(tmp_path, tiny_model_dir):
     # enough calibration blocks that importance runs for a while, then kill Snakemake and its job mid-stage
-    config = tiny_config(tiny_model_dir, **{"calibration.n_samples": 3000, "importance.batch_size": 1})
+    config = tiny_config(tiny_model_dir, **{"calibration.n_samples": 1000, "importance.batch_size": 1})
     target = "results/tiny/importance/c4-taylor"
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(config))

@@ -21,6 +21,8 @@ QUANTIZED = [
 ]
 GGUF = [f"{base}-gguf-q8_0" for base in ("dense", "taylor-inverse-r0.20-lora-kd")]  # f16: tests/test_gguf.py
 VARIANTS = ["dense", *PRUNED, *RECOVERED, *QUANTIZED, *GGUF]
+# lm-eval runs on these only (each job costs ~14 s on 2 cores): a dense, a recovered and a GPTQ model
+EVALUATED = ["dense", "taylor-inverse-r0.20-lora-kd", "taylor-inverse-r0.20-lora-kd-gptq-w4g32"]
 
 
 def tiny_config(model_dir: Path, **overrides) -> dict:
@@ -74,6 +76,11 @@ def tiny_config(model_dir: Path, **overrides) -> dict:
     return config
 
 
+def workflow_config(model_dir: Path, **overrides) -> dict:
+    """The grid of the real workflow run (tests/test_workflow.py): tiny_config, lm-eval on EVALUATED only."""
+    return tiny_config(model_dir, **{"eval.apply_to": EVALUATED, **overrides})
+
+
 def snakemake(workdir: Path, config: dict, *args: str, snakefile: Path = REPO / "Snakefile", check: bool = True):
     config_file = workdir / f"config-{time.monotonic_ns()}.yaml"
     config_file.write_text(yaml.safe_dump(config))
@@ -104,9 +111,9 @@ def jobs_for(rule: str, variants) -> set[tuple[str, str]]:
 
 
 def evaluation_of(variants) -> set[tuple[str, str]]:
-    """A changed model is measured again: perplexity, lm-eval tasks (not on GGUF files), efficiency."""
-    folders = [variant for variant in variants if "-gguf-" not in variant]
-    return jobs_for("ppl", variants) | jobs_for("evaluate", folders) | jobs_for("efficiency", variants)
+    """A changed model is measured again: perplexity, efficiency, and lm-eval tasks where eval.apply_to names it."""
+    evaluated = [variant for variant in variants if variant in EVALUATED]
+    return jobs_for("ppl", variants) | jobs_for("evaluate", evaluated) | jobs_for("efficiency", variants)
 
 
 def derived_from(variants, candidates) -> list[str]:
