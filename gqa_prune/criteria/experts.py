@@ -45,28 +45,14 @@ class Reap(ExpertCriterion):
         return stats["gate_norm_sum"] / stats["count"].clamp(min=1)
 
 
-class Frequency(ExpertCriterion):
-    name = "frequency"
-    description = "tokens routed to the expert"
+class StatisticSum(ExpertCriterion):
+    """An expert's keep-score is one of the recorded sums as it stands (frequency, gate sum, EAN)."""
+
+    def __init__(self, name: str, statistic: str, description: str):
+        self.name, self.statistic, self.description = name, statistic, description
 
     def scores(self, stats, layer, seed):
-        return stats["count"].clone()
-
-
-class GateSum(ExpertCriterion):
-    name = "gate"
-    description = "sum of the expert's renormalised gates"
-
-    def scores(self, stats, layer, seed):
-        return stats["gate_sum"].clone()
-
-
-class Ean(ExpertCriterion):
-    name = "ean"
-    description = "sum of the expert's output norms over routed tokens (EAN)"
-
-    def scores(self, stats, layer, seed):
-        return stats["norm_sum"].clone()
+        return stats[self.statistic].clone()
 
 
 class RandomExperts(ExpertCriterion):
@@ -81,5 +67,12 @@ class RandomExperts(ExpertCriterion):
 __all__ = ["CHANNEL_STAT", "EXPERT_STATS", "EXPERT_CRITERIA", "DEFAULT_EXPERT_CRITERION", "ExpertCriterion"]
 
 EXPERT_CRITERIA: dict[str, ExpertCriterion] = {
-    c.name: c for c in (Reap(), Frequency(), GateSum(), Ean(), RandomExperts())
+    c.name: c
+    for c in (
+        Reap(),
+        StatisticSum("frequency", "count", "tokens routed to the expert"),
+        StatisticSum("gate", "gate_sum", "sum of the expert's renormalised gates"),
+        StatisticSum("ean", "norm_sum", "sum of the expert's output norms over routed tokens (EAN)"),
+        RandomExperts(),
+    )
 }
