@@ -240,6 +240,18 @@ def expert_model_card(plan, source: str, config_kind: str, model_name: str) -> s
         if plan.channels is not None
         else ""
     )
+    attention = (
+        f"Every attention layer lost {plan.group_ratio} of its GQA groups (a KV head with its query heads; those "
+        "writing least to the residual stream). Shared experts"
+        if plan.groups is not None
+        else "Attention, shared experts"
+    )
+    groups_row = (
+        f"| KV heads per attention layer | {_moe_span(before.kv_groups, before.attention_layers)} | "
+        f"{_moe_span(after.kv_groups, after.attention_layers)} |\n"
+        if plan.groups is not None
+        else ""
+    )
     allocation = (
         "every mixture-of-experts layer lost the same number of routed experts"
         if plan.allocation == "uniform"
@@ -264,7 +276,7 @@ tags:
 # {model_name} (expert pruning)
 
 Pruned by gqa-prune from `{source}`: {allocation}, the lowest-scored under `{plan.criterion}` on calibration
-data{channels}. {len(moe)} of {before.num_layers} layers have experts. Attention, shared experts, dense MLP
+data{channels}. {len(moe)} of {before.num_layers} layers have experts. {attention}, dense MLP
 layers and state-space layers are unchanged. Weights are not fine-tuned after pruning.
 
 | | before | after |
@@ -273,7 +285,7 @@ layers and state-space layers are unchanged. Weights are not fine-tuned after pr
 | experts per MoE layer | {_moe_span(before.experts, moe)} | {_moe_span(after.experts, moe)} |
 | channels per expert | {_moe_span(before.widths, moe)} | {_moe_span(after.widths, moe)} |
 | experts routed per token | {before.top_k} | {before.top_k} |
-
+{groups_row}
 Asked for an expert ratio of {plan.expert_ratio}; removed {summary["achieved_expert_ratio"]:.2%} of the experts.
 Which experts each layer kept (original indices, in order) and their channels are in `{PLAN_FILE}`.
 

@@ -162,20 +162,17 @@ def _expert_plan(args: argparse.Namespace) -> None:
     from .expert_plan import build_expert_plan
     from .settings import ExpertPlanSettings
 
-    if args.ratio:
-        raise GqaPruneError(
-            "--ratio: pruning GQA groups, channels or layers of a mixture-of-experts model is not supported yet; "
-            "give --expert-ratio alone"
-        )
-    if args.expert_ratio is None and args.expert_channel_ratio:
-        args.expert_ratio = 0.0  # channels only
+    if args.expert_ratio is None and (args.expert_channel_ratio or args.ratio):
+        args.expert_ratio = 0.0  # channels or GQA groups only
     if args.expert_ratio is None:
         raise GqaPruneError(
-            f"{args.importance} holds expert scores: give --expert-ratio (fraction of experts to remove)"
+            f"{args.importance} holds expert scores: give --expert-ratio (fraction of experts to remove) and/or "
+            "--ratio (fraction of every attention layer's GQA groups)"
         )
     settings = ExpertPlanSettings(
         expert_ratio=args.expert_ratio, criterion=args.expert_criterion, allocation=args.experts,
         channel_ratio=args.expert_channel_ratio, channel_multiple=args.channel_multiple, seed=args.seed,
+        group_ratio=args.ratio or 0.0,
     )  # fmt: skip
     settings.validate()  # before reading anything
     scores = expert_scores.load(args.importance)
@@ -187,10 +184,13 @@ def _expert_plan(args: argparse.Namespace) -> None:
         plot_expert_plan(plan, args.plot)
     summary = plan.summary()
     channels = f", expert channels {plan.channel_ratio}" if plan.channels is not None else ""
+    groups = (
+        f", GQA groups {summary['kv_groups_before']} -> {summary['kv_groups_after']}" if plan.groups is not None else ""
+    )
     print(
         f"plan (experts {plan.allocation}, {plan.criterion}{channels}): remove {summary['achieved_expert_ratio']:.2%} "
-        f"of the experts ({summary['experts_before']} -> {summary['experts_after']}; {summary['params_before']:,} -> "
-        f"{summary['params_after']:,} parameters) -> {args.out}"
+        f"of the experts ({summary['experts_before']} -> {summary['experts_after']}{groups}; "
+        f"{summary['params_before']:,} -> {summary['params_after']:,} parameters) -> {args.out}"
     )
 
 
@@ -718,7 +718,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="build a pruning plan from importance scores")
     plan.add_argument("--importance", required=True, type=Path, help="folder written by `importance`")
     plan.add_argument(
-        "--ratio", type=_ratio, default=None, help="fraction of attention+MLP parameters to remove, in [0, 1)"
+        "--ratio",
+        type=_ratio,
+        default=None,
+        help="fraction of attention+MLP parameters to remove, in [0, 1); on a mixture of experts' scores: fraction "
+        "of every attention layer's GQA groups",
     )
     plan.add_argument(
         "--expert-ratio",

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .arch import adapter_for, geometry_of
-from .moe import moe_family_for
+from .moe import expert_geometry_of, moe_family_for
 
 
 @dataclass(frozen=True)
@@ -64,13 +64,7 @@ def kv_cache_bytes_per_token(model: nn.Module) -> int:
     """Bytes the KV cache grows by per token: every layer with attention stores a key and a value per KV head
     (a mixture of experts' state-space layers keep a fixed-size state instead)."""
     element = torch.empty((), dtype=compute_dtype(model)).element_size()
-    family = moe_family_for(model.config)
-    if family is not None:
-        config = model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        attention = [layer for layer in family.decoder_layers(model) if getattr(layer, "self_attn", None) is not None]
-        return int(len(attention) * 2 * config.num_key_value_heads * head_dim * element)
-    geometry = geometry_of(model)
+    geometry = expert_geometry_of(model) if moe_family_for(model.config) is not None else geometry_of(model)
     return int(sum(2 * groups * geometry.head_dim * element for groups in geometry.kv_groups))
 
 

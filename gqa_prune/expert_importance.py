@@ -1,5 +1,6 @@
 """The importance stage of a mixture-of-experts model: one forward-only pass over the calibration blocks
-records, per expert of every MoE layer, the statistics every expert criterion folds (``criteria.experts``).
+records, per expert of every MoE layer, the statistics every expert criterion folds (``criteria.experts``),
+and per GQA group of every attention layer the norm of what it writes through o_proj.
 
 Each expert's output on the tokens routed to it is recomputed by calling the layer's own experts module with
 that expert alone at gate 1, so the norm is exactly what the model's fused kernel computes before gating,
@@ -14,10 +15,10 @@ import torch
 from torch import nn
 
 from .blocks import check_blocks
-from .criteria.experts import CHANNEL_STAT, EXPERT_STATS
+from .criteria.experts import CHANNEL_STAT, EXPERT_STATS, GROUP_STAT
 from .errors import GqaPruneError
 from .expert_scores import ExpertScores
-from .moe import ExpertGeometry, expert_geometry_of, moe_family_for
+from .moe import ExpertGeometry, attention_block, expert_geometry_of, moe_family_for
 from .passes import frozen, mean_loss
 from .settings import IMPORTANCE_BATCH_SIZE
 
@@ -25,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 
 class ExpertStatsCollector:
-    """Forward hooks on every layer's experts module, accumulating the four statistics per expert."""
+    """Forward hooks on every layer's experts module, accumulating the four statistics per expert and the
+    channel scores, and on every attention's o_proj, accumulating each GQA group's output norm."""
 
     def __init__(self, model: nn.Module, geometry: ExpertGeometry):
         family = moe_family_for(model.config)
@@ -37,11 +39,29 @@ class ExpertStatsCollector:
             torch.zeros((count, width) if count else (0,), dtype=torch.float64)
             for count, width in zip(geometry.experts, geometry.widths)
         ]
+        self.stats[GROUP_STAT] = [torch.zeros(groups, dtype=torch.float64) for groups in geometry.kv_groups]
         self.handles = []
         for index, layer in enumerate(family.decoder_layers(model)):
             block = family.sparse_block(layer)
             if block is not None:
                 self.handles.append(block.experts.register_forward_hook(self._hook(index), with_kwargs=True))
+            attention = attention_block(layer)
+            if attention is not None:
+                width = geometry.heads_per_group * geometry.head_dim
+                self.handles.append(attention.o_proj.register_forward_pre_hook(self._group_hook(index, width)))
+
+    def _group_hook(self, layer: int, width: int):
+        """What each group's query heads write through o_proj (bias excluded), normed per token and summed."""
+
+        def record(o_proj: nn.Linear, args) -> None:
+            heads = args[0].reshape(-1, o_proj.in_features)
+            sums = self.stats[GROUP_STAT][layer]
+            for group in range(len(sums)):
+                columns = slice(group * width, (group + 1) * width)
+                written = heads[:, columns] @ o_proj.weight[:, columns].T
+                sums[group] += written.double().norm(dim=-1).sum().cpu()
+
+        return record
 
     def _hook(self, layer: int):
         def record(experts: nn.Module, args, kwargs, output) -> None:

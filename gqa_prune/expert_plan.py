@@ -11,6 +11,10 @@ the project's modeling file. A layer keeps at least ``num_experts_per_tok`` expe
 Expert channels: ``channel_ratio`` removes ``round(channel_ratio x width)`` intermediate channels of every kept
 expert (each expert its own lowest-scored ones; the fused expert tensors need one width per layer).
 
+GQA groups: ``group_ratio`` removes ``round(group_ratio x KV heads)`` groups (a KV head with its query heads) of
+every attention layer, those that write least to the residual stream; state-space layers keep everything.
+One group count for all attention layers keeps the config stock.
+
 A plan is a value: it round-trips through JSON exactly and is validated on construction (kept indices
 integers, sorted, unique, in range; at least top-k experts in every MoE layer, none in a dense layer; one
 channel count per layer, at least one channel).
@@ -27,10 +31,10 @@ import torch
 
 from .atomic import MARKER, write_text
 from .choices import EXPERT_ALLOCATIONS
-from .criteria.experts import EXPERT_CRITERIA
+from .criteria.experts import EXPERT_CRITERIA, GROUP_STAT
 from .errors import GqaPruneError
 from .expert_scores import ExpertScores
-from .moe import ExpertGeometry
+from .moe import MOE_FAMILIES, ExpertGeometry
 from .plan import PLAN_KIND, PruningPlan, top_units
 from .settings import ExpertPlanSettings
 
@@ -50,6 +54,8 @@ class ExpertPlan:
     allocation: str = "uniform"
     channel_ratio: float = 0.0
     channels: tuple[Channels, ...] | None = None  # per layer, per kept expert: kept channels (None: all)
+    group_ratio: float = 0.0
+    groups: tuple[tuple[int, ...], ...] | None = None  # per layer: kept GQA groups (empty: no attention; None: all)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -77,6 +83,23 @@ class ExpertPlan:
             raise GqaPruneError("a uniform expert plan keeps the same number of experts in every MoE layer")
         if self.channels is not None:
             self._validate_channels()
+        if self.groups is not None:
+            self._validate_groups()
+
+    def _validate_groups(self) -> None:
+        kv_groups = self.geometry.kv_groups
+        if len(kv_groups) != self.geometry.num_layers:
+            raise GqaPruneError("plan keeps GQA groups but its geometry records none; rebuild it with `gqa-prune plan`")
+        if len(self.groups) != self.geometry.num_layers:
+            raise GqaPruneError(
+                f"plan lists GQA groups of {len(self.groups)} layers, the model has {self.geometry.num_layers}"
+            )
+        for layer, (kept, groups) in enumerate(zip(self.groups, kv_groups)):
+            _check_indices(kept, groups, f"layer {layer}: kept GQA groups")
+            if bool(kept) != bool(groups):
+                raise GqaPruneError(f"layer {layer}: an attention layer keeps at least one GQA group, others none")
+        if len({len(kept) for kept in self.groups if kept}) > 1:
+            raise GqaPruneError("an expert plan keeps the same number of GQA groups in every attention layer")
 
     def _validate_channels(self) -> None:
         if len(self.channels) != self.geometry.num_layers:
@@ -103,10 +126,12 @@ class ExpertPlan:
         return len(self.channels[layer][0])
 
     def pruned_geometry(self) -> ExpertGeometry:
+        kv_groups = self.geometry.kv_groups if self.groups is None else tuple(len(kept) for kept in self.groups)
         return replace(
             self.geometry,
             experts=tuple(len(kept) for kept in self.kept),
             widths=tuple(self.kept_width(layer) for layer in range(self.geometry.num_layers)),
+            kv_groups=kv_groups,
         )
 
     @property
@@ -118,7 +143,9 @@ class ExpertPlan:
 
     @property
     def params_after(self) -> int:
-        return self.params_before - self.geometry.expert_params + self.pruned_geometry().expert_params
+        before, after = self.geometry, self.pruned_geometry()
+        removed = before.expert_params + before.group_params - after.expert_params - after.group_params
+        return self.params_before - removed
 
     def summary(self) -> dict:
         before, after = self.geometry, self.pruned_geometry()
@@ -130,6 +157,8 @@ class ExpertPlan:
             "achieved_expert_ratio": 1 - sum(after.experts) / max(1, sum(before.experts)),
             "expert_params_before": before.expert_params,
             "expert_params_after": after.expert_params,
+            "kv_groups_before": sum(before.kv_groups),
+            "kv_groups_after": sum(after.kv_groups),
         }
 
     # ------------------------------------------------------------------------------------------ JSON
@@ -145,6 +174,8 @@ class ExpertPlan:
             "seed": self.seed,
             "params_before": self.params_before,
             "summary": self.summary(),  # derived; checked on load
+            "group_ratio": self.group_ratio,
+            "kept_groups": None if self.groups is None else [list(kept) for kept in self.groups],
             "kept_experts": [list(kept) for kept in self.kept],
             "kept_channels": None if self.channels is None else [[list(c) for c in layer] for layer in self.channels],
             MARKER: PLAN_KIND,
@@ -166,7 +197,7 @@ class ExpertPlan:
     def from_dict(cls, data: dict) -> ExpertPlan:
         if data.get("format") != EXPERT_PLAN_FORMAT or data.get("version") != EXPERT_PLAN_VERSION:
             raise GqaPruneError(f"not a gqa-prune expert plan (format {data.get('format')!r})")
-        channels = data.get("kept_channels")
+        channels, groups = data.get("kept_channels"), data.get("kept_groups")
         plan = cls(
             geometry=ExpertGeometry.from_dict(data["geometry"]),
             expert_ratio=float(data["expert_ratio"]),
@@ -177,9 +208,13 @@ class ExpertPlan:
             allocation=str(data.get("allocation", "uniform")),
             channel_ratio=float(data.get("channel_ratio", 0.0)),
             channels=None if channels is None else tuple(tuple(tuple(c) for c in layer) for layer in channels),
+            group_ratio=float(data.get("group_ratio", 0.0)),
+            groups=None if groups is None else tuple(tuple(kept) for kept in groups),
         )
         stored = data.get("summary")
-        if isinstance(stored, dict) and any(stored.get(key) != value for key, value in plan.summary().items()):
+        if isinstance(stored, dict) and any(
+            key in stored and stored[key] != value for key, value in plan.summary().items()
+        ):
             raise GqaPruneError(
                 "plan summary does not match its kept experts (was the file edited?); rebuild it with `gqa-prune plan`"
             )
@@ -199,9 +234,10 @@ def _check_indices(kept, size: int, where: str) -> None:
 # ---------------------------------------------------------------------------------------------- building
 def build_expert_plan(scores: ExpertScores, settings: ExpertPlanSettings) -> ExpertPlan:
     """Remove ``expert_ratio`` of the experts (lowest-scored under the criterion; the same count in every MoE
-    layer, or ranked across layers with allocation "per-layer") and ``channel_ratio`` of every kept expert's
+    layer, or ranked across layers with allocation "per-layer"), ``channel_ratio`` of every kept expert's
     intermediate channels (lowest channel scores; kept widths rounded down to ``channel_multiple``: fused
-    expert kernels such as torch's grouped_mm need rows of a multiple of 16 bytes)."""
+    expert kernels such as torch's grouped_mm need rows of a multiple of 16 bytes) and ``group_ratio`` of every
+    attention layer's GQA groups (lowest output norms)."""
     settings.validate()
     geometry = scores.geometry
     criterion = EXPERT_CRITERIA[settings.criterion]
@@ -218,10 +254,37 @@ def build_expert_plan(scores: ExpertScores, settings: ExpertPlanSettings) -> Exp
     channels = None
     if settings.channel_ratio > 0:
         channels = _kept_channels(scores, kept, settings.channel_ratio, settings.channel_multiple)
+    groups = _kept_groups(scores, settings.group_ratio) if settings.group_ratio > 0 else None
     return ExpertPlan(
         geometry, settings.expert_ratio, settings.criterion, kept, int(scores.info["parameters"]), settings.seed,
-        settings.allocation, settings.channel_ratio, channels,
+        settings.allocation, settings.channel_ratio, channels, settings.group_ratio, groups,
     )  # fmt: skip
+
+
+def _kept_groups(scores: ExpertScores, ratio: float) -> tuple[tuple[int, ...], ...]:
+    """Every attention layer keeps ``groups - round(ratio x groups)`` GQA groups, those with the highest
+    output norms."""
+    geometry = scores.geometry
+    family = MOE_FAMILIES[geometry.family]
+    if not geometry.kv_groups:
+        raise GqaPruneError(
+            "--ratio: these expert scores were written before GQA groups were recorded; re-run `gqa-prune importance`"
+        )
+    if family.heads_normed_together:
+        raise GqaPruneError(
+            f"--ratio: {family.family} normalises q and k across all heads together (q_norm over num_heads x "
+            "head_dim), so removing a GQA group changes every other head; prune its experts only"
+        )
+    kept = []
+    for layer, groups in enumerate(geometry.kv_groups):
+        keep = groups - round(ratio * groups)
+        if groups and keep < 1:
+            raise GqaPruneError(
+                f"--ratio {ratio} keeps no GQA group of layer {layer}'s {groups}; at most {(groups - 1) / groups:.4g} "
+                "is possible"
+            )
+        kept.append(top_units(scores.stats[GROUP_STAT][layer], keep) if groups else ())
+    return tuple(kept)
 
 
 def _uniform_counts(geometry: ExpertGeometry, ratio: float) -> dict[int, int]:

@@ -1,6 +1,7 @@
 """The expert scores value and its storage: per MoE layer and expert, the statistics of one calibration pass.
 
-Stored as ``experts.safetensors`` (``<statistic>.<layer>`` float64 tensors; dense layers have none) and
+Stored as ``experts.safetensors`` (``<statistic>.<layer>`` float64 tensors; dense layers have no expert
+statistics, state-space layers no ``group`` statistic) and
 ``experts.json`` (the expert geometry, calibration loss and how the pass was run). A folder holding these is
 what ``gqa-prune importance`` writes for a mixture-of-experts model; ``plan --expert-ratio`` reads it.
 """
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from .atomic import atomic_dir
-from .criteria.experts import CHANNEL_STAT, EXPERT_STATS
+from .criteria.experts import CHANNEL_STAT, EXPERT_STATS, GROUP_STAT
 from .errors import GqaPruneError
 from .moe import ExpertGeometry
 
@@ -31,7 +32,8 @@ class ExpertScores:
     """What the expert pass measured: per layer a [experts] float64 tensor for every statistic."""
 
     geometry: ExpertGeometry
-    # statistic -> per decoder layer (empty where the MLP is dense): [experts] each, CHANNEL_STAT [experts, width]
+    # statistic -> per decoder layer (empty where the MLP is dense): [experts] each, CHANNEL_STAT [experts, width],
+    # GROUP_STAT [kv_groups] (empty without attention; absent from scores written before groups were recorded)
     stats: dict[str, list[torch.Tensor]]
     calibration_loss: float
     info: dict = field(default_factory=dict)
@@ -39,15 +41,22 @@ class ExpertScores:
     def layer_stats(self, layer: int) -> dict[str, torch.Tensor]:
         return {name: self.stats[name][layer] for name in EXPERT_STATS}
 
+    @property
+    def statistics(self) -> tuple[str, ...]:
+        """The statistics these scores hold (group statistics only where the geometry records groups)."""
+        return (*EXPERT_STATS, CHANNEL_STAT, *((GROUP_STAT,) if self.geometry.kv_groups else ()))
+
     def check(self, where: str) -> None:
         """Statistics for every statistic and layer, sized by the geometry, finite and non-negative."""
-        for name in (*EXPERT_STATS, CHANNEL_STAT):
+        for name in self.statistics:
             per_layer = self.stats.get(name)
             if per_layer is None or len(per_layer) != self.geometry.num_layers:
                 raise GqaPruneError(f"{where}: expert statistic {name!r} missing or not one per layer")
             for layer, tensor in enumerate(per_layer):
                 experts, width = self.geometry.experts[layer], self.geometry.widths[layer]
                 shape = (experts, width) if name == CHANNEL_STAT and experts else (experts,)
+                if name == GROUP_STAT:
+                    shape = (self.geometry.kv_groups[layer],)
                 if tuple(tensor.shape) != shape:
                     raise GqaPruneError(
                         f"{where}: {name} of layer {layer} has shape {tuple(tensor.shape)}, expected {shape}"
@@ -104,7 +113,7 @@ def load(in_dir: str | os.PathLike) -> ExpertScores:
             tensors.get(f"{name}.{layer}", torch.zeros(0, dtype=torch.float64)).double()
             for layer in range(geometry.num_layers)
         ]
-        for name in (*EXPERT_STATS, CHANNEL_STAT)
+        for name in (*EXPERT_STATS, CHANNEL_STAT, *((GROUP_STAT,) if geometry.kv_groups else ()))
     }
     scores = ExpertScores(geometry, stats, float(record.get("calibration_loss", float("nan"))), record.get("info", {}))
     scores.check(str(in_dir))

@@ -1,10 +1,11 @@
 """Apply an ``ExpertPlan`` to a mixture-of-experts model: slice routers and fused experts (and the channels of
-the kept experts), keep the cached expert counts and widths and the config in sync. No I/O.
+the kept experts) and the GQA groups of its attention layers; keep the cached counts and the config in sync.
+No I/O.
 
 ``masked_experts`` is the reference semantics: the dense model with the removed experts given router logits
-of -inf (no token reaches them; the softmax runs over the kept ones) and the removed channels' down_proj
-columns zeroed must give the same outputs as the physically pruned model (tests hold the two within 1e-5,
-in every supported family).
+of -inf (no token reaches them; the softmax runs over the kept ones), the removed channels' down_proj
+columns and the removed groups' o_proj columns zeroed must give the same outputs as the physically pruned
+model (tests hold the two within 1e-5, in every supported family).
 """
 
 from __future__ import annotations
@@ -15,20 +16,23 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .arch import FamilyAdapter, Geometry
 from .errors import GqaPruneError
 from .expert_plan import ExpertPlan
-from .moe import ExpertGeometry, MoeFamily, expert_geometry_of, moe_family_for
+from .moe import MOE_FAMILIES, ExpertGeometry, MoeFamily, attention_block, expert_geometry_of, moe_family_for
 from .units.expert import EXPERT
 from .units.expert_channel import EXPERT_CHANNEL
+from .units.gqa_group import GQA_GROUP
 
 _GEOMETRY_FIELDS = ("family", "top_k", "experts", "widths", "params_per_channel", "expert_fixed_params")
+_GROUP_FIELDS = ("kv_groups", "heads_per_group", "head_dim", "params_per_group")  # checked where the plan has them
 
 
 def check_expert_plan_fits(plan: ExpertPlan, model: nn.Module) -> None:
     """The plan must have been built for exactly this model: family, experts and widths per layer, top-k,
     parameters per expert and channel, and the parameter count."""
     geometry = expert_geometry_of(model)
-    for name in _GEOMETRY_FIELDS:
+    for name in _GEOMETRY_FIELDS + (_GROUP_FIELDS if plan.geometry.kv_groups else ()):
         planned, actual = getattr(plan.geometry, name), getattr(geometry, name)
         if planned != actual:
             raise GqaPruneError(f"plan does not fit this model: plan {name}={planned}, model {name}={actual}")
@@ -46,9 +50,46 @@ def _blocks(model: nn.Module, family: MoeFamily, plan: ExpertPlan):
             yield index, family.sparse_block(layer), kept
 
 
+def _group_surgery(model: nn.Module, plan: ExpertPlan) -> tuple[FamilyAdapter, Geometry]:
+    """The dense machinery's view of the attention layers, so GQA groups are sliced and masked by the same
+    ``gqa_group`` unit kind as in a dense model (a Geometry with no MLP channels: experts are not its units)."""
+    geometry = plan.geometry
+    family = MOE_FAMILIES[geometry.family]
+    first = attention_block(family.decoder_layers(model)[geometry.attention_layers[0]])
+    attention = Geometry(
+        family=geometry.family,
+        hidden_size=int(model.config.hidden_size),
+        head_dim=geometry.head_dim,
+        heads_per_group=geometry.heads_per_group,
+        kv_groups=geometry.kv_groups,
+        intermediate_sizes=(0,) * geometry.num_layers,
+        qkv_bias=first.q_proj.bias is not None,
+        o_bias=first.o_proj.bias is not None,
+        mlp_bias=False,
+    )
+    return FamilyAdapter(geometry.family, family.model_class), attention
+
+
+def _attention_layers(model: nn.Module, plan: ExpertPlan):
+    """(layer index, decoder layer, kept GQA groups) of every attention layer a plan with groups prunes."""
+    layers = MOE_FAMILIES[plan.geometry.family].decoder_layers(model)
+    for index, kept in enumerate(plan.groups or ()):
+        if kept:
+            yield index, layers[index], kept
+
+
+def _slice_sinks(attention: nn.Module, kept: tuple[int, ...], heads_per_group: int) -> None:
+    """gpt-oss: one learned attention sink per query head; keep those of the kept groups' heads."""
+    sinks = getattr(attention, "sinks", None)
+    if isinstance(sinks, nn.Parameter):
+        heads = torch.as_tensor([group * heads_per_group + head for group in kept for head in range(heads_per_group)])
+        attention.sinks = nn.Parameter(sinks.detach()[heads].contiguous(), requires_grad=sinks.requires_grad)
+
+
 def apply_expert_plan(model: nn.Module, plan: ExpertPlan) -> nn.Module:
-    """Physically keep only the planned experts and channels of every MoE layer (in place); the config says
-    the new counts (global values when every MoE layer agrees, else ``per_layer_config``)."""
+    """Physically keep only the planned experts and channels of every MoE layer and the planned GQA groups of
+    every attention layer (in place); the config says the new counts (global values when every MoE layer
+    agrees, else ``per_layer_config``)."""
     check_expert_plan_fits(plan, model)
     family = moe_family_for(model.config)
     with torch.no_grad():
@@ -56,13 +97,27 @@ def apply_expert_plan(model: nn.Module, plan: ExpertPlan) -> nn.Module:
             EXPERT.slice(block, family, kept)
             if plan.channels is not None:
                 EXPERT_CHANNEL.slice(block, family, plan.channels[index])
+        if plan.groups is not None:
+            adapter, attention = _group_surgery(model, plan)
+            for index, layer, kept in _attention_layers(model, plan):
+                GQA_GROUP.slice(layer, adapter, attention, index, kept)
+                _slice_sinks(attention_block(layer), kept, attention.heads_per_group)
     set_expert_config(model.config, family, plan.pruned_geometry())
     return model
 
 
 def set_expert_config(config, family: MoeFamily, geometry: ExpertGeometry) -> None:
     """Record expert counts and widths: one value each when every MoE layer agrees (a stock config), else per
-    layer in ``per_layer_config`` (the project's model class builds each layer from its entry)."""
+    layer in ``per_layer_config`` (the project's model class builds each layer from its entry); and the
+    attention heads (one count for every attention layer)."""
+    kv_groups = {geometry.kv_groups[i] for i in geometry.attention_layers}
+    if len(kv_groups) > 1:
+        raise GqaPruneError("attention layers keep different numbers of GQA groups; an expert plan keeps one count")
+    if kv_groups:
+        (groups,) = kv_groups
+        config.head_dim = geometry.head_dim  # explicit: hidden_size // num_attention_heads no longer holds
+        config.num_key_value_heads = groups
+        config.num_attention_heads = groups * geometry.heads_per_group
     moe = geometry.moe_layers
     counts, widths = {geometry.experts[i] for i in moe}, {geometry.widths[i] for i in moe}
     if len(counts) == 1 and len(widths) == 1:
@@ -81,7 +136,8 @@ def set_expert_config(config, family: MoeFamily, geometry: ExpertGeometry) -> No
 @contextlib.contextmanager
 def masked_experts(model: nn.Module, plan: ExpertPlan) -> Iterator[nn.Module]:
     """Reference: within the block, no token of ``model`` is routed to an expert the plan removes, and the
-    channels it removes add nothing (their down_proj columns are zeroed, and restored on exit)."""
+    channels and GQA groups it removes add nothing (their down_proj / o_proj columns are zeroed, and restored
+    on exit)."""
     check_expert_plan_fits(plan, model)
     family = moe_family_for(model.config)
     handles, saved = [], []
@@ -95,6 +151,13 @@ def masked_experts(model: nn.Module, plan: ExpertPlan) -> Iterator[nn.Module]:
                 per_expert[expert] = channels
             with torch.no_grad():
                 EXPERT_CHANNEL.mask(block, family, per_expert)
+    if plan.groups is not None:
+        adapter, attention = _group_surgery(model, plan)
+        for _, layer, kept in _attention_layers(model, plan):
+            o_proj = attention_block(layer).o_proj.weight
+            saved.append((o_proj, o_proj.detach().clone()))
+            with torch.no_grad():
+                GQA_GROUP.mask(layer, adapter, attention, kept)
     try:
         yield model
     finally:

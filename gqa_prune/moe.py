@@ -139,6 +139,7 @@ class MoeFamily:
     shared_expert: str | None = None  # what a layer has besides its routed experts (kept whole)
     state_space: bool = False  # has state-space (Mamba) layers, kept whole
     layout: ExpertLayout = ExpertLayout()
+    heads_normed_together: bool = False  # q/k norms span all heads: removing a head changes the others
 
     def routing(self, config) -> Routing:
         renormalize = True if self.renormalize_key is None else bool(getattr(config, self.renormalize_key))
@@ -170,7 +171,10 @@ MOE_FAMILIES = {
             "qwen3_moe", Qwen3MoeForCausalLM, "mlp", "gate", "num_experts", "moe_intermediate_size", True,
             "norm_topk_prob",
         ),
-        MoeFamily("olmoe", OlmoeForCausalLM, "mlp", "gate", "num_experts", "intermediate_size", True, "norm_topk_prob"),
+        MoeFamily(
+            "olmoe", OlmoeForCausalLM, "mlp", "gate", "num_experts", "intermediate_size", True, "norm_topk_prob",
+            heads_normed_together=True,
+        ),
         MoeFamily(
             "gpt_oss", GptOssForCausalLM, "mlp", "router", "num_local_experts", "intermediate_size", False, None,
             layout=ExpertLayout(interleaved=True),
@@ -181,6 +185,7 @@ MOE_FAMILIES = {
         ),
     )
 }  # fmt: skip
+ATTENTION_ATTR = "self_attn"  # the attention block of a decoder layer (absent on state-space layers)
 PRUNED_PREFIX = "gqa_pruned_"  # model_type of the project's classes: gqa_pruned_<stock model_type>
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
@@ -211,10 +216,15 @@ def moe_family_for(config) -> MoeFamily | None:
 
 @dataclass(frozen=True)
 class ExpertGeometry:
-    """The experts of a (possibly pruned) MoE model: per decoder layer how many (0 = dense MLP) and how many
-    intermediate channels each has, top-k, and what one expert owns: ``expert_fixed_params`` (its router
-    row and bias, gpt-oss's down_proj bias) plus ``params_per_channel`` per channel (a gate and an up row, a
-    down column, gpt-oss's gate/up biases)."""
+    """The prunable shape of a (possibly pruned) MoE model.
+
+    Experts: per decoder layer how many (0 = dense MLP) and how many intermediate channels each has, top-k,
+    and what one expert owns: ``expert_fixed_params`` (its router row and bias, gpt-oss's down_proj bias)
+    plus ``params_per_channel`` per channel (a gate and an up row, a down column, gpt-oss's gate/up biases).
+    Attention: per decoder layer its KV heads (``kv_groups``; 0 = no attention, e.g. a Mamba layer; empty
+    when read from scores written before groups were recorded), query heads per KV head, head_dim, and what
+    one GQA group owns (q, k, v rows with biases, o_proj columns, gpt-oss's attention sinks).
+    """
 
     family: str
     top_k: int
@@ -222,6 +232,10 @@ class ExpertGeometry:
     widths: tuple[int, ...]  # per decoder layer: intermediate channels of each expert (0 = dense MLP)
     params_per_channel: int
     expert_fixed_params: int
+    kv_groups: tuple[int, ...] = ()
+    heads_per_group: int = 0
+    head_dim: int = 0
+    params_per_group: int = 0
 
     @property
     def num_layers(self) -> int:
@@ -231,6 +245,10 @@ class ExpertGeometry:
     def moe_layers(self) -> tuple[int, ...]:
         return tuple(index for index, count in enumerate(self.experts) if count)
 
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        return tuple(index for index, count in enumerate(self.kv_groups) if count)
+
     def params_per_expert(self, layer: int) -> int:
         return self.expert_fixed_params + self.widths[layer] * self.params_per_channel
 
@@ -239,8 +257,18 @@ class ExpertGeometry:
         """Parameters owned by experts (what ratios of experts and channels are measured against)."""
         return sum(count * self.params_per_expert(layer) for layer, count in enumerate(self.experts))
 
+    @property
+    def group_params(self) -> int:
+        """Parameters owned by GQA groups (all of attention but its norms and output bias)."""
+        return sum(self.kv_groups) * self.params_per_group
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "experts": list(self.experts), "widths": list(self.widths)}
+        return {
+            **asdict(self),
+            "experts": list(self.experts),
+            "widths": list(self.widths),
+            "kv_groups": list(self.kv_groups),
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> ExpertGeometry:
@@ -248,6 +276,8 @@ class ExpertGeometry:
             return cls(
                 data["family"], int(data["top_k"]), tuple(data["experts"]), tuple(data["widths"]),
                 int(data["params_per_channel"]), int(data["expert_fixed_params"]),
+                tuple(data.get("kv_groups", ())), int(data.get("heads_per_group", 0)), int(data.get("head_dim", 0)),
+                int(data.get("params_per_group", 0)),
             )  # fmt: skip
         except (KeyError, TypeError, ValueError) as error:
             raise GqaPruneError(f"expert geometry is malformed ({error!r})") from error
@@ -299,8 +329,39 @@ def expert_geometry_of(model: nn.Module) -> ExpertGeometry:
         raise GqaPruneError(f"this {family.family} model has no layer with experts")
     per_channel, fixed = owned
     return ExpertGeometry(
-        family.family, int(model.config.num_experts_per_tok), tuple(counts), tuple(widths), per_channel, fixed
-    )
+        family.family, int(model.config.num_experts_per_tok), tuple(counts), tuple(widths), per_channel, fixed,
+        **_attention_shape(family.decoder_layers(model)),
+    )  # fmt: skip
+
+
+def attention_block(layer: nn.Module) -> nn.Module | None:
+    """A decoder layer's attention block; None on a state-space layer or where a plan removed it."""
+    return getattr(layer, ATTENTION_ATTR, None)
+
+
+def _attention_shape(layers: nn.ModuleList) -> dict[str, object]:
+    """KV heads per layer, query heads per KV head, head_dim and the parameters one GQA group owns."""
+    kv_groups, first = [], None
+    for layer in layers:
+        attention = attention_block(layer)
+        if attention is None:
+            kv_groups.append(0)
+            continue
+        kv_groups.append(attention.k_proj.out_features // int(attention.head_dim))
+        first = first or (attention, kv_groups[-1])
+    if first is None:
+        return {"kv_groups": tuple(kv_groups)}
+    attention, groups = first
+    owned = [*attention.q_proj.parameters(), *attention.k_proj.parameters(), *attention.v_proj.parameters()]
+    owned.append(attention.o_proj.weight)
+    if isinstance(getattr(attention, "sinks", None), torch.Tensor):  # gpt-oss: one learned sink per query head
+        owned.append(attention.sinks)
+    return {
+        "kv_groups": tuple(kv_groups),
+        "heads_per_group": int(attention.num_key_value_groups),
+        "head_dim": int(attention.head_dim),
+        "params_per_group": sum(tensor.numel() for tensor in owned) // groups,
+    }
 
 
 def _owned_params(block: nn.Module, family: MoeFamily, width: int) -> tuple[int, int]:

@@ -228,12 +228,81 @@ def test_a_dense_layer_between_moe_layers_keeps_no_expert_list():
     assert plan.kept[1] == () and len(plan.kept[0]) == len(plan.kept[2]) == 3
 
 
-def test_a_plan_that_removes_no_expert_changes_nothing():
+def test_a_plan_that_removes_no_expert_and_no_group_changes_nothing():
     model = tiny_moe("qwen3_moe")
-    plan = _plan(_scores(model), 0.0)
+    scores = _scores(model)
     ids = calibration_ids(blocks=2, length=12, seed=5)
-    pruned = apply_expert_plan(copy.deepcopy(model), plan)
-    assert torch.equal(_logits(pruned, ids), _logits(model, ids))
+    for plan in (_plan(scores, 0.0), _plan(scores, 0.0, group_ratio=0.2)):  # 0.2 of 2 groups rounds to none
+        pruned = apply_expert_plan(copy.deepcopy(model), plan)
+        assert torch.equal(_logits(pruned, ids), _logits(model, ids))
+    assert plan.groups == ((0, 1),) * 3
+
+
+GROUP_FAMILIES = [family for family in MOE_FAMILY_NAMES if not MOE_FAMILIES[family].heads_normed_together]
+
+
+@pytest.mark.parametrize("family", GROUP_FAMILIES)
+def test_gqa_groups_of_moe_attention_equal_their_masked_reference_and_reload_in_stock_transformers(
+    family, tmp_path, tiny_tokenizer
+):
+    """--ratio on a MoE: every attention layer loses the same share of GQA groups (state-space layers keep
+    everything), alone and together with experts; the checkpoint stays stock."""
+    model = tiny_moe(family, vocab_size=len(tiny_tokenizer))
+    scores = _scores(model)
+    ids = calibration_ids(blocks=2, length=12, seed=6)
+    dense = _logits(model, ids)
+    for expert_ratio in (0.0, 0.5):
+        plan = _plan(scores, expert_ratio, group_ratio=0.5)
+        assert [len(kept) for kept in plan.groups] == [1 if groups else 0 for groups in scores.geometry.kv_groups]
+        with masked_experts(model, plan):
+            masked = _logits(model, ids)
+        assert (masked - dense).abs().max() > 1e-4, "removing groups must change the outputs"
+        torch.testing.assert_close(_logits(model, ids), dense)  # the reference restored the weights
+        pruned = apply_expert_plan(copy.deepcopy(model), plan)
+        torch.testing.assert_close(_logits(pruned, ids), masked, rtol=0, atol=1e-5)
+        assert parameter_count(pruned) == plan.params_after
+        assert expert_geometry_of(pruned) == plan.pruned_geometry()
+    save_pruned(pruned, tiny_tokenizer, plan, tmp_path / "pruned", source="org/tiny-moe")
+    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert "auto_map" not in config and config["num_key_value_heads"] == 1 and config["head_dim"] == 8
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()  # no trust_remote_code
+    assert type(reloaded) is type(model)
+    torch.testing.assert_close(_logits(reloaded, ids), masked, rtol=0, atol=1e-5)
+    assert load_plan(tmp_path / "pruned" / "pruning_plan.json") == plan
+
+
+def test_group_statistics_equal_each_groups_own_output_norms():
+    """The group statistic of a layer = what o_proj writes with every other group's columns and the bias
+    zeroed, normed per token and summed (the layer's inputs do not depend on its own o_proj)."""
+    model = tiny_moe("gpt_oss")  # o_proj has a bias
+    scores = _scores(model)
+    o_proj = model.model.layers[0].self_attn.o_proj
+    width = scores.geometry.heads_per_group * scores.geometry.head_dim
+    for group in range(scores.geometry.kv_groups[0]):
+        alone = copy.deepcopy(model)
+        own = alone.model.layers[0].self_attn.o_proj
+        with torch.no_grad():
+            own.weight.zero_()
+            own.weight[:, group * width : (group + 1) * width] = o_proj.weight[:, group * width : (group + 1) * width]
+            own.bias.zero_()
+        written = []
+        own.register_forward_hook(lambda module, args, output: written.append(output.double().norm(dim=-1).sum()))
+        with torch.no_grad():
+            for batch in calibration_ids(blocks=4, length=16).split(2):
+                alone(input_ids=batch)
+        torch.testing.assert_close(scores.stats["group"][0][group], torch.stack(written).sum(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_planted_silent_group_is_removed_first_and_olmoe_groups_are_refused():
+    model = tiny_moe("mixtral")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[:, :16].zero_()  # group 0: its 2 query heads of head_dim 8 write nothing
+    scores = _scores(model)
+    assert all(scores.stats["group"][layer][0] == 0 for layer in range(3))
+    assert _plan(scores, 0.0, group_ratio=0.5).groups == ((1,), (1,), (1,))
+    with pytest.raises(GqaPruneError, match="olmoe normalises q and k across all heads together"):
+        _plan(_scores(tiny_moe("olmoe")), 0.25, group_ratio=0.5)
 
 
 def test_expert_plans_round_trip_through_json_and_refuse_fewer_experts_than_top_k(tmp_path):
@@ -261,6 +330,14 @@ def test_expert_scores_round_trip_through_their_folder(tmp_path):
     assert loaded.geometry == scores.geometry and loaded.calibration_loss == scores.calibration_loss
     for name, per_layer in scores.stats.items():
         assert all(torch.equal(a, b) for a, b in zip(loaded.stats[name], per_layer))
+    record = json.loads((tmp_path / "importance" / "experts.json").read_text())
+    for key in ("kv_groups", "heads_per_group", "head_dim", "params_per_group"):
+        del record["geometry"][key]  # as written before GQA groups were recorded
+    (tmp_path / "importance" / "experts.json").write_text(json.dumps(record))
+    older = expert_scores.load(tmp_path / "importance")
+    assert _plan(older, 0.5).kept == _plan(scores, 0.5).kept
+    with pytest.raises(GqaPruneError, match="written before GQA groups were recorded"):
+        _plan(older, 0.5, group_ratio=0.5)
 
 
 def test_cli_importance_plan_prune_on_a_moe_model(tmp_path, capsys, tiny_tokenizer):
@@ -276,18 +353,18 @@ def test_cli_importance_plan_prune_on_a_moe_model(tmp_path, capsys, tiny_tokeniz
     assert code == 0, err
     assert "experts of 3 MoE layers" in out
     code, out, err = run(
-        capsys, "plan", "--importance", str(tmp_path / "importance"), "--expert-ratio", "0.5",
+        capsys, "plan", "--importance", str(tmp_path / "importance"), "--expert-ratio", "0.5", "--ratio", "0.5",
         "--out", str(tmp_path / "plan.json"),
     )  # fmt: skip
     assert code == 0, err
-    assert "remove 50.00% of the experts (18 -> 9" in out
+    assert "remove 50.00% of the experts (18 -> 9, GQA groups 6 -> 3" in out
     code, out, err = run(
         capsys, "prune", "--model", str(tmp_path / "moe"), "--plan", str(tmp_path / "plan.json"),
         "--out", str(tmp_path / "pruned"),
     )  # fmt: skip
     assert code == 0, err
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
-    assert reloaded.config.num_local_experts == 3
+    assert reloaded.config.num_local_experts == 3 and reloaded.config.num_key_value_heads == 1
     assert "stock (one expert count and width for every layer)" in (tmp_path / "pruned" / "README.md").read_text()
     code, out, err = run(
         capsys, "ppl", "--model", str(tmp_path / "pruned"), "--data-dir", str(DATA_DIR), "--window", "32",

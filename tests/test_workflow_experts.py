@@ -1,6 +1,6 @@
 """The workflow on a mixture of experts, run for real on a tiny Qwen2-MoE (a shared expert, a dense MLP layer):
-one importance pass for every expert criterion, expert plans in the grid, prune without a refit, LoRA recovery
-of the experts, evaluation and the table."""
+one importance pass for every expert criterion, expert plans (with half the GQA groups) in the grid, prune
+without a refit, LoRA recovery of the experts, evaluation and the table."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ def test_the_workflow_prunes_recovers_and_tabulates_experts(tmp_path, bpe_tokeni
     bpe_tokenizer.save_pretrained(tmp_path / "moe-source")
     config = tiny_config(tmp_path / "moe-source", **{
         "plans.ratios": [], "plans.baselines": [], "plans.channel_multiple": 8,
-        "plans.experts": {"ratios": [0.5], "criteria": ["reap", "frequency"], "channel_ratio": 0.25},
+        "plans.experts": {"ratios": [0.5], "criteria": ["reap", "frequency"], "channel_ratio": 0.25,
+                          "group_ratio": 0.5},
         "recovery.methods": ["lm"], "recovery.apply_to": ["reap-experts-r0.50"], "recovery.router": "trainable",
         "quantization.methods": [], "gguf.types": [],
         "eval.apply_to": ["reap-experts-r0.50-lora-lm"], "eval.tasks": {"arc_easy": 2, "piqa": 2},
@@ -28,7 +29,9 @@ def test_the_workflow_prunes_recovers_and_tabulates_experts(tmp_path, bpe_tokeni
     importance = [line for line in dry.splitlines() if " importance --model " in line]
     assert len(importance) == 1 and "importance/c4-experts" in importance[0] and "--criterion" not in importance[0]
     plan = next(line for line in dry.splitlines() if " plan --importance " in line and "reap-experts" in line)
-    assert "--expert-ratio 0.5 --expert-criterion reap --experts uniform --expert-channel-ratio 0.25" in plan
+    assert (
+        "--expert-ratio 0.5 --expert-criterion reap --experts uniform --expert-channel-ratio 0.25 --ratio 0.5" in plan
+    )
     prune = [line for line in dry.splitlines() if " prune --model " in line]
     assert len(prune) == 2 and not any("--calib" in line for line in prune)
     assert "--router trainable" in next(line for line in dry.splitlines() if " recover --model " in line)
@@ -45,5 +48,6 @@ def test_the_workflow_prunes_recovers_and_tabulates_experts(tmp_path, bpe_tokeni
     for variant in ["reap-experts-r0.50"]:
         pruned = json.loads((results / f"pruned/{variant}/config.json").read_text())
         assert pruned["num_experts"] == 3 and pruned["moe_intermediate_size"] == 8 and "auto_map" not in pruned
+        assert pruned["num_key_value_heads"] == 1 and pruned["num_attention_heads"] == 2  # GQA groups: 2 -> 1
     lm_eval = json.loads((results / "eval/reap-experts-r0.50-lora-lm/lm_eval.json").read_text())
     assert lm_eval  # evaluated through lm-eval like any Hugging Face model

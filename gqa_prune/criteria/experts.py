@@ -10,7 +10,10 @@ REAP (router-weighted expert activation pruning, arXiv 2510.13999) is ``gate_nor
 expert adds to the tokens it serves. The weaker ones compared against it: routing frequency (``count``), gate
 sum and expert activation norm (``norm_sum``, EAN). An expert never routed to scores 0 under every one.
 The same pass records ``channel``: per expert and intermediate channel, gate x |activation| x the norm of the
-channel's down_proj column, summed over routed tokens (the keep-score of expert channels).
+channel's down_proj column, summed over routed tokens (the keep-score of expert channels), and ``group``:
+per GQA group of every attention layer, the L2 norm of what the group writes to the residual stream through
+o_proj, summed over tokens (the keep-score of a MoE model's GQA groups: their output norm, as EAN is the
+experts').
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ EXPERT_STATS = ("count", "gate_sum", "norm_sum", "gate_norm_sum")
 # per expert and intermediate channel [experts, width]: the sum over routed tokens of gate x |activation| x the
 # norm of the channel's down_proj column -- what the channel adds to the output (expert-channel scores)
 CHANNEL_STAT = "channel"
+GROUP_STAT = "group"  # per GQA group [kv_groups]: summed L2 norm of its o_proj output over tokens
 
 
 class ExpertCriterion(ABC):
@@ -64,7 +68,9 @@ class RandomExperts(ExpertCriterion):
         return torch.rand(len(stats["count"]), generator=generator, dtype=torch.float64)
 
 
-__all__ = ["CHANNEL_STAT", "EXPERT_STATS", "EXPERT_CRITERIA", "DEFAULT_EXPERT_CRITERION", "ExpertCriterion"]
+__all__ = [
+    "CHANNEL_STAT", "EXPERT_STATS", "GROUP_STAT", "EXPERT_CRITERIA", "DEFAULT_EXPERT_CRITERION", "ExpertCriterion",
+]  # fmt: skip
 
 EXPERT_CRITERIA: dict[str, ExpertCriterion] = {
     c.name: c
