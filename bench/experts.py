@@ -1,14 +1,18 @@
 """Expert criteria side by side on the SmolLM2-MoE test bed (bench/moe_testbed.py): REAP, routing frequency,
 gate sum, EAN and random, removing 25 %, 50 % and 75 % of the routed experts, one-shot (no recovery); the same
-number from every layer (uniform, a stock checkpoint), and for ``--per-layer`` criteria ranked across layers.
+number from every layer (uniform, a stock checkpoint); for ``--per-layer`` criteria counts per layer priced by
+each layer's measured loss curve, for ``--ranked`` criteria ranked across layers by the criterion's value.
 
 Every row uses the same model, the same expert statistics (one `gqa-prune importance` pass over ``--blocks`` x
 2048 tokens of C4, seed 0) and the same evaluation (WikiText-2 raw test, windows of 2048, the first
 ``--max-tokens`` tokens). The test bed is built from the first ``--testbed-blocks`` of those blocks and cached
 in ``--cache`` (delete it to rebuild).
 
-    python bench/experts.py [--ratios 0.25,0.5,0.75] [--per-layer reap,frequency] [--blocks 8]
-        [--max-tokens 16384] [--json rows.json] [--peer-dirs DIR ...]
+    python bench/experts.py [--ratios 0.25,0.5,0.75] [--per-layer reap,frequency] [--ranked reap,frequency]
+        [--blocks 8] [--curve-blocks 2] [--max-tokens 16384] [--json rows.json] [--peer-dirs DIR ...]
+
+The expert statistics and loss curves are cached beside the test bed (``importance-<blocks>x2048-c<curve
+blocks>``); delete that folder to measure them again.
 
 The peer, llm-compressor's REAP modifier, runs from its own virtual environment on the same test bed and the
 same calibration blocks (this script writes them beside the cached test bed): see bench/reap_peer.py.
@@ -27,6 +31,7 @@ from moe_testbed import TEMPERATURE, build_testbed
 from safetensors.torch import save_file
 from transformers import Qwen2MoeForCausalLM
 
+from gqa_prune import expert_scores
 from gqa_prune.criteria.experts import EXPERT_CRITERIA
 from gqa_prune.expert_importance import score_experts
 from gqa_prune.expert_plan import build_expert_plan
@@ -38,7 +43,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", default="0.25,0.5,0.75")
     parser.add_argument("--criteria", default=",".join(EXPERT_CRITERIA))
-    parser.add_argument("--per-layer", default="reap,frequency", help="criteria also run with per-layer counts")
+    parser.add_argument(
+        "--per-layer", default="reap,frequency", help="criteria also run with counts priced by measured loss curves"
+    )
+    parser.add_argument("--ranked", default="", help="criteria also run with experts ranked across layers")
+    parser.add_argument("--curve-blocks", type=int, default=2, help="of those blocks, how many the loss curves use")
     parser.add_argument("--blocks", type=int, default=8, help="C4 calibration blocks of 2048 tokens")
     parser.add_argument("--testbed-blocks", type=int, default=4, help="of those, how many build the test bed")
     parser.add_argument("--experts", type=int, default=16)
@@ -89,10 +98,17 @@ def main() -> None:
     statistics = {}
 
     def scores():
+        folder = cache / f"importance-{args.blocks}x2048-c{args.curve_blocks}"
+        if not statistics and expert_scores.is_expert_folder(folder):
+            statistics["scores"] = expert_scores.load(folder)
         if not statistics:
             started = time.perf_counter()
-            statistics["scores"] = score_experts(testbed, bench.blocks, batch_size=1)
-            print(f"expert statistics: {time.perf_counter() - started:.0f} s over {args.blocks} x 2048 tokens")
+            statistics["scores"] = score_experts(testbed, bench.blocks, batch_size=1, curve_blocks=args.curve_blocks)
+            expert_scores.save(statistics["scores"], folder)
+            print(
+                f"expert statistics and loss curves: {time.perf_counter() - started:.0f} s over {args.blocks} x "
+                f"2048 tokens (curves: {args.curve_blocks} blocks)"
+            )
         return statistics["scores"]
 
     def pruned(ratio: float, criterion: str, allocation: str):
@@ -101,6 +117,7 @@ def main() -> None:
 
     runs = [(criterion, "uniform") for criterion in args.criteria.split(",") if criterion]
     runs += [(criterion, "per-layer") for criterion in args.per_layer.split(",") if criterion]
+    runs += [(criterion, "ranked") for criterion in args.ranked.split(",") if criterion]
     for ratio in (float(r) for r in args.ratios.split(",")):
         kept = args.experts - round(ratio * args.experts)
         for criterion, allocation in runs:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 UNIT_CRITERIA = ("taylor", "fisher", "obs", "magnitude", "activation", "random")
 EXPERT_CRITERIA = ("reap", "frequency", "gate", "ean", "random")  # criteria.experts.EXPERT_CRITERIA
-EXPERT_ALLOCATIONS = ("uniform", "per-layer")  # expert_plan: one count per MoE layer (stock config), or ranked
-DEFAULT_EXPERT_CRITERION = "reap"  # REAP, arXiv 2510.13999: the strongest of these in its paper and in bench/experts.py
+# expert_plan: one count per MoE layer (stock config); counts per layer priced by measured loss curves; or ranked
+# by the criterion's value across layers
+EXPERT_ALLOCATIONS = ("uniform", "per-layer", "ranked")
+DEFAULT_EXPERT_CRITERION = "reap"  # REAP, arXiv 2510.13999: the strongest in its paper (bench/experts.py: see README)
 LAYER_CRITERIA = ("block_influence", "activation", "removal")
 MODES = ("width", "depth", "hybrid", "learned")  # learned: keep exactly the units of learned (l0) masks
 UNIT_KINDS = ("layer", "attn_sublayer", "mlp_sublayer", "gqa_group", "mlp_channel")  # units.KINDS

@@ -147,13 +147,16 @@ def _expert_importance(args: argparse.Namespace, model, blocks, calibration: dic
     from . import expert_scores
     from .expert_importance import score_experts
 
-    result = score_experts(model, blocks, batch_size=args.batch_size)
+    result = score_experts(
+        model, blocks, batch_size=args.batch_size, curves=not args.no_curves, curve_blocks=args.curve_blocks
+    )
     result.info.update(calibration=calibration)
     expert_scores.save(result, args.out)
     moe_layers = len(result.geometry.moe_layers)
+    curves = f"; loss curves of {len(result.curves)} layers" if result.curves else ""
     print(
         f"importance (experts of {moe_layers} MoE layers: routed count, gate, output norm -- reap, frequency, "
-        f"gate, ean; choose with plan --expert-criterion) -> {args.out}"
+        f"gate, ean; choose with plan --expert-criterion{curves}) -> {args.out}"
     )
 
 
@@ -696,10 +699,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument(
         "--curve-blocks", type=_positive_int, default=None,
-        help=f"measure the per-kind loss curves (for --mode hybrid) on the first N blocks (default: as many as hold "
-        f"{CURVE_TOKENS:,} tokens)",
+        help=f"measure the per-kind loss curves (for --mode hybrid; per MoE layer for --experts per-layer) on the "
+        f"first N blocks (default: as many as hold {CURVE_TOKENS:,} tokens)",
     )  # fmt: skip
-    score.add_argument("--no-curves", action="store_true", help="skip the loss curves (no hybrid plans then)")
+    score.add_argument(
+        "--no-curves", action="store_true", help="skip the loss curves (no hybrid or per-layer expert plans then)"
+    )
     score.add_argument(
         "--channel-multiple",
         type=_positive_int,
@@ -740,8 +745,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--experts",
         default=EXPERT_ALLOCATIONS[0],
         choices=EXPERT_ALLOCATIONS,
-        help="uniform: every MoE layer loses the same number of experts (stock config); per-layer: experts of all "
-        "layers ranked together (per-layer counts, the project's model class)",
+        help="uniform: every MoE layer loses the same number of experts (stock config); per-layer: counts split "
+        "between layers by their measured loss curves; ranked: experts of all layers ranked together by the "
+        "criterion (per-layer counts: the project's model class)",
     )
     plan.add_argument(
         "--expert-channel-ratio",

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .arch import adapter_for, geometry_of
-from .moe import expert_geometry_of, moe_family_for
+from .moe import attention_shape, moe_family_for
 
 
 @dataclass(frozen=True)
@@ -39,14 +39,15 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     weights in buffers); every other parameter counts once (tied embeddings once). Non-embedding excludes
     the input embedding and an untied output head.
     """
-    projections = {}  # removed sublayers have none; a mixture of experts is never GPTQ-packed: counted as stored
-    if moe_family_for(model.config) is None:
+    if moe_family_for(model.config) is None:  # removed sublayers have no projections
         adapter = adapter_for(model.config)
         projections = {
             id(projection): projection
             for layer in adapter.decoder_layers(model)
             for _, projection in adapter.projections(layer)
         }
+    else:  # fused experts are parameters; GPTQ-packed layers (experts de-fused by GPTQModel) keep them in buffers
+        projections = {id(module): module for module in model.modules() if hasattr(module, "qweight")}
     total = 0
     for projection in projections.values():
         bias = getattr(projection, "bias", None)
@@ -64,7 +65,11 @@ def kv_cache_bytes_per_token(model: nn.Module) -> int:
     """Bytes the KV cache grows by per token: every layer with attention stores a key and a value per KV head
     (a mixture of experts' state-space layers keep a fixed-size state instead)."""
     element = torch.empty((), dtype=compute_dtype(model)).element_size()
-    geometry = expert_geometry_of(model) if moe_family_for(model.config) is not None else geometry_of(model)
+    family = moe_family_for(model.config)
+    if family is not None:  # read from the attention alone: a quantized MoE's experts are no longer fused
+        shape = attention_shape(family.decoder_layers(model))
+        return int(sum(2 * groups * shape.get("head_dim", 0) * element for groups in shape["kv_groups"]))
+    geometry = geometry_of(model)
     return int(sum(2 * groups * geometry.head_dim * element for groups in geometry.kv_groups))
 
 

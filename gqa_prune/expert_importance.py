@@ -1,6 +1,8 @@
 """The importance stage of a mixture-of-experts model: one forward-only pass over the calibration blocks
 records, per expert of every MoE layer, the statistics every expert criterion folds (``criteria.experts``),
-and per GQA group of every attention layer the norm of what it writes through o_proj.
+and per GQA group of every attention layer the norm of what it writes through o_proj. Then, per MoE layer, a
+loss curve (``expert_loss_curves``): the measured calibration-loss increase of removing 25, 50, 75 % of that
+layer's experts alone (lowest REAP first), which `--experts per-layer` plans price layers by.
 
 Each expert's output on the tokens routed to it is recomputed by calling the layer's own experts module with
 that expert alone at gate 1, so the norm is exactly what the model's fused kernel computes before gating,
@@ -13,14 +15,20 @@ import logging
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .blocks import check_blocks
-from .criteria.experts import CHANNEL_STAT, EXPERT_STATS, GROUP_STAT
+from .criteria.experts import CHANNEL_STAT, DEFAULT_EXPERT_CRITERION, EXPERT_CRITERIA, EXPERT_STATS, GROUP_STAT
 from .errors import GqaPruneError
+from .expert_plan import EXPERT_CURVE_FRACTIONS
 from .expert_scores import ExpertScores
+from .importance import CURVE_CEILING
 from .moe import ExpertGeometry, attention_block, expert_geometry_of, moe_family_for
 from .passes import frozen, mean_loss
-from .settings import IMPORTANCE_BATCH_SIZE
+from .plan import top_units
+from .scores import LossCurve
+from .settings import CURVE_TOKENS, IMPORTANCE_BATCH_SIZE
+from .units.expert import EXPERT
 
 logger = logging.getLogger(__name__)
 
@@ -93,17 +101,26 @@ class ExpertStatsCollector:
             handle.remove()
 
 
-def score_experts(model: nn.Module, blocks: torch.Tensor, batch_size: int = IMPORTANCE_BATCH_SIZE) -> ExpertScores:
-    """Record the expert statistics of ``model`` on calibration ``blocks`` [n, seq_len] (forward only)."""
+def score_experts(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    batch_size: int = IMPORTANCE_BATCH_SIZE,
+    curves: bool = True,
+    curve_blocks: int | None = None,
+) -> ExpertScores:
+    """Record the expert statistics of ``model`` on calibration ``blocks`` [n, seq_len] (forward only) and,
+    with ``curves``, every MoE layer's loss curve on the first ``curve_blocks`` blocks (default: as many as
+    hold ``CURVE_TOKENS`` tokens)."""
     if batch_size < 1:
         raise GqaPruneError(f"batch_size must be >= 1, got {batch_size}")
     check_blocks(model, blocks, min_tokens=2, purpose="a next-token loss")
     geometry = expert_geometry_of(model)
     device = next(model.parameters()).device
+    batches = list(blocks.split(batch_size))
     with frozen(model):
         collector = ExpertStatsCollector(model, geometry)
         try:
-            loss = mean_loss(model, list(blocks.split(batch_size)), device, desc="expert statistics forward")
+            loss = mean_loss(model, batches, device, desc="expert statistics forward")
         finally:
             collector.remove()
     scores = ExpertScores(
@@ -120,4 +137,43 @@ def score_experts(model: nn.Module, blocks: torch.Tensor, batch_size: int = IMPO
     scores.check("importance")
     never = sum(int((stats == 0).sum()) for stats in scores.stats["count"])
     logger.info("expert statistics: %d MoE layers, %d experts never routed to", len(geometry.moe_layers), never)
+    if curves:
+        if curve_blocks is None:
+            curve_blocks = -(-CURVE_TOKENS // int(blocks.shape[1]))
+        measure = list(blocks[:curve_blocks].split(batch_size)) if curve_blocks < len(blocks) else batches
+        with frozen(model):
+            base = loss if measure is batches else mean_loss(model, measure, device)
+            scores.curves = expert_loss_curves(model, scores, measure, device, base)
+        scores.info["curve_blocks"] = int(sum(len(batch) for batch in measure))
     return scores
+
+
+def expert_loss_curves(
+    model: nn.Module, scores: ExpertScores, batches, device, base_loss: float
+) -> dict[int, LossCurve]:
+    """Per MoE layer, the measured calibration-loss increase of removing ``EXPERT_CURVE_FRACTIONS`` of its
+    experts alone (lowest under the default criterion first, masked out of routing; every layer keeps top-k):
+    (parameters removed, nats). One forward each; a layer stops once its loss rose by ``CURVE_CEILING``."""
+    geometry, family = scores.geometry, moe_family_for(model.config)
+    layers = family.decoder_layers(model)
+    criterion = EXPERT_CRITERIA[DEFAULT_EXPERT_CRITERION]
+    curves = {}
+    for layer in tqdm(geometry.moe_layers, desc="expert loss curves", unit="layer", leave=False):
+        experts = geometry.experts[layer]
+        order = criterion.scores(scores.layer_stats(layer), layer, 0)
+        points: list[tuple[int, float]] = []
+        for removed in sorted({min(round(f * experts), experts - geometry.top_k) for f in EXPERT_CURVE_FRACTIONS}):
+            if removed < 1:
+                continue
+            kept = top_units(order, experts - removed)
+            handle = EXPERT.mask(family.sparse_block(layers[layer]), family, model.config, kept)
+            try:
+                increase = mean_loss(model, batches, device) - base_loss
+            finally:
+                handle.remove()
+            points.append((removed * geometry.params_per_expert(layer), increase))
+            logger.info("expert loss curve, layer %d: %d experts removed, loss +%.4f", layer, removed, increase)
+            if increase > CURVE_CEILING:
+                break
+        curves[layer] = LossCurve(tuple(points))
+    return curves

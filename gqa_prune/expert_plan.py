@@ -4,9 +4,11 @@ keeps, built from expert scores.
 Experts: ``uniform`` (the default) removes ``round(expert_ratio x experts)`` experts of every MoE layer, the
 lowest-scored under the chosen criterion, so the pruned model keeps one expert count in its config and stock
 ``from_pretrained`` loads it with no custom code -- as every released pruned MoE does. ``per-layer`` removes
-the same total but ranks all MoE layers' experts together by the criterion's value, so layers whose experts
-matter less lose more; the checkpoint then records per-layer counts (``per_layer_config``) and loads through
-the project's modeling file. A layer keeps at least ``num_experts_per_tok`` experts either way.
+the same total but splits it between layers by their measured loss curves (the hybrid currency: calibration
+loss per parameter removed; layers whose experts cost less lose more); ``ranked`` ranks all MoE layers'
+experts together by the criterion's value instead. Either way the checkpoint then records per-layer counts
+(``per_layer_config``) and loads through the project's modeling file. A layer keeps at least
+``num_experts_per_tok`` experts.
 
 Expert channels: ``channel_ratio`` removes ``round(channel_ratio x width)`` intermediate channels of every kept
 expert (each expert its own lowest-scored ones; the fused expert tensors need one width per layer).
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .allocation import split_by_curves
 from .atomic import MARKER, write_text
 from .choices import EXPERT_ALLOCATIONS
 from .criteria.experts import EXPERT_CRITERIA, GROUP_STAT
@@ -40,6 +43,7 @@ from .settings import ExpertPlanSettings
 
 EXPERT_PLAN_FORMAT = "gqa-prune-expert-plan"
 EXPERT_PLAN_VERSION = 1
+EXPERT_CURVE_FRACTIONS = (0.25, 0.5, 0.75)  # of one MoE layer's experts: where importance measures its loss curve
 Channels = tuple[tuple[int, ...], ...]  # per kept expert of a layer: its kept channels
 
 
@@ -246,6 +250,8 @@ def build_expert_plan(scores: ExpertScores, settings: ExpertPlanSettings) -> Exp
     }
     if settings.allocation == "uniform":
         keep = _uniform_counts(geometry, settings.expert_ratio)
+    elif settings.allocation == "per-layer":
+        keep = _curve_counts(scores, settings.expert_ratio)
     else:
         keep = _ranked_counts(geometry, settings.expert_ratio, layer_scores)
     kept = tuple(
@@ -299,6 +305,39 @@ def _uniform_counts(geometry: ExpertGeometry, ratio: float) -> dict[int, int]:
                 f"{(experts - geometry.top_k) / experts:.4g} is possible"
             )
     return counts
+
+
+def _curve_counts(scores: ExpertScores, ratio: float) -> dict[int, int]:
+    """Per-layer counts from the measured loss curves: ``round(ratio x all experts)`` go, one at a time from
+    the layer whose loss rises least per parameter (optimal for convex curves: their lower hulls are), each
+    layer at most as far as its curve was measured and keeping at least top-k."""
+    geometry = scores.geometry
+    missing = [layer for layer in geometry.moe_layers if layer not in scores.curves]
+    if missing:
+        raise GqaPruneError(
+            "--experts per-layer prices layers by measured loss curves; these scores lack them "
+            "(re-run `gqa-prune importance` without --no-curves, or use --experts ranked)"
+        )
+    total = sum(geometry.experts)
+    remove = round(ratio * total)
+
+    def per_parameter(layer: int):  # loss of removing n experts, in nats per parameter of one expert
+        curve, size = scores.curves[layer], geometry.params_per_expert(layer)
+        return lambda count: curve.loss(count * size) / size
+
+    limits = {
+        layer: min(scores.curves[layer].max_params // geometry.params_per_expert(layer), experts - geometry.top_k)
+        for layer, experts in enumerate(geometry.experts)
+        if experts
+    }
+    taken = split_by_curves({layer: per_parameter(layer) for layer in limits}, limits, remove, step=1)
+    if sum(taken.values()) < remove:
+        raise GqaPruneError(
+            f"--expert-ratio {ratio} removes {remove} of {total} experts, but the measured loss curves reach "
+            f"{round(sum(limits.values()))} (up to {max(EXPERT_CURVE_FRACTIONS):.0%} of each layer's experts, every "
+            f"layer keeping {geometry.top_k}); use --experts uniform or ranked"
+        )
+    return {layer: geometry.experts[layer] - round(taken[layer]) for layer in limits}
 
 
 def _ranked_counts(geometry: ExpertGeometry, ratio: float, layer_scores: dict[int, torch.Tensor]) -> dict[int, int]:

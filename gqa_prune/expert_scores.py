@@ -1,9 +1,9 @@
 """The expert scores value and its storage: per MoE layer and expert, the statistics of one calibration pass.
 
 Stored as ``experts.safetensors`` (``<statistic>.<layer>`` float64 tensors; dense layers have no expert
-statistics, state-space layers no ``group`` statistic) and
-``experts.json`` (the expert geometry, calibration loss and how the pass was run). A folder holding these is
-what ``gqa-prune importance`` writes for a mixture-of-experts model; ``plan --expert-ratio`` reads it.
+statistics, state-space layers no ``group`` statistic) and ``experts.json`` (the expert geometry, calibration
+loss, the per-layer loss curves and how the pass was run). A folder holding these is what ``gqa-prune
+importance`` writes for a mixture-of-experts model; ``plan --expert-ratio`` reads it.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from .atomic import atomic_dir
 from .criteria.experts import CHANNEL_STAT, EXPERT_STATS, GROUP_STAT
 from .errors import GqaPruneError
 from .moe import ExpertGeometry
+from .scores import LossCurve
 
 EXPERT_SCORES_FORMAT = "gqa-prune-expert-scores"
 EXPERT_SCORES_VERSION = 1
@@ -37,6 +38,7 @@ class ExpertScores:
     stats: dict[str, list[torch.Tensor]]
     calibration_loss: float
     info: dict = field(default_factory=dict)
+    curves: dict[int, LossCurve] = field(default_factory=dict)  # per MoE layer: removing its experts alone
 
     def layer_stats(self, layer: int) -> dict[str, torch.Tensor]:
         return {name: self.stats[name][layer] for name in EXPERT_STATS}
@@ -63,6 +65,10 @@ class ExpertScores:
                     )
                 if not torch.isfinite(tensor).all() or (tensor < 0).any():
                     raise GqaPruneError(f"{where}: {name} of layer {layer} is not finite and non-negative")
+        for layer, curve in self.curves.items():
+            if layer not in self.geometry.moe_layers:
+                raise GqaPruneError(f"{where}: a loss curve of layer {layer}, which has no experts")
+            curve.check(f"{where}: expert loss curve of layer {layer}")
 
 
 def is_expert_folder(folder: str | os.PathLike) -> bool:
@@ -85,6 +91,7 @@ def save(scores: ExpertScores, out_dir: str | os.PathLike) -> Path:
         "geometry": scores.geometry.to_dict(),
         "calibration_loss": scores.calibration_loss,
         "info": scores.info,
+        "curves": {str(layer): curve.to_dict() for layer, curve in sorted(scores.curves.items())},
     }
     with atomic_dir(out_dir, "importance") as temporary:
         metadata = {"gqa_prune": json.dumps({"format": EXPERT_SCORES_FORMAT}, sort_keys=True)}
@@ -115,6 +122,11 @@ def load(in_dir: str | os.PathLike) -> ExpertScores:
         ]
         for name in (*EXPERT_STATS, CHANNEL_STAT, *((GROUP_STAT,) if geometry.kv_groups else ()))
     }
-    scores = ExpertScores(geometry, stats, float(record.get("calibration_loss", float("nan"))), record.get("info", {}))
+    try:
+        curves = {int(layer): LossCurve.from_dict(curve) for layer, curve in record.get("curves", {}).items()}
+    except (KeyError, TypeError, ValueError) as error:
+        raise GqaPruneError(f"{in_dir / EXPERT_SCORES_FILE}: malformed loss curves ({error!r})") from error
+    calibration_loss = float(record.get("calibration_loss", float("nan")))
+    scores = ExpertScores(geometry, stats, calibration_loss, record.get("info", {}), curves)
     scores.check(str(in_dir))
     return scores

@@ -47,9 +47,33 @@ def _decoder_linear_tensors(model_dir: str | os.PathLike) -> dict[str, dict[str,
     return {name: layers[name] for name in sorted(layers, key=natural)}
 
 
+FUSED_EXPERTS = ("experts.gate_up_proj", "experts.down_proj")  # [experts, ., .] tensors of a mixture of experts
+
+
 def projection_in_features(model_dir: str | os.PathLike) -> dict[str, int]:
-    """in_features of every decoder projection of an unquantized checkpoint, from the headers."""
-    return {layer: parts["weight"]["shape"][1] for layer, parts in _decoder_linear_tensors(model_dir).items()}
+    """in_features of every decoder projection of an unquantized checkpoint, from the headers; a mixture of
+    experts' fused expert tensors count as their per-expert projections (gate/up read the hidden size, down
+    the expert width, whichever way the family lays them out)."""
+    widths = {layer: parts["weight"]["shape"][1] for layer, parts in _decoder_linear_tensors(model_dir).items()}
+    return {**widths, **_fused_expert_in_features(model_dir)}
+
+
+def _fused_expert_in_features(model_dir: str | os.PathLike) -> dict[str, int]:
+    shapes = {}
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        for name, info in _safetensors_header(file).items():
+            if name.endswith(FUSED_EXPERTS) and len(info.get("shape", ())) == 3:
+                shapes[name] = info["shape"][1:]
+    widths = {}
+    for name, down in shapes.items():
+        if not name.endswith(FUSED_EXPERTS[1]):
+            continue
+        block = name.removesuffix(FUSED_EXPERTS[1])
+        gate_up = shapes.get(block + FUSED_EXPERTS[0], down)
+        hidden = (set(gate_up) & set(down) or set(down)).pop()  # the dimension both read or write
+        width = down[1] if down[0] == hidden else down[0]
+        widths[block + "experts.gate_up_proj"], widths[name] = hidden, width
+    return widths
 
 
 def _register_pruned_types() -> None:

@@ -330,7 +330,7 @@ def expert_geometry_of(model: nn.Module) -> ExpertGeometry:
     per_channel, fixed = owned
     return ExpertGeometry(
         family.family, int(model.config.num_experts_per_tok), tuple(counts), tuple(widths), per_channel, fixed,
-        **_attention_shape(family.decoder_layers(model)),
+        **attention_shape(family.decoder_layers(model)),
     )  # fmt: skip
 
 
@@ -339,7 +339,7 @@ def attention_block(layer: nn.Module) -> nn.Module | None:
     return getattr(layer, ATTENTION_ATTR, None)
 
 
-def _attention_shape(layers: nn.ModuleList) -> dict[str, object]:
+def attention_shape(layers: nn.ModuleList) -> dict[str, object]:
     """KV heads per layer, query heads per KV head, head_dim and the parameters one GQA group owns."""
     kv_groups, first = [], None
     for layer in layers:
@@ -352,15 +352,17 @@ def _attention_shape(layers: nn.ModuleList) -> dict[str, object]:
     if first is None:
         return {"kv_groups": tuple(kv_groups)}
     attention, groups = first
-    owned = [*attention.q_proj.parameters(), *attention.k_proj.parameters(), *attention.v_proj.parameters()]
-    owned.append(attention.o_proj.weight)
+    # from in/out features, so a GPTQ-packed attention (weights in buffers) reads the same
+    inputs = [attention.q_proj, attention.k_proj, attention.v_proj]
+    owned = sum(linear.in_features * linear.out_features for linear in [*inputs, attention.o_proj])
+    owned += sum(linear.bias.numel() for linear in inputs if isinstance(getattr(linear, "bias", None), torch.Tensor))
     if isinstance(getattr(attention, "sinks", None), torch.Tensor):  # gpt-oss: one learned sink per query head
-        owned.append(attention.sinks)
+        owned += attention.sinks.numel()
     return {
         "kv_groups": tuple(kv_groups),
         "heads_per_group": int(attention.num_key_value_groups),
         "head_dim": int(attention.head_dim),
-        "params_per_group": sum(tensor.numel() for tensor in owned) // groups,
+        "params_per_group": owned // groups,
     }
 
 

@@ -162,8 +162,9 @@ def load_model(
     folder = require_model_dir(path)
     remote = trust_remote_code(folder)
 
-    if is_quantized(folder):
-        return load_quantized(folder, resolve_device(device))
+    if is_quantized(folder):  # with the CPU kernel `quantize` chose (recorded), else the one its bits imply
+        kernel = read_provenance(folder).get("quantization", {}).get("kernel")
+        return load_quantized(folder, resolve_device(device), kernel)
     kwargs = {"dtype": resolve_dtype(dtype), "trust_remote_code": remote}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

@@ -187,15 +187,16 @@ def _moe_families() -> dict:
 MOE_FAMILY_NAMES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "granitemoehybrid")
 
 
-def tiny_moe(family: str, seed: int = 0, vocab_size: int = 96, experts: int = 6, top_k: int = 2):
-    """A tiny random MoE model of ``family`` (3 layers, hidden 32, ``experts`` experts, top-``top_k``), every
-    parameter perturbed so that routers, biases and norms all matter in equivalence tests."""
+def tiny_moe(family: str, seed: int = 0, vocab_size: int = 96, experts: int = 6, top_k: int = 2, **overrides):
+    """A tiny random MoE model of ``family`` (3 layers, hidden 32, ``experts`` experts, top-``top_k``; config
+    ``overrides``), every parameter perturbed so that routers, biases and norms all matter in equivalence tests."""
     config_class, model_class, experts_key, extra = _moe_families()[family]
-    config = config_class(
+    settings = dict(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, max_position_embeddings=128, num_experts_per_tok=top_k,
-        **{experts_key: experts}, **extra,
+        **{experts_key: experts},
     )  # fmt: skip
+    config = config_class(**{**settings, **extra, **overrides})
     torch.manual_seed(seed)
     model = model_class(config).eval()
     with torch.no_grad():

@@ -24,6 +24,8 @@ from gqa_prune.expert_importance import score_experts
 from gqa_prune.expert_plan import ExpertPlan, build_expert_plan, load_plan
 from gqa_prune.expert_surgery import apply_expert_plan, masked_experts
 from gqa_prune.moe import MOE_FAMILIES, expert_geometry_of, moe_family_for
+from gqa_prune.passes import mean_loss
+from gqa_prune.plan import top_units
 from gqa_prune.settings import ExpertPlanSettings
 
 
@@ -126,17 +128,44 @@ def test_per_layer_counts_and_expert_channels_equal_their_masked_reference_and_r
     torch.testing.assert_close(_logits(reloaded, ids), masked, rtol=0, atol=1e-5)
 
 
-def test_per_layer_allocation_takes_more_experts_from_the_layer_whose_experts_matter_less():
+def test_per_layer_allocations_take_more_experts_from_the_layer_whose_experts_matter_less():
+    """Measured loss curves (per-layer) and the criterion's ranking (ranked) both see that layer 1's experts
+    add 100 times less: it gives all it can (it keeps top-k = 2), the others the rest."""
     model = tiny_moe("mixtral")
     with torch.no_grad():
-        model.model.layers[1].mlp.experts.down_proj.mul_(0.01)  # layer 1's experts add 100 times less
+        model.model.layers[1].mlp.experts.down_proj.mul_(0.01)
     scores = _scores(model)
-    ranked = _plan(scores, 1 / 3, allocation="per-layer")
-    counts = [len(kept) for kept in ranked.kept]
-    assert counts[1] == 2 and sum(counts) == 12  # 6 of 18 go: layer 1 gives all it can (it keeps top-k = 2)
+    assert sorted(scores.curves) == [0, 1, 2]
+    assert all(scores.curves[1].loss(p) < scores.curves[0].loss(p) for p, _ in scores.curves[0].points[:2])
     uniform = _plan(scores, 1 / 3)
     assert [len(kept) for kept in uniform.kept] == [4, 4, 4]
-    assert ranked.params_after == uniform.params_after
+    for allocation in ("per-layer", "ranked"):
+        plan = _plan(scores, 1 / 3, allocation=allocation)
+        counts = [len(kept) for kept in plan.kept]
+        assert counts[1] == 2 and sum(counts) == 12, allocation  # 6 of 18 go
+        assert plan.params_after == uniform.params_after
+
+
+def test_expert_loss_curves_are_what_removing_a_layers_experts_alone_costs():
+    """A curve point = the calibration loss with that layer's lowest-REAP experts masked out of routing, minus
+    the dense loss (measured independently through an expert plan's masked reference)."""
+    model = tiny_moe("qwen3_moe")
+    blocks = calibration_ids(blocks=4, length=16)
+    scores = score_experts(copy.deepcopy(model), blocks, batch_size=2)
+    base = mean_loss(model, list(blocks.split(2)), torch.device("cpu"))
+    reap = [EXPERT_CRITERIA["reap"].scores(scores.layer_stats(layer), layer, 0) for layer in range(3)]
+    for layer, curve in scores.curves.items():
+        assert [params // scores.geometry.params_per_expert(layer) for params, _ in curve.points] == [2, 3, 4]
+        removed, increase = 3, curve.points[1][1]
+        kept = tuple(top_units(reap[i], 6 - removed) if i == layer else tuple(range(6)) for i in range(3))
+        with masked_experts(
+            model, ExpertPlan(scores.geometry, 0.5, "reap", kept, scores.info["parameters"], allocation="ranked")
+        ):
+            measured = mean_loss(model, list(blocks.split(2)), torch.device("cpu")) - base
+        assert increase == pytest.approx(measured, abs=1e-6)
+    no_curves = score_experts(copy.deepcopy(model), blocks, batch_size=2, curves=False)
+    with pytest.raises(GqaPruneError, match="--experts per-layer prices layers by measured loss curves"):
+        _plan(no_curves, 0.25, allocation="per-layer")
 
 
 def _direct_statistics(model) -> dict[str, list[torch.Tensor]]:
@@ -328,6 +357,7 @@ def test_expert_scores_round_trip_through_their_folder(tmp_path):
     expert_scores.save(scores, tmp_path / "importance")
     loaded = expert_scores.load(tmp_path / "importance")
     assert loaded.geometry == scores.geometry and loaded.calibration_loss == scores.calibration_loss
+    assert loaded.curves == scores.curves and len(scores.curves) == 2
     for name, per_layer in scores.stats.items():
         assert all(torch.equal(a, b) for a, b in zip(loaded.stats[name], per_layer))
     record = json.loads((tmp_path / "importance" / "experts.json").read_text())

@@ -7,19 +7,28 @@ checkpoint loaded by this process; a fresh process without gqa_prune must reprod
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import calibration_ids, logits_in_fresh_process, plan_for, quantizable_model
+from helpers import calibration_ids, logits_in_fresh_process, plan_for, quantizable_model, tiny_moe
+from safetensors.torch import load_file, save_file
 
 from gqa_prune.checkpoint import save_pruned
 from gqa_prune.cli import main
+from gqa_prune.efficiency import parameter_counts
 from gqa_prune.errors import GqaPruneError
+from gqa_prune.expert_importance import score_experts
+from gqa_prune.expert_plan import build_expert_plan
+from gqa_prune.expert_surgery import apply_expert_plan
 from gqa_prune.gptq_format import linear_bits_per_parameter, projection_in_features
 from gqa_prune.quantize import QuantSettings, check_settings, quantize_checkpoint
+from gqa_prune.settings import ExpertPlanSettings
 from gqa_prune.sources import load_model
 from gqa_prune.surgery import apply_plan
 
@@ -87,6 +96,71 @@ def test_rtn_w8_needs_no_calibration_and_stays_close_to_float(pruned, tmp_path):
     assert (logits.float() - float_logits).abs().max() < 0.05 * float_logits.abs().max()
     assert record["quantization"]["bits_per_parameter"] == pytest.approx(_expected_bits(folder, 8, 32), rel=1e-12)
     assert record["quantization"]["calibration_blocks"] == 0
+
+
+_QUANTIZE_MOE = """
+import json, sys, torch
+from safetensors.torch import load_file, save_file
+from gqa_prune.efficiency import compute_dtype, kv_cache_bytes_per_token, parameter_counts
+from gqa_prune.errors import GqaPruneError
+from gqa_prune.quantize import QuantSettings, quantize_checkpoint
+from gqa_prune.sources import load_model
+pruned, out, inputs = sys.argv[1:4]
+try:
+    quantize_checkpoint(pruned, out + "-int8", QuantSettings("rtn", 8, 16), None)  # kernel auto: torch_int8
+    refused = ""
+except GqaPruneError as error:
+    refused = str(error)
+record = quantize_checkpoint(pruned, out, QuantSettings("rtn", 8, 16, kernel="torch"), None)
+model = load_model(out, device="cpu")
+with torch.no_grad():
+    logits = model(input_ids=load_file(inputs)["input_ids"]).logits.float().contiguous()
+save_file({"logits": logits}, out + "-logits.safetensors")
+element = torch.empty((), dtype=compute_dtype(model)).element_size()
+print(json.dumps({
+    "refused": refused, "quantization": record["quantization"], "parameters": parameter_counts(model),
+    "kv_elements": kv_cache_bytes_per_token(model) // element,
+    "defused": any(name.endswith("experts.0.down_proj") for name, _ in model.named_modules()),
+}))
+"""
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_an_expert_pruned_mixture_of_experts_quantizes_and_runs_with_the_torch_kernel(family, tmp_path, tiny_tokenizer):
+    """GPTQModel de-fuses the experts into one quantized layer per expert projection: the checkpoint loads
+    through load_model with the kernel quantize recorded, stays close to the float model, and counts the same
+    logical parameters; the kernels that failed on experts are refused. In a process of its own: loading a
+    MoE through GPTQModel changes how that process's transformers loads stock MoE checkpoints afterwards."""
+    model = tiny_moe(family, vocab_size=len(tiny_tokenizer), intermediate_size=16, moe_intermediate_size=16)
+    scores = score_experts(copy.deepcopy(model), calibration_ids(len(tiny_tokenizer), blocks=4, length=16))
+    plan = build_expert_plan(scores, ExpertPlanSettings(0.5, channel_multiple=1, group_ratio=0.5))
+    apply_expert_plan(model, plan)
+    save_pruned(model, tiny_tokenizer, plan, tmp_path / "pruned", source="org/tiny-moe")
+    with torch.no_grad():
+        float_logits = model(INPUTS).logits
+    save_file({"input_ids": INPUTS.contiguous()}, str(tmp_path / "inputs.safetensors"))
+    done = subprocess.run(
+        [sys.executable, "-c", _QUANTIZE_MOE, str(tmp_path / "pruned"), str(tmp_path / "rtn"),
+         str(tmp_path / "inputs.safetensors")],
+        capture_output=True, text=True, timeout=1200, env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "kernel torch_int8 does not run quantized experts here" in result["refused"]
+    assert not (tmp_path / "rtn-int8").exists()
+    assert result["quantization"]["kernel"] == "torch" and 8 < result["quantization"]["bits_per_parameter"] < 16
+    assert result["defused"] and result["parameters"] == parameter_counts(model)
+    assert result["kv_elements"] == 2 * 3 * 1 * 8  # 3 attention layers x key and value x 1 KV head x head_dim 8
+    error = (load_file(str(tmp_path / "rtn-logits.safetensors"))["logits"] - float_logits).abs()
+    # GPTQModel runs it in bfloat16, which can flip a near-tie routing choice: close on average, bounded at worst
+    assert error.mean() < 0.02 * float_logits.abs().max() and error.max() < 0.15 * float_logits.abs().max()
+
+
+def test_mixtures_of_experts_gptqmodel_cannot_quantize_are_refused(tmp_path, tiny_tokenizer):
+    tiny_moe("qwen2_moe", vocab_size=len(tiny_tokenizer)).save_pretrained(tmp_path / "qwen2-moe")
+    with pytest.raises(GqaPruneError, match="GPTQModel does not find its shared expert"):
+        quantize_checkpoint(tmp_path / "qwen2-moe", tmp_path / "out", QuantSettings("rtn", 8, 16, kernel="torch"), None)
+    assert not (tmp_path / "out").exists()
 
 
 def test_bits_per_parameter_of_a_float_checkpoint_is_its_dtype(pruned):
