@@ -241,17 +241,28 @@ def expert_model_card(plan, source: str, config_kind: str, model_name: str) -> s
         else ""
     )
     attention = (
-        f"Every attention layer lost {plan.group_ratio} of its GQA groups (a KV head with its query heads; those "
-        "writing least to the residual stream). Shared experts"
+        f"Every attention layer lost {plan.width_ratio} of its GQA groups (a KV head with its query heads; those "
+        "writing least to the residual stream)"
+        + (
+            " and every shared MLP as much of its channels. Dense MLP"
+            if plan.shared_channels
+            else ". Shared experts, dense MLP"
+        )
         if plan.groups is not None
-        else "Attention, shared experts"
+        else "Attention, shared experts, dense MLP"
     )
-    groups_row = (
-        f"| KV heads per attention layer | {_moe_span(before.kv_groups, before.attention_layers)} | "
-        f"{_moe_span(after.kv_groups, after.attention_layers)} |\n"
-        if plan.groups is not None
-        else ""
-    )
+    groups_row = ""
+    if plan.groups is not None:
+        groups_row += (
+            f"| KV heads per attention layer | {_moe_span(before.kv_groups, before.attention_layers)} | "
+            f"{_moe_span(after.kv_groups, after.attention_layers)} |\n"
+        )
+    if plan.shared_channels is not None:
+        shared = [layer for layer, width in enumerate(before.shared_widths) if width]
+        groups_row += (
+            f"| shared-MLP channels | {_moe_span(before.shared_widths, shared)} | "
+            f"{_moe_span(after.shared_widths, shared)} |\n"
+        )
     allocation = (
         "every mixture-of-experts layer lost the same number of routed experts"
         if plan.allocation == "uniform"
@@ -276,7 +287,7 @@ tags:
 # {model_name} (expert pruning)
 
 Pruned by gqa-prune from `{source}`: {allocation}, the lowest-scored under `{plan.criterion}` on calibration
-data{channels}. {len(moe)} of {before.num_layers} layers have experts. {attention}, dense MLP
+data{channels}. {len(moe)} of {before.num_layers} layers have experts. {attention}
 layers and state-space layers are unchanged. Weights are not fine-tuned after pruning.
 
 | | before | after |

@@ -170,12 +170,12 @@ def _expert_plan(args: argparse.Namespace) -> None:
     if args.expert_ratio is None:
         raise GqaPruneError(
             f"{args.importance} holds expert scores: give --expert-ratio (fraction of experts to remove) and/or "
-            "--ratio (fraction of every attention layer's GQA groups)"
+            "--ratio (fraction of every attention layer's GQA groups and every shared MLP's channels)"
         )
     settings = ExpertPlanSettings(
         expert_ratio=args.expert_ratio, criterion=args.expert_criterion, allocation=args.experts,
         channel_ratio=args.expert_channel_ratio, channel_multiple=args.channel_multiple, seed=args.seed,
-        group_ratio=args.ratio or 0.0,
+        width_ratio=args.ratio or 0.0,
     )  # fmt: skip
     settings.validate()  # before reading anything
     scores = expert_scores.load(args.importance)
@@ -190,6 +190,8 @@ def _expert_plan(args: argparse.Namespace) -> None:
     groups = (
         f", GQA groups {summary['kv_groups_before']} -> {summary['kv_groups_after']}" if plan.groups is not None else ""
     )
+    if plan.shared_channels is not None:
+        groups += f", shared-MLP channels {summary['shared_channels_before']} -> {summary['shared_channels_after']}"
     print(
         f"plan (experts {plan.allocation}, {plan.criterion}{channels}): remove {summary['achieved_expert_ratio']:.2%} "
         f"of the experts ({summary['experts_before']} -> {summary['experts_after']}{groups}; "
@@ -727,7 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_ratio,
         default=None,
         help="fraction of attention+MLP parameters to remove, in [0, 1); on a mixture of experts' scores: fraction "
-        "of every attention layer's GQA groups",
+        "of every attention layer's GQA groups and of every shared MLP's channels",
     )
     plan.add_argument(
         "--expert-ratio",

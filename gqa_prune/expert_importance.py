@@ -1,6 +1,7 @@
 """The importance stage of a mixture-of-experts model: one forward-only pass over the calibration blocks
 records, per expert of every MoE layer, the statistics every expert criterion folds (``criteria.experts``),
-and per GQA group of every attention layer the norm of what it writes through o_proj. Then, per MoE layer, a
+per GQA group of every attention layer the norm of what it writes through o_proj, and per channel of a shared
+MLP its Wanda-style score. Then, per MoE layer, a
 loss curve (``expert_loss_curves``): the measured calibration-loss increase of removing 25, 50, 75 % of that
 layer's experts alone (lowest REAP first), which `--experts per-layer` plans price layers by.
 
@@ -18,7 +19,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .blocks import check_blocks
-from .criteria.experts import CHANNEL_STAT, DEFAULT_EXPERT_CRITERION, EXPERT_CRITERIA, EXPERT_STATS, GROUP_STAT
+from .criteria.experts import (
+    CHANNEL_STAT,
+    DEFAULT_EXPERT_CRITERION,
+    EXPERT_CRITERIA,
+    EXPERT_STATS,
+    GROUP_STAT,
+    SHARED_STAT,
+)
 from .errors import GqaPruneError
 from .expert_plan import EXPERT_CURVE_FRACTIONS
 from .expert_scores import ExpertScores
@@ -48,6 +56,7 @@ class ExpertStatsCollector:
             for count, width in zip(geometry.experts, geometry.widths)
         ]
         self.stats[GROUP_STAT] = [torch.zeros(groups, dtype=torch.float64) for groups in geometry.kv_groups]
+        self.stats[SHARED_STAT] = [torch.zeros(width, dtype=torch.float64) for width in geometry.shared_widths]
         self.handles = []
         for index, layer in enumerate(family.decoder_layers(model)):
             block = family.sparse_block(layer)
@@ -57,6 +66,19 @@ class ExpertStatsCollector:
             if attention is not None:
                 width = geometry.heads_per_group * geometry.head_dim
                 self.handles.append(attention.o_proj.register_forward_pre_hook(self._group_hook(index, width)))
+            shared = None if family.shared_mlp is None else family.shared_mlp.module(layer)
+            if shared is not None:
+                output = family.shared_mlp.output(shared)
+                self.handles.append(output.register_forward_pre_hook(self._shared_hook(index)))
+
+    def _shared_hook(self, layer: int):
+        """|activation| of each shared-MLP channel summed over tokens, times its output column's norm."""
+
+        def record(output: nn.Linear, args) -> None:
+            activation = args[0].reshape(-1, output.in_features).double().abs().sum(dim=0)
+            self.stats[SHARED_STAT][layer] += (activation * output.weight.double().norm(dim=0)).cpu()
+
+        return record
 
     def _group_hook(self, layer: int, width: int):
         """What each group's query heads write through o_proj (bias excluded), normed per token and summed."""

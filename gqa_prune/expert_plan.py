@@ -13,9 +13,11 @@ experts together by the criterion's value instead. Either way the checkpoint the
 Expert channels: ``channel_ratio`` removes ``round(channel_ratio x width)`` intermediate channels of every kept
 expert (each expert its own lowest-scored ones; the fused expert tensors need one width per layer).
 
-GQA groups: ``group_ratio`` removes ``round(group_ratio x KV heads)`` groups (a KV head with its query heads) of
-every attention layer, those that write least to the residual stream; state-space layers keep everything.
-One group count for all attention layers keeps the config stock.
+The width kinds a dense model has too (``width_ratio``, `plan --ratio`): ``round(width_ratio x KV heads)`` GQA
+groups (a KV head with its query heads) of every attention layer, those that write least to the residual
+stream, and ``round(width_ratio x width)`` channels of every shared MLP (rounded down to ``channel_multiple``),
+the lowest Wanda-style scores; state-space layers keep everything. One count for all layers keeps the config
+stock.
 
 A plan is a value: it round-trips through JSON exactly and is validated on construction (kept indices
 integers, sorted, unique, in range; at least top-k experts in every MoE layer, none in a dense layer; one
@@ -34,7 +36,7 @@ import torch
 from .allocation import split_by_curves
 from .atomic import MARKER, write_text
 from .choices import EXPERT_ALLOCATIONS
-from .criteria.experts import EXPERT_CRITERIA, GROUP_STAT
+from .criteria.experts import EXPERT_CRITERIA, GROUP_STAT, SHARED_STAT
 from .errors import GqaPruneError
 from .expert_scores import ExpertScores
 from .moe import MOE_FAMILIES, ExpertGeometry
@@ -58,8 +60,9 @@ class ExpertPlan:
     allocation: str = "uniform"
     channel_ratio: float = 0.0
     channels: tuple[Channels, ...] | None = None  # per layer, per kept expert: kept channels (None: all)
-    group_ratio: float = 0.0
+    width_ratio: float = 0.0
     groups: tuple[tuple[int, ...], ...] | None = None  # per layer: kept GQA groups (empty: no attention; None: all)
+    shared_channels: tuple[tuple[int, ...], ...] | None = None  # per layer: kept shared-MLP channels (likewise)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -88,22 +91,26 @@ class ExpertPlan:
         if self.channels is not None:
             self._validate_channels()
         if self.groups is not None:
-            self._validate_groups()
-
-    def _validate_groups(self) -> None:
-        kv_groups = self.geometry.kv_groups
-        if len(kv_groups) != self.geometry.num_layers:
-            raise GqaPruneError("plan keeps GQA groups but its geometry records none; rebuild it with `gqa-prune plan`")
-        if len(self.groups) != self.geometry.num_layers:
-            raise GqaPruneError(
-                f"plan lists GQA groups of {len(self.groups)} layers, the model has {self.geometry.num_layers}"
+            self._validate_width_kind(self.groups, self.geometry.kv_groups, "GQA groups", "attention layer")
+        if self.shared_channels is not None:
+            self._validate_width_kind(
+                self.shared_channels, self.geometry.shared_widths, "shared-MLP channels", "shared MLP"
             )
-        for layer, (kept, groups) in enumerate(zip(self.groups, kv_groups)):
-            _check_indices(kept, groups, f"layer {layer}: kept GQA groups")
-            if bool(kept) != bool(groups):
-                raise GqaPruneError(f"layer {layer}: an attention layer keeps at least one GQA group, others none")
-        if len({len(kept) for kept in self.groups if kept}) > 1:
-            raise GqaPruneError("an expert plan keeps the same number of GQA groups in every attention layer")
+
+    def _validate_width_kind(self, kept_per_layer, sizes: tuple[int, ...], what: str, owner: str) -> None:
+        """Kept units of a dense width kind: valid indices, at least one where the layer has any, none where
+        it has none, the same count in every layer."""
+        layers = self.geometry.num_layers
+        if len(sizes) != layers:
+            raise GqaPruneError(f"plan keeps {what} but its geometry records none; rebuild it with `gqa-prune plan`")
+        if len(kept_per_layer) != layers:
+            raise GqaPruneError(f"plan lists {what} of {len(kept_per_layer)} layers, the model has {layers}")
+        for layer, (kept, size) in enumerate(zip(kept_per_layer, sizes)):
+            _check_indices(kept, size, f"layer {layer}: kept {what}")
+            if bool(kept) != bool(size):
+                raise GqaPruneError(f"layer {layer}: a {owner} keeps at least one of its {what}, other layers none")
+        if len({len(kept) for kept in kept_per_layer if kept}) > 1:
+            raise GqaPruneError(f"an expert plan keeps the same number of {what} in every {owner}")
 
     def _validate_channels(self) -> None:
         if len(self.channels) != self.geometry.num_layers:
@@ -130,12 +137,15 @@ class ExpertPlan:
         return len(self.channels[layer][0])
 
     def pruned_geometry(self) -> ExpertGeometry:
-        kv_groups = self.geometry.kv_groups if self.groups is None else tuple(len(kept) for kept in self.groups)
+        geometry = self.geometry
+        kv_groups = geometry.kv_groups if self.groups is None else tuple(map(len, self.groups))
+        shared = geometry.shared_widths if self.shared_channels is None else tuple(map(len, self.shared_channels))
         return replace(
-            self.geometry,
+            geometry,
             experts=tuple(len(kept) for kept in self.kept),
-            widths=tuple(self.kept_width(layer) for layer in range(self.geometry.num_layers)),
+            widths=tuple(self.kept_width(layer) for layer in range(geometry.num_layers)),
             kv_groups=kv_groups,
+            shared_widths=shared,
         )
 
     @property
@@ -148,8 +158,8 @@ class ExpertPlan:
     @property
     def params_after(self) -> int:
         before, after = self.geometry, self.pruned_geometry()
-        removed = before.expert_params + before.group_params - after.expert_params - after.group_params
-        return self.params_before - removed
+        owned = ("expert_params", "group_params", "shared_params")
+        return self.params_before - sum(getattr(before, name) - getattr(after, name) for name in owned)
 
     def summary(self) -> dict:
         before, after = self.geometry, self.pruned_geometry()
@@ -163,6 +173,8 @@ class ExpertPlan:
             "expert_params_after": after.expert_params,
             "kv_groups_before": sum(before.kv_groups),
             "kv_groups_after": sum(after.kv_groups),
+            "shared_channels_before": sum(before.shared_widths),
+            "shared_channels_after": sum(after.shared_widths),
         }
 
     # ------------------------------------------------------------------------------------------ JSON
@@ -178,8 +190,11 @@ class ExpertPlan:
             "seed": self.seed,
             "params_before": self.params_before,
             "summary": self.summary(),  # derived; checked on load
-            "group_ratio": self.group_ratio,
+            "width_ratio": self.width_ratio,
             "kept_groups": None if self.groups is None else [list(kept) for kept in self.groups],
+            "kept_shared_channels": None
+            if self.shared_channels is None
+            else [list(kept) for kept in self.shared_channels],
             "kept_experts": [list(kept) for kept in self.kept],
             "kept_channels": None if self.channels is None else [[list(c) for c in layer] for layer in self.channels],
             MARKER: PLAN_KIND,
@@ -201,7 +216,7 @@ class ExpertPlan:
     def from_dict(cls, data: dict) -> ExpertPlan:
         if data.get("format") != EXPERT_PLAN_FORMAT or data.get("version") != EXPERT_PLAN_VERSION:
             raise GqaPruneError(f"not a gqa-prune expert plan (format {data.get('format')!r})")
-        channels, groups = data.get("kept_channels"), data.get("kept_groups")
+        channels, groups, shared = data.get("kept_channels"), data.get("kept_groups"), data.get("kept_shared_channels")
         plan = cls(
             geometry=ExpertGeometry.from_dict(data["geometry"]),
             expert_ratio=float(data["expert_ratio"]),
@@ -212,8 +227,9 @@ class ExpertPlan:
             allocation=str(data.get("allocation", "uniform")),
             channel_ratio=float(data.get("channel_ratio", 0.0)),
             channels=None if channels is None else tuple(tuple(tuple(c) for c in layer) for layer in channels),
-            group_ratio=float(data.get("group_ratio", 0.0)),
+            width_ratio=float(data.get("width_ratio", 0.0)),
             groups=None if groups is None else tuple(tuple(kept) for kept in groups),
+            shared_channels=None if shared is None else tuple(tuple(kept) for kept in shared),
         )
         stored = data.get("summary")
         if isinstance(stored, dict) and any(
@@ -240,7 +256,7 @@ def build_expert_plan(scores: ExpertScores, settings: ExpertPlanSettings) -> Exp
     """Remove ``expert_ratio`` of the experts (lowest-scored under the criterion; the same count in every MoE
     layer, or ranked across layers with allocation "per-layer"), ``channel_ratio`` of every kept expert's
     intermediate channels (lowest channel scores; kept widths rounded down to ``channel_multiple``: fused
-    expert kernels such as torch's grouped_mm need rows of a multiple of 16 bytes) and ``group_ratio`` of every
+    expert kernels such as torch's grouped_mm need rows of a multiple of 16 bytes) and ``width_ratio`` of every
     attention layer's GQA groups (lowest output norms)."""
     settings.validate()
     geometry = scores.geometry
@@ -260,11 +276,37 @@ def build_expert_plan(scores: ExpertScores, settings: ExpertPlanSettings) -> Exp
     channels = None
     if settings.channel_ratio > 0:
         channels = _kept_channels(scores, kept, settings.channel_ratio, settings.channel_multiple)
-    groups = _kept_groups(scores, settings.group_ratio) if settings.group_ratio > 0 else None
+    groups = shared = None
+    if settings.width_ratio > 0:
+        groups = _kept_groups(scores, settings.width_ratio)
+        shared = _kept_shared_channels(scores, settings.width_ratio, settings.channel_multiple)
     return ExpertPlan(
         geometry, settings.expert_ratio, settings.criterion, kept, int(scores.info["parameters"]), settings.seed,
-        settings.allocation, settings.channel_ratio, channels, settings.group_ratio, groups,
+        settings.allocation, settings.channel_ratio, channels, settings.width_ratio, groups, shared,
     )  # fmt: skip
+
+
+def _kept_shared_channels(scores: ExpertScores, ratio: float, multiple: int) -> tuple[tuple[int, ...], ...] | None:
+    """Every shared MLP keeps ``width - round(ratio x width)`` channels rounded down to ``multiple``, the
+    highest-scored; None for a family without shared MLPs."""
+    geometry = scores.geometry
+    if MOE_FAMILIES[geometry.family].shared_mlp is None:
+        return None
+    if not geometry.shared_widths:
+        raise GqaPruneError(
+            "--ratio: these expert scores were written before shared-MLP channels were recorded; re-run "
+            "`gqa-prune importance`"
+        )
+    kept = []
+    for layer, width in enumerate(geometry.shared_widths):
+        keep = (width - round(ratio * width)) // multiple * multiple
+        if width and keep < 1:
+            raise GqaPruneError(
+                f"--ratio {ratio} keeps no channel of layer {layer}'s {width}-channel shared MLP in multiples of "
+                f"{multiple} (--channel-multiple)"
+            )
+        kept.append(top_units(scores.stats[SHARED_STAT][layer], keep) if width else ())
+    return tuple(kept)
 
 
 def _kept_groups(scores: ExpertScores, ratio: float) -> tuple[tuple[int, ...], ...]:

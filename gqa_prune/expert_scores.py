@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from .atomic import atomic_dir
-from .criteria.experts import CHANNEL_STAT, EXPERT_STATS, GROUP_STAT
+from .criteria.experts import CHANNEL_STAT, EXPERT_STATS, GROUP_STAT, SHARED_STAT
 from .errors import GqaPruneError
 from .moe import ExpertGeometry
 from .scores import LossCurve
@@ -46,7 +46,7 @@ class ExpertScores:
     @property
     def statistics(self) -> tuple[str, ...]:
         """The statistics these scores hold (group statistics only where the geometry records groups)."""
-        return (*EXPERT_STATS, CHANNEL_STAT, *((GROUP_STAT,) if self.geometry.kv_groups else ()))
+        return statistics_of(self.geometry)
 
     def check(self, where: str) -> None:
         """Statistics for every statistic and layer, sized by the geometry, finite and non-negative."""
@@ -57,8 +57,8 @@ class ExpertScores:
             for layer, tensor in enumerate(per_layer):
                 experts, width = self.geometry.experts[layer], self.geometry.widths[layer]
                 shape = (experts, width) if name == CHANNEL_STAT and experts else (experts,)
-                if name == GROUP_STAT:
-                    shape = (self.geometry.kv_groups[layer],)
+                if name in (GROUP_STAT, SHARED_STAT):
+                    shape = ((self.geometry.kv_groups if name == GROUP_STAT else self.geometry.shared_widths)[layer],)
                 if tuple(tensor.shape) != shape:
                     raise GqaPruneError(
                         f"{where}: {name} of layer {layer} has shape {tuple(tensor.shape)}, expected {shape}"
@@ -69,6 +69,13 @@ class ExpertScores:
             if layer not in self.geometry.moe_layers:
                 raise GqaPruneError(f"{where}: a loss curve of layer {layer}, which has no experts")
             curve.check(f"{where}: expert loss curve of layer {layer}")
+
+
+def statistics_of(geometry: ExpertGeometry) -> tuple[str, ...]:
+    """The statistics a pass over a model of this geometry records (group and shared-MLP statistics only where
+    the geometry records them: scores written before they existed lack them)."""
+    recorded = ((GROUP_STAT, geometry.kv_groups), (SHARED_STAT, geometry.shared_widths))
+    return (*EXPERT_STATS, CHANNEL_STAT, *(name for name, sizes in recorded if sizes))
 
 
 def is_expert_folder(folder: str | os.PathLike) -> bool:
@@ -120,7 +127,7 @@ def load(in_dir: str | os.PathLike) -> ExpertScores:
             tensors.get(f"{name}.{layer}", torch.zeros(0, dtype=torch.float64)).double()
             for layer in range(geometry.num_layers)
         ]
-        for name in (*EXPERT_STATS, CHANNEL_STAT, *((GROUP_STAT,) if geometry.kv_groups else ()))
+        for name in statistics_of(geometry)
     }
     try:
         curves = {int(layer): LossCurve.from_dict(curve) for layer, curve in record.get("curves", {}).items()}

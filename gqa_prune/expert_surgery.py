@@ -23,16 +23,21 @@ from .moe import MOE_FAMILIES, ExpertGeometry, MoeFamily, attention_block, exper
 from .units.expert import EXPERT
 from .units.expert_channel import EXPERT_CHANNEL
 from .units.gqa_group import GQA_GROUP
+from .units.shared_channel import SHARED_CHANNEL
 
 _GEOMETRY_FIELDS = ("family", "top_k", "experts", "widths", "params_per_channel", "expert_fixed_params")
 _GROUP_FIELDS = ("kv_groups", "heads_per_group", "head_dim", "params_per_group")  # checked where the plan has them
+_SHARED_FIELDS = ("shared_widths", "params_per_shared_channel")  # likewise
 
 
 def check_expert_plan_fits(plan: ExpertPlan, model: nn.Module) -> None:
     """The plan must have been built for exactly this model: family, experts and widths per layer, top-k,
     parameters per expert and channel, and the parameter count."""
     geometry = expert_geometry_of(model)
-    for name in _GEOMETRY_FIELDS + (_GROUP_FIELDS if plan.geometry.kv_groups else ()):
+    recorded = (_GROUP_FIELDS if plan.geometry.kv_groups else ()) + (
+        _SHARED_FIELDS if plan.geometry.shared_widths else ()
+    )
+    for name in _GEOMETRY_FIELDS + recorded:
         planned, actual = getattr(plan.geometry, name), getattr(geometry, name)
         if planned != actual:
             raise GqaPruneError(f"plan does not fit this model: plan {name}={planned}, model {name}={actual}")
@@ -70,10 +75,10 @@ def _group_surgery(model: nn.Module, plan: ExpertPlan) -> tuple[FamilyAdapter, G
     return FamilyAdapter(geometry.family, family.model_class), attention
 
 
-def _attention_layers(model: nn.Module, plan: ExpertPlan):
-    """(layer index, decoder layer, kept GQA groups) of every attention layer a plan with groups prunes."""
+def _width_layers(model: nn.Module, plan: ExpertPlan, kept_per_layer):
+    """(layer index, decoder layer, kept units) of every layer where a dense width kind of the plan applies."""
     layers = MOE_FAMILIES[plan.geometry.family].decoder_layers(model)
-    for index, kept in enumerate(plan.groups or ()):
+    for index, kept in enumerate(kept_per_layer or ()):
         if kept:
             yield index, layers[index], kept
 
@@ -87,9 +92,9 @@ def _slice_sinks(attention: nn.Module, kept: tuple[int, ...], heads_per_group: i
 
 
 def apply_expert_plan(model: nn.Module, plan: ExpertPlan) -> nn.Module:
-    """Physically keep only the planned experts and channels of every MoE layer and the planned GQA groups of
-    every attention layer (in place); the config says the new counts (global values when every MoE layer
-    agrees, else ``per_layer_config``)."""
+    """Physically keep only the planned experts and channels of every MoE layer, the planned GQA groups of
+    every attention layer and the planned channels of every shared MLP (in place); the config says the new
+    counts (global values when every MoE layer agrees, else ``per_layer_config``)."""
     check_expert_plan_fits(plan, model)
     family = moe_family_for(model.config)
     with torch.no_grad():
@@ -99,9 +104,11 @@ def apply_expert_plan(model: nn.Module, plan: ExpertPlan) -> nn.Module:
                 EXPERT_CHANNEL.slice(block, family, plan.channels[index])
         if plan.groups is not None:
             adapter, attention = _group_surgery(model, plan)
-            for index, layer, kept in _attention_layers(model, plan):
+            for index, layer, kept in _width_layers(model, plan, plan.groups):
                 GQA_GROUP.slice(layer, adapter, attention, index, kept)
                 _slice_sinks(attention_block(layer), kept, attention.heads_per_group)
+        for _, layer, kept in _width_layers(model, plan, plan.shared_channels):
+            SHARED_CHANNEL.slice(layer, family, kept)
     set_expert_config(model.config, family, plan.pruned_geometry())
     return model
 
@@ -118,6 +125,11 @@ def set_expert_config(config, family: MoeFamily, geometry: ExpertGeometry) -> No
         config.head_dim = geometry.head_dim  # explicit: hidden_size // num_attention_heads no longer holds
         config.num_key_value_heads = groups
         config.num_attention_heads = groups * geometry.heads_per_group
+    shared_widths = {width for width in geometry.shared_widths if width}
+    if len(shared_widths) > 1:
+        raise GqaPruneError("shared MLPs keep different numbers of channels; an expert plan keeps one count")
+    if shared_widths:
+        setattr(config, family.shared_mlp.width_key, shared_widths.pop())
     moe = geometry.moe_layers
     counts, widths = {geometry.experts[i] for i in moe}, {geometry.widths[i] for i in moe}
     if len(counts) == 1 and len(widths) == 1:
@@ -136,8 +148,8 @@ def set_expert_config(config, family: MoeFamily, geometry: ExpertGeometry) -> No
 @contextlib.contextmanager
 def masked_experts(model: nn.Module, plan: ExpertPlan) -> Iterator[nn.Module]:
     """Reference: within the block, no token of ``model`` is routed to an expert the plan removes, and the
-    channels and GQA groups it removes add nothing (their down_proj / o_proj columns are zeroed, and restored
-    on exit)."""
+    channels, GQA groups and shared-MLP channels it removes add nothing (their output projections' columns
+    are zeroed, and restored on exit)."""
     check_expert_plan_fits(plan, model)
     family = moe_family_for(model.config)
     handles, saved = [], []
@@ -153,11 +165,16 @@ def masked_experts(model: nn.Module, plan: ExpertPlan) -> Iterator[nn.Module]:
                 EXPERT_CHANNEL.mask(block, family, per_expert)
     if plan.groups is not None:
         adapter, attention = _group_surgery(model, plan)
-        for _, layer, kept in _attention_layers(model, plan):
+        for _, layer, kept in _width_layers(model, plan, plan.groups):
             o_proj = attention_block(layer).o_proj.weight
             saved.append((o_proj, o_proj.detach().clone()))
             with torch.no_grad():
                 GQA_GROUP.mask(layer, adapter, attention, kept)
+    for _, layer, kept in _width_layers(model, plan, plan.shared_channels):
+        output = family.shared_mlp.output(family.shared_mlp.module(layer)).weight
+        saved.append((output, output.detach().clone()))
+        with torch.no_grad():
+            SHARED_CHANNEL.mask(layer, family, kept)
     try:
         yield model
     finally:

@@ -125,6 +125,38 @@ class ExpertLayout:
 
 
 @dataclass(frozen=True)
+class SharedMlp:
+    """A dense MLP every token passes beside the routed experts (Qwen2-MoE's shared expert, Granite's shared
+    MLP), whose intermediate channels are pruned like a dense model's MLP channels: ``gate_proj`` / ``up_proj``
+    rows and ``down_proj`` columns, or (``fused``) ``input_linear`` rows c and I + c and ``output_linear``
+    columns."""
+
+    path: str  # from the decoder layer
+    width_key: str  # the config key holding its intermediate channels
+    fused: bool = False
+
+    def module(self, layer: nn.Module) -> nn.Module | None:
+        try:
+            module = layer.get_submodule(self.path)
+        except AttributeError:  # e.g. Qwen2-MoE's dense `mlp_only_layers`
+            return None
+        return module if hasattr(module, "output_linear" if self.fused else "down_proj") else None
+
+    def inputs(self, mlp: nn.Module) -> tuple[nn.Linear, ...]:
+        return (mlp.input_linear,) if self.fused else (mlp.gate_proj, mlp.up_proj)
+
+    def output(self, mlp: nn.Module) -> nn.Linear:
+        return mlp.output_linear if self.fused else mlp.down_proj
+
+    def width(self, mlp: nn.Module) -> int:
+        return int(self.output(mlp).in_features)
+
+    def input_rows(self, kept: torch.Tensor, width: int) -> torch.Tensor:
+        """Rows of each input projection that channels ``kept`` own."""
+        return torch.cat([kept, width + kept]) if self.fused else kept
+
+
+@dataclass(frozen=True)
 class MoeFamily:
     """One supported MoE family: its stock class and where the sparse block, router and experts live."""
 
@@ -140,6 +172,7 @@ class MoeFamily:
     state_space: bool = False  # has state-space (Mamba) layers, kept whole
     layout: ExpertLayout = ExpertLayout()
     heads_normed_together: bool = False  # q/k norms span all heads: removing a head changes the others
+    shared_mlp: SharedMlp | None = None
 
     def routing(self, config) -> Routing:
         renormalize = True if self.renormalize_key is None else bool(getattr(config, self.renormalize_key))
@@ -166,6 +199,7 @@ MOE_FAMILIES = {
         MoeFamily(
             "qwen2_moe", Qwen2MoeForCausalLM, "mlp", "gate", "num_experts", "moe_intermediate_size", True,
             "norm_topk_prob", shared_expert="a shared expert with its own sigmoid gate",
+            shared_mlp=SharedMlp("mlp.shared_expert", "shared_expert_intermediate_size"),
         ),
         MoeFamily(
             "qwen3_moe", Qwen3MoeForCausalLM, "mlp", "gate", "num_experts", "moe_intermediate_size", True,
@@ -182,6 +216,7 @@ MOE_FAMILIES = {
         MoeFamily(
             "granitemoehybrid", GraniteMoeHybridForCausalLM, "block_sparse_moe", "router", "num_local_experts",
             "intermediate_size", False, None, shared_expert="a dense shared MLP", state_space=True,
+            shared_mlp=SharedMlp("shared_mlp", "shared_intermediate_size", fused=True),
         ),
     )
 }  # fmt: skip
@@ -223,7 +258,9 @@ class ExpertGeometry:
     plus ``params_per_channel`` per channel (a gate and an up row, a down column, gpt-oss's gate/up biases).
     Attention: per decoder layer its KV heads (``kv_groups``; 0 = no attention, e.g. a Mamba layer; empty
     when read from scores written before groups were recorded), query heads per KV head, head_dim, and what
-    one GQA group owns (q, k, v rows with biases, o_proj columns, gpt-oss's attention sinks).
+    one GQA group owns (q, k, v rows with biases, o_proj columns, gpt-oss's attention sinks). Shared MLPs: per
+    decoder layer their intermediate channels (``shared_widths``; 0 = none; empty when not recorded) and what
+    one channel owns.
     """
 
     family: str
@@ -236,6 +273,8 @@ class ExpertGeometry:
     heads_per_group: int = 0
     head_dim: int = 0
     params_per_group: int = 0
+    shared_widths: tuple[int, ...] = ()
+    params_per_shared_channel: int = 0
 
     @property
     def num_layers(self) -> int:
@@ -262,12 +301,18 @@ class ExpertGeometry:
         """Parameters owned by GQA groups (all of attention but its norms and output bias)."""
         return sum(self.kv_groups) * self.params_per_group
 
+    @property
+    def shared_params(self) -> int:
+        """Parameters owned by shared-MLP channels (all of a shared MLP but its output bias)."""
+        return sum(self.shared_widths) * self.params_per_shared_channel
+
     def to_dict(self) -> dict:
         return {
             **asdict(self),
             "experts": list(self.experts),
             "widths": list(self.widths),
             "kv_groups": list(self.kv_groups),
+            "shared_widths": list(self.shared_widths),
         }
 
     @classmethod
@@ -277,7 +322,8 @@ class ExpertGeometry:
                 data["family"], int(data["top_k"]), tuple(data["experts"]), tuple(data["widths"]),
                 int(data["params_per_channel"]), int(data["expert_fixed_params"]),
                 tuple(data.get("kv_groups", ())), int(data.get("heads_per_group", 0)), int(data.get("head_dim", 0)),
-                int(data.get("params_per_group", 0)),
+                int(data.get("params_per_group", 0)), tuple(data.get("shared_widths", ())),
+                int(data.get("params_per_shared_channel", 0)),
             )  # fmt: skip
         except (KeyError, TypeError, ValueError) as error:
             raise GqaPruneError(f"expert geometry is malformed ({error!r})") from error
@@ -330,7 +376,7 @@ def expert_geometry_of(model: nn.Module) -> ExpertGeometry:
     per_channel, fixed = owned
     return ExpertGeometry(
         family.family, int(model.config.num_experts_per_tok), tuple(counts), tuple(widths), per_channel, fixed,
-        **attention_shape(family.decoder_layers(model)),
+        **attention_shape(family.decoder_layers(model)), **_shared_shape(family, family.decoder_layers(model)),
     )  # fmt: skip
 
 
@@ -364,6 +410,21 @@ def attention_shape(layers: nn.ModuleList) -> dict[str, object]:
         "head_dim": int(attention.head_dim),
         "params_per_group": owned // groups,
     }
+
+
+def _shared_shape(family: MoeFamily, layers: nn.ModuleList) -> dict[str, object]:
+    """Channels of every layer's shared MLP (0 where none) and the parameters one channel owns."""
+    shared = family.shared_mlp
+    modules = [None if shared is None else shared.module(layer) for layer in layers]
+    widths = tuple(0 if mlp is None else shared.width(mlp) for mlp in modules)
+    first = next((mlp for mlp in modules if mlp is not None), None)
+    if first is None:
+        return {"shared_widths": widths}
+    inputs = shared.inputs(first)
+    owned = sum(linear.in_features * linear.out_features for linear in inputs)
+    owned += sum(linear.bias.numel() for linear in inputs if isinstance(getattr(linear, "bias", None), torch.Tensor))
+    owned += shared.output(first).out_features * shared.width(first)
+    return {"shared_widths": widths, "params_per_shared_channel": owned // shared.width(first)}
 
 
 def _owned_params(block: nn.Module, family: MoeFamily, width: int) -> tuple[int, int]:

@@ -59,14 +59,14 @@ class ExpertPlanSettings:
     channel_ratio: float = 0.0
     channel_multiple: int = 128
     seed: int = 0
-    group_ratio: float = 0.0  # of every attention layer's GQA groups (`plan --ratio` on a MoE's scores)
+    width_ratio: float = 0.0  # of GQA groups and shared-MLP channels (`plan --ratio` on a MoE's scores)
 
     def validate(self) -> None:
         """Refuse bad values in one line (a ``SettingError`` naming the field)."""
         for name, option in (
             ("expert_ratio", "--expert-ratio"),
             ("channel_ratio", "--expert-channel-ratio"),
-            ("group_ratio", "--ratio"),
+            ("width_ratio", "--ratio"),
         ):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):

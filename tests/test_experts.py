@@ -261,7 +261,7 @@ def test_a_plan_that_removes_no_expert_and_no_group_changes_nothing():
     model = tiny_moe("qwen3_moe")
     scores = _scores(model)
     ids = calibration_ids(blocks=2, length=12, seed=5)
-    for plan in (_plan(scores, 0.0), _plan(scores, 0.0, group_ratio=0.2)):  # 0.2 of 2 groups rounds to none
+    for plan in (_plan(scores, 0.0), _plan(scores, 0.0, width_ratio=0.2)):  # 0.2 of 2 groups rounds to none
         pruned = apply_expert_plan(copy.deepcopy(model), plan)
         assert torch.equal(_logits(pruned, ids), _logits(model, ids))
     assert plan.groups == ((0, 1),) * 3
@@ -271,18 +271,24 @@ GROUP_FAMILIES = [family for family in MOE_FAMILY_NAMES if not MOE_FAMILIES[fami
 
 
 @pytest.mark.parametrize("family", GROUP_FAMILIES)
-def test_gqa_groups_of_moe_attention_equal_their_masked_reference_and_reload_in_stock_transformers(
+def test_gqa_groups_and_shared_channels_equal_their_masked_reference_and_reload_in_stock_transformers(
     family, tmp_path, tiny_tokenizer
 ):
-    """--ratio on a MoE: every attention layer loses the same share of GQA groups (state-space layers keep
-    everything), alone and together with experts; the checkpoint stays stock."""
+    """--ratio on a MoE: every attention layer loses the same share of GQA groups and every shared MLP of its
+    channels (state-space layers keep everything), alone and together with experts; the checkpoint stays
+    stock."""
     model = tiny_moe(family, vocab_size=len(tiny_tokenizer))
     scores = _scores(model)
     ids = calibration_ids(blocks=2, length=12, seed=6)
     dense = _logits(model, ids)
     for expert_ratio in (0.0, 0.5):
-        plan = _plan(scores, expert_ratio, group_ratio=0.5)
+        plan = _plan(scores, expert_ratio, width_ratio=0.5)
         assert [len(kept) for kept in plan.groups] == [1 if groups else 0 for groups in scores.geometry.kv_groups]
+        shared = MOE_FAMILIES[family].shared_mlp
+        if shared is None:
+            assert plan.shared_channels is None
+        else:  # Qwen2-MoE's shared expert (not in its dense layer 1), Granite's shared MLP: 20 channels -> 10
+            assert [len(kept) for kept in plan.shared_channels] == [w // 2 for w in scores.geometry.shared_widths]
         with masked_experts(model, plan):
             masked = _logits(model, ids)
         assert (masked - dense).abs().max() > 1e-4, "removing groups must change the outputs"
@@ -294,6 +300,8 @@ def test_gqa_groups_of_moe_attention_equal_their_masked_reference_and_reload_in_
     save_pruned(pruned, tiny_tokenizer, plan, tmp_path / "pruned", source="org/tiny-moe")
     config = json.loads((tmp_path / "pruned" / "config.json").read_text())
     assert "auto_map" not in config and config["num_key_value_heads"] == 1 and config["head_dim"] == 8
+    if MOE_FAMILIES[family].shared_mlp is not None:
+        assert config[MOE_FAMILIES[family].shared_mlp.width_key] == 10
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()  # no trust_remote_code
     assert type(reloaded) is type(model)
     torch.testing.assert_close(_logits(reloaded, ids), masked, rtol=0, atol=1e-5)
@@ -322,6 +330,17 @@ def test_group_statistics_equal_each_groups_own_output_norms():
         torch.testing.assert_close(scores.stats["group"][0][group], torch.stack(written).sum(), rtol=1e-4, atol=1e-4)
 
 
+def test_planted_silent_shared_channels_are_removed_first():
+    model = tiny_moe("qwen2_moe")
+    with torch.no_grad():
+        for index in (0, 2):
+            model.model.layers[index].mlp.shared_expert.down_proj.weight[:, 10:].zero_()  # channels 10-19 add nothing
+    scores = _scores(model)
+    plan = _plan(scores, 0.0, width_ratio=0.5)
+    assert plan.shared_channels == (tuple(range(10)), (), tuple(range(10)))
+    assert all((scores.stats["shared"][layer][10:] == 0).all() for layer in (0, 2))
+
+
 def test_a_planted_silent_group_is_removed_first_and_olmoe_groups_are_refused():
     model = tiny_moe("mixtral")
     with torch.no_grad():
@@ -329,9 +348,9 @@ def test_a_planted_silent_group_is_removed_first_and_olmoe_groups_are_refused():
             layer.self_attn.o_proj.weight[:, :16].zero_()  # group 0: its 2 query heads of head_dim 8 write nothing
     scores = _scores(model)
     assert all(scores.stats["group"][layer][0] == 0 for layer in range(3))
-    assert _plan(scores, 0.0, group_ratio=0.5).groups == ((1,), (1,), (1,))
+    assert _plan(scores, 0.0, width_ratio=0.5).groups == ((1,), (1,), (1,))
     with pytest.raises(GqaPruneError, match="olmoe normalises q and k across all heads together"):
-        _plan(_scores(tiny_moe("olmoe")), 0.25, group_ratio=0.5)
+        _plan(_scores(tiny_moe("olmoe")), 0.25, width_ratio=0.5)
 
 
 def test_expert_plans_round_trip_through_json_and_refuse_fewer_experts_than_top_k(tmp_path):
@@ -367,7 +386,7 @@ def test_expert_scores_round_trip_through_their_folder(tmp_path):
     older = expert_scores.load(tmp_path / "importance")
     assert _plan(older, 0.5).kept == _plan(scores, 0.5).kept
     with pytest.raises(GqaPruneError, match="written before GQA groups were recorded"):
-        _plan(older, 0.5, group_ratio=0.5)
+        _plan(older, 0.5, width_ratio=0.5)
 
 
 def test_cli_importance_plan_prune_on_a_moe_model(tmp_path, capsys, tiny_tokenizer):

@@ -133,7 +133,7 @@ def test_an_expert_pruned_mixture_of_experts_quantizes_and_runs_with_the_torch_k
     MoE through GPTQModel changes how that process's transformers loads stock MoE checkpoints afterwards."""
     model = tiny_moe(family, vocab_size=len(tiny_tokenizer), intermediate_size=16, moe_intermediate_size=16)
     scores = score_experts(copy.deepcopy(model), calibration_ids(len(tiny_tokenizer), blocks=4, length=16))
-    plan = build_expert_plan(scores, ExpertPlanSettings(0.5, channel_multiple=1, group_ratio=0.5))
+    plan = build_expert_plan(scores, ExpertPlanSettings(0.5, channel_multiple=1, width_ratio=0.5))
     apply_expert_plan(model, plan)
     save_pruned(model, tiny_tokenizer, plan, tmp_path / "pruned", source="org/tiny-moe")
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """The workflow on a mixture of experts, run for real on a tiny Qwen2-MoE (a shared expert, a dense MLP layer):
-one importance pass for every expert criterion, expert plans (with half the GQA groups) in the grid, prune
-without a refit, LoRA recovery of the experts, evaluation and the table."""
+one importance pass for every expert criterion, expert plans (with half the GQA groups and shared-expert
+channels) in the grid, prune without a refit, LoRA recovery of the experts, evaluation and the table."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def test_the_workflow_prunes_recovers_and_tabulates_experts(tmp_path, bpe_tokeni
     config = tiny_config(tmp_path / "moe-source", **{
         "plans.ratios": [], "plans.baselines": [], "plans.channel_multiple": 8,
         "plans.experts": {"ratios": [0.5], "criteria": ["reap", "frequency"], "channel_ratio": 0.25,
-                          "group_ratio": 0.5},
+                          "width_ratio": 0.5},
         "recovery.methods": ["lm"], "recovery.apply_to": ["reap-experts-r0.50"], "recovery.router": "trainable",
         "quantization.methods": [], "gguf.types": [],
         "eval.apply_to": ["reap-experts-r0.50-lora-lm"], "eval.tasks": {"arc_easy": 2, "piqa": 2},
@@ -49,5 +49,6 @@ def test_the_workflow_prunes_recovers_and_tabulates_experts(tmp_path, bpe_tokeni
         pruned = json.loads((results / f"pruned/{variant}/config.json").read_text())
         assert pruned["num_experts"] == 3 and pruned["moe_intermediate_size"] == 8 and "auto_map" not in pruned
         assert pruned["num_key_value_heads"] == 1 and pruned["num_attention_heads"] == 2  # GQA groups: 2 -> 1
+        assert pruned["shared_expert_intermediate_size"] == 8  # 20 - 10, in multiples of 8
     lm_eval = json.loads((results / "eval/reap-experts-r0.50-lora-lm/lm_eval.json").read_text())
     assert lm_eval  # evaluated through lm-eval like any Hugging Face model

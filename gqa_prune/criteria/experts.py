@@ -13,7 +13,8 @@ The same pass records ``channel``: per expert and intermediate channel, gate x |
 channel's down_proj column, summed over routed tokens (the keep-score of expert channels), and ``group``:
 per GQA group of every attention layer, the L2 norm of what the group writes to the residual stream through
 o_proj, summed over tokens (the keep-score of a MoE model's GQA groups: their output norm, as EAN is the
-experts').
+experts'), and ``shared``: per channel of a shared MLP, |activation| x the norm of its output column, summed
+over tokens (Wanda-style, as a dense model's activation criterion scores MLP channels).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ EXPERT_STATS = ("count", "gate_sum", "norm_sum", "gate_norm_sum")
 # norm of the channel's down_proj column -- what the channel adds to the output (expert-channel scores)
 CHANNEL_STAT = "channel"
 GROUP_STAT = "group"  # per GQA group [kv_groups]: summed L2 norm of its o_proj output over tokens
+# per shared-MLP channel [shared width]: sum over tokens of |activation| x the norm of its output column (before
+# Qwen2-MoE's sigmoid gate on the whole shared expert)
+SHARED_STAT = "shared"
 
 
 class ExpertCriterion(ABC):
@@ -69,7 +73,8 @@ class RandomExperts(ExpertCriterion):
 
 
 __all__ = [
-    "CHANNEL_STAT", "EXPERT_STATS", "GROUP_STAT", "EXPERT_CRITERIA", "DEFAULT_EXPERT_CRITERION", "ExpertCriterion",
+    "CHANNEL_STAT", "EXPERT_STATS", "GROUP_STAT", "SHARED_STAT", "EXPERT_CRITERIA", "DEFAULT_EXPERT_CRITERION",
+    "ExpertCriterion",
 ]  # fmt: skip
 
 EXPERT_CRITERIA: dict[str, ExpertCriterion] = {

@@ -372,7 +372,7 @@ def expert_plan_settings(criterion: str, ratio: float) -> ExpertPlanSettings:
         channel_ratio=EXPERT_PLANS["channel_ratio"],
         channel_multiple=PLANS["channel_multiple"],
         seed=EXPERT_PLANS["seed"],
-        group_ratio=EXPERT_PLANS["group_ratio"],
+        width_ratio=EXPERT_PLANS["width_ratio"],
     )
 
 
@@ -386,7 +386,7 @@ def plan_args(variant: str) -> str:
             "--expert-criterion": settings.criterion,
             "--experts": settings.allocation,
             "--expert-channel-ratio": settings.channel_ratio,
-            "--ratio": settings.group_ratio or None,
+            "--ratio": settings.width_ratio or None,
             "--channel-multiple": settings.channel_multiple,
             "--seed": settings.seed,
         })
