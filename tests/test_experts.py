@@ -43,6 +43,21 @@ def _logits(model, ids) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
+def _pruned_and_masked(model, plan: ExpertPlan, ids) -> tuple:
+    """The physically pruned copy and the masked reference's logits, checked equal: the reference changes the
+    outputs (else the test proves nothing) and restores the model after; parameters and geometry as planned."""
+    dense = _logits(model, ids)
+    with masked_experts(model, plan):
+        masked = _logits(model, ids)
+    assert (masked - dense).abs().max() > 1e-4, "the plan must change the outputs (else the test proves nothing)"
+    torch.testing.assert_close(_logits(model, ids), dense)  # the reference hooks and zeroed columns are gone
+    pruned = apply_expert_plan(copy.deepcopy(model), plan)
+    torch.testing.assert_close(_logits(pruned, ids), masked, rtol=0, atol=1e-5)
+    assert parameter_count(pruned) == plan.params_after
+    assert expert_geometry_of(pruned) == plan.pruned_geometry()
+    return pruned, masked
+
+
 def test_every_supported_moe_family_has_a_tiny_model():
     assert set(MOE_FAMILY_NAMES) == set(MOE_FAMILIES)
     assert any(family.state_space for family in MOE_FAMILIES.values())
@@ -66,18 +81,7 @@ def test_pruned_equals_masked_reference_and_reloads_in_stock_transformers(family
     model = tiny_moe(family, vocab_size=len(tiny_tokenizer))
     plan = _plan(_scores(model), 0.5)
     ids = calibration_ids(blocks=2, length=12, seed=3)
-    dense = _logits(model, ids)
-    with masked_experts(model, plan):
-        masked = _logits(model, ids)
-    assert (masked - dense).abs().max() > 1e-4, (
-        "removing experts must change the outputs (else the test proves nothing)"
-    )
-    torch.testing.assert_close(_logits(model, ids), dense)  # the reference hooks are gone
-
-    pruned = apply_expert_plan(copy.deepcopy(model), plan)
-    torch.testing.assert_close(_logits(pruned, ids), masked, rtol=0, atol=1e-5)
-    assert parameter_count(pruned) == plan.params_after
-    assert expert_geometry_of(pruned) == plan.pruned_geometry()
+    pruned, masked = _pruned_and_masked(model, plan, ids)
 
     save_pruned(pruned, tiny_tokenizer, plan, tmp_path / "pruned", source="org/tiny-moe")
     config = json.loads((tmp_path / "pruned" / "config.json").read_text())
@@ -280,7 +284,6 @@ def test_gqa_groups_and_shared_channels_equal_their_masked_reference_and_reload_
     model = tiny_moe(family, vocab_size=len(tiny_tokenizer))
     scores = _scores(model)
     ids = calibration_ids(blocks=2, length=12, seed=6)
-    dense = _logits(model, ids)
     for expert_ratio in (0.0, 0.5):
         plan = _plan(scores, expert_ratio, width_ratio=0.5)
         assert [len(kept) for kept in plan.groups] == [1 if groups else 0 for groups in scores.geometry.kv_groups]
@@ -289,14 +292,7 @@ def test_gqa_groups_and_shared_channels_equal_their_masked_reference_and_reload_
             assert plan.shared_channels is None
         else:  # Qwen2-MoE's shared expert (not in its dense layer 1), Granite's shared MLP: 20 channels -> 10
             assert [len(kept) for kept in plan.shared_channels] == [w // 2 for w in scores.geometry.shared_widths]
-        with masked_experts(model, plan):
-            masked = _logits(model, ids)
-        assert (masked - dense).abs().max() > 1e-4, "removing groups must change the outputs"
-        torch.testing.assert_close(_logits(model, ids), dense)  # the reference restored the weights
-        pruned = apply_expert_plan(copy.deepcopy(model), plan)
-        torch.testing.assert_close(_logits(pruned, ids), masked, rtol=0, atol=1e-5)
-        assert parameter_count(pruned) == plan.params_after
-        assert expert_geometry_of(pruned) == plan.pruned_geometry()
+        pruned, masked = _pruned_and_masked(model, plan, ids)
     save_pruned(pruned, tiny_tokenizer, plan, tmp_path / "pruned", source="org/tiny-moe")
     config = json.loads((tmp_path / "pruned" / "config.json").read_text())
     assert "auto_map" not in config and config["num_key_value_heads"] == 1 and config["head_dim"] == 8
