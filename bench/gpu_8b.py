@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from gqa_prune import importance
 from gqa_prune.efficiency import LatencySettings, decode_bytes_per_step, measure
-from gqa_prune.plan import PlanSettings, build_plan
+from gqa_prune.planning import PlanSettings, build_plan
 from gqa_prune.reconstruct import ReconstructionSettings, reconstruct
 from gqa_prune.surgery import apply_plan
 

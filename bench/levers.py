@@ -23,7 +23,7 @@ from common import DATA_DIR, REPO, load_bench, markdown
 
 from gqa_prune import scores as stored
 from gqa_prune.data import calibration_blocks, read_documents
-from gqa_prune.plan import PlanSettings, build_plan
+from gqa_prune.planning import PlanSettings, build_plan
 from gqa_prune.reconstruct import ReconstructionSettings, reconstruct
 from gqa_prune.surgery import apply_plan
 

@@ -18,7 +18,7 @@ from common import load_bench, markdown
 
 from gqa_prune import importance
 from gqa_prune import scores as stored
-from gqa_prune.plan import PlanSettings, build_plan
+from gqa_prune.planning import PlanSettings, build_plan
 from gqa_prune.surgery import apply_plan
 
 

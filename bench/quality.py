@@ -38,8 +38,8 @@ from common import DATA_DIR, REPO, load_bench, markdown
 from gqa_prune import importance
 from gqa_prune import scores as stored
 from gqa_prune.cli import build_parser
-from gqa_prune.evaluate import CHANCE, run_lm_eval, summarize
-from gqa_prune.plan import PlanSettings, PruningPlan, build_plan
+from gqa_prune.evaluation import CHANCE, run_lm_eval, summarize
+from gqa_prune.planning import PlanSettings, PruningPlan, build_plan
 from gqa_prune.reconstruct import ReconstructionSettings, reconstruct
 from gqa_prune.surgery import apply_plan
 

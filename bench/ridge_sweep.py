@@ -16,7 +16,7 @@ from pathlib import Path
 from common import REPO, load_bench, markdown
 
 from gqa_prune import scores as stored
-from gqa_prune.plan import PlanSettings, build_plan
+from gqa_prune.planning import PlanSettings, build_plan
 from gqa_prune.reconstruct import ReconstructionSettings, reconstruct
 from gqa_prune.surgery import apply_plan
 

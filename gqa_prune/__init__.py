@@ -4,6 +4,8 @@ Importing the package registers the pruned-model classes with transformers' Auto
 ``AutoModelForCausalLM.from_pretrained`` loads heterogeneous gqa-prune checkpoints in this process. The
 registration waits for transformers itself: if it is imported already it happens now, otherwise right after
 its import (an import hook), so ``import gqa_prune`` (and ``gqa-prune --help``) does not pay for torch.
+
+The Python API -- ``gqa_prune.score``, ``plan``, ``prune``, ``recover``, ``evaluate`` -- is ``gqa_prune.api``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,16 @@ import importlib.util
 import sys
 
 __version__ = "0.1.0"
+API = ("score", "plan", "prune", "recover", "evaluate")  # gqa_prune.api, loaded on first use
+
+
+def __getattr__(name: str):
+    """The Python API (``gqa_prune.score`` ...), imported on first use so that the package import stays cheap."""
+    if name in API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'gqa_prune' has no attribute {name!r}")
 
 
 def _register_pruned_classes() -> None:

@@ -22,7 +22,7 @@ from .arch import adapter_for, geometry_of
 from .atomic import atomic_dir
 from .expert_plan import ExpertPlan
 from .moe import expert_geometry_of, moe_family_for
-from .plan import PruningPlan
+from .planning import PruningPlan
 from .sources import PROVENANCE_FILE
 
 logger = logging.getLogger(__name__)

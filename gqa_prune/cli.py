@@ -203,7 +203,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from . import scores as stored_scores
     from .expert_scores import is_expert_folder
     from .mask_settings import TRAINED_WEIGHTS_DIR
-    from .plan import PlanSettings, build_plan
+    from .planning import PlanSettings, build_plan
     from .plotting import plot_plan
 
     if is_expert_folder(args.importance):
@@ -404,7 +404,7 @@ def parse_task_limits(text: str) -> dict[str, int | None]:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .atomic import write_json
-    from .evaluate import check_tasks, run_lm_eval, summarize
+    from .evaluation import check_tasks, run_lm_eval, summarize
     from .perplexity import default_window
     from .sources import check_length, load_model, load_tokenizer
 
@@ -489,7 +489,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 def cmd_recover(args: argparse.Namespace) -> None:
     from .data import load_calibration
-    from .recover import RecoverySettings, recover_checkpoint
+    from .recovery import RecoverySettings, recover_checkpoint
 
     settings = RecoverySettings(
         loss=args.loss, rank=args.rank, alpha=args.alpha, dropout=args.dropout, lr=args.lr, steps=args.steps,

@@ -33,7 +33,7 @@ from .expert_scores import ExpertScores
 from .importance import CURVE_CEILING
 from .moe import ExpertGeometry, attention_block, expert_geometry_of, moe_family_for
 from .passes import frozen, mean_loss
-from .plan import top_units
+from .planning import top_units
 from .scores import LossCurve
 from .settings import CURVE_TOKENS, IMPORTANCE_BATCH_SIZE
 from .units.expert import EXPERT

@@ -40,7 +40,7 @@ from .criteria.experts import EXPERT_CRITERIA, GROUP_STAT, SHARED_STAT
 from .errors import GqaPruneError
 from .expert_scores import ExpertScores
 from .moe import MOE_FAMILIES, ExpertGeometry
-from .plan import PLAN_KIND, PruningPlan, top_units
+from .planning import PLAN_KIND, PruningPlan, top_units
 from .settings import ExpertPlanSettings
 
 EXPERT_PLAN_FORMAT = "gqa-prune-expert-plan"

@@ -28,7 +28,7 @@ from .passes import (
     frozen,
     mean_loss,
 )
-from .plan import CURVE_FRACTIONS, HYBRID_KINDS, PlanSettings, compose
+from .planning import CURVE_FRACTIONS, HYBRID_KINDS, PlanSettings, compose
 from .scores import LossCurve, Scores
 from .settings import CURVE_TOKENS, IMPORTANCE_BATCH_SIZE
 from .units import KINDS

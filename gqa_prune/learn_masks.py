@@ -40,7 +40,7 @@ from .errors import GqaPruneError
 from .hard_concrete import HardConcrete, deterministic_count, kept_sizes, top_k_mask
 from .mask_settings import CRITERION, TRAINED_WEIGHTS_DIR, MaskSettings
 from .passes import StructuralStatsCollector, frozen, unit_masks
-from .plan import SIZE_TOLERANCE
+from .planning import SIZE_TOLERANCE
 from .scores import Scores
 from .units import KINDS, WIDTH_KINDS, width_kind
 
@@ -311,7 +311,7 @@ def _weight_training(model: nn.Module, settings: MaskSettings) -> tuple[nn.Modul
         for parameter in model.parameters():
             parameter.requires_grad_(True)
         return model, list(model.parameters())
-    from .recover import RecoverySettings, lora_model
+    from .recovery import RecoverySettings, lora_model
 
     torch.manual_seed(settings.seed)
     lora = RecoverySettings(rank=settings.lora_rank, alpha=settings.lora_alpha, dropout=0.0, seed=settings.seed)

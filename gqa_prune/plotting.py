@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .atomic import atomic_file, marked  # noqa: E402
-from .plan import PruningPlan  # noqa: E402
+from .planning import PruningPlan  # noqa: E402
 
 PLOT_KIND = "plot"  # the sub-command named in a drawing's marker (``plan --plot`` draws the same PNG)
 

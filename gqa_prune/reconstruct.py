@@ -36,7 +36,7 @@ from .blocks import check_blocks
 from .criteria.obs import DIAGONAL_FLOOR, greedy_obs_keep
 from .errors import GqaPruneError
 from .passes import OUTPUT_ROLE, LayerInputs, capture_layer_inputs, run_layer
-from .plan import LayerPlan, PruningPlan
+from .planning import LayerPlan, PruningPlan
 from .settings import ReconstructionSettings
 from .surgery import check_plan_fits, mask_layer
 from .units import GQA_GROUP, LAYER, MLP_CHANNEL, WIDTH_KINDS, WidthKind

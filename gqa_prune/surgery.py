@@ -17,7 +17,7 @@ from torch import nn
 from .arch import Geometry, adapter_for, geometry_of
 from .errors import GqaPruneError
 from .modeling_gqa_prune import assign_cache_indices
-from .plan import LayerPlan, PruningPlan
+from .planning import LayerPlan, PruningPlan
 from .units import SKIP_NAMES, STRUCTURAL_KINDS, WIDTH_KINDS
 
 # every field of the geometry, the family first: a same-shape plan of another family must not pass

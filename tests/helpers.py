@@ -24,7 +24,7 @@ from transformers import (
 
 from gqa_prune import importance
 from gqa_prune.moe import moe_family_for
-from gqa_prune.plan import PlanSettings, PruningPlan, build_plan
+from gqa_prune.planning import PlanSettings, PruningPlan, build_plan
 
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),

@@ -27,7 +27,7 @@ from gqa_prune.checkpoint import save_pruned
 from gqa_prune.data import save_calibration
 from gqa_prune.expert_importance import score_experts
 from gqa_prune.expert_plan import build_expert_plan
-from gqa_prune.plan import PlanSettings, build_plan
+from gqa_prune.planning import PlanSettings, build_plan
 from gqa_prune.report import PARETO_FRONTS
 from gqa_prune.settings import ExpertPlanSettings
 from gqa_prune.surgery import apply_plan

@@ -10,7 +10,7 @@ from helpers import FAMILIES, calibration_ids, logits_in_fresh_process, paramete
 from transformers import AutoModelForCausalLM
 
 from gqa_prune.checkpoint import PLAN_FILE, save_pruned
-from gqa_prune.plan import PruningPlan
+from gqa_prune.planning import PruningPlan
 from gqa_prune.sources import load_model
 from gqa_prune.surgery import apply_plan
 

@@ -14,7 +14,7 @@ from helpers import tiny_model
 from safetensors.torch import load_file
 
 from gqa_prune.cli import main, parse_layer_list
-from gqa_prune.plan import PruningPlan
+from gqa_prune.planning import PruningPlan
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

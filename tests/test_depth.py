@@ -15,7 +15,7 @@ from gqa_prune.arch import geometry_of
 from gqa_prune.checkpoint import save_pruned
 from gqa_prune.errors import GqaPruneError
 from gqa_prune.passes import removal_masks, unit_masks
-from gqa_prune.plan import LayerPlan, PlanSettings, PruningPlan, build_plan
+from gqa_prune.planning import LayerPlan, PlanSettings, PruningPlan, build_plan
 from gqa_prune.surgery import apply_plan, apply_plan_as_mask
 
 INPUTS = calibration_ids(blocks=2, length=12, seed=1)

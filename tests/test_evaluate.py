@@ -10,7 +10,7 @@ import pytest
 from helpers import tiny_model
 
 from gqa_prune.errors import GqaPruneError
-from gqa_prune.evaluate import OFFLINE_TASKS, check_tasks, run_lm_eval, summarize
+from gqa_prune.evaluation import OFFLINE_TASKS, check_tasks, run_lm_eval, summarize
 
 ALL_TASKS = {"arc_easy": 8, "arc_challenge": 4, "hellaswag": 4, "piqa": 6, "winogrande": 6, "wikitext": 1}
 
@@ -83,7 +83,7 @@ def test_bad_task_settings_are_refused(data_dir, tmp_path):
         check_tasks({"mmlu": 10})
     with pytest.raises(GqaPruneError, match="limit 0 of task 'piqa' must be >= 1"):
         check_tasks({"piqa": 0})
-    from gqa_prune.evaluate import write_offline_tasks
+    from gqa_prune.evaluation import write_offline_tasks
 
     with pytest.raises(GqaPruneError, match="offline data for task 'piqa' not found"):
         write_offline_tasks(tmp_path, ["piqa"], tmp_path)

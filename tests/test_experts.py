@@ -25,7 +25,7 @@ from gqa_prune.expert_plan import ExpertPlan, build_expert_plan, load_plan
 from gqa_prune.expert_surgery import apply_expert_plan, masked_experts
 from gqa_prune.moe import MOE_FAMILIES, expert_geometry_of, moe_family_for
 from gqa_prune.passes import mean_loss
-from gqa_prune.plan import top_units
+from gqa_prune.planning import top_units
 from gqa_prune.settings import ExpertPlanSettings
 
 

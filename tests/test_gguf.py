@@ -24,7 +24,7 @@ from gqa_prune.export import llama_cpp
 from gqa_prune.export.gguf import export_gguf
 from gqa_prune.export.gguf_file import read_metadata
 from gqa_prune.export.layout import ZERO_MLP_WIDTH, layout_for
-from gqa_prune.plan import LayerPlan, PlanSettings, PruningPlan
+from gqa_prune.planning import LayerPlan, PlanSettings, PruningPlan
 from gqa_prune.sources import load_model
 from gqa_prune.surgery import apply_plan
 
@@ -139,7 +139,7 @@ def test_plans_of_every_mode_export_exactly(mode, bpe_tokenizer, tmp_path):
 def test_a_plan_of_learned_masks_exports_exactly(bpe_tokenizer, tmp_path):
     from gqa_prune.learn_masks import learn_masks
     from gqa_prune.mask_settings import MaskSettings
-    from gqa_prune.plan import build_plan
+    from gqa_prune.planning import build_plan
 
     model = tiny_model("llama", 3, layers=4, vocab_size=len(bpe_tokenizer))  # as test_learn_masks learns on
     settings = MaskSettings(ratio=0.3, steps=200, warmup_steps=50, channel_multiple=1, stats_blocks=4)

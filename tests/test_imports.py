@@ -10,11 +10,11 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gqa_prune"
-# arch -> units -> scores -> plan -> surgery, and what computes scores and refits: no files, no CLI, no workflow
-CORE = {"arch", "units", "scores", "allocation", "plan", "surgery", "passes", "criteria", "importance", "reconstruct",
-        "moe", "expert_scores", "expert_plan", "expert_surgery", "expert_importance"}  # fmt: skip
-ABOVE_CORE = {"cli", "sources", "data", "quantize", "gptq_format", "recover", "report", "evaluate", "checkpoint",
-              "plotting", "profile", "efficiency", "perplexity", "export"}  # fmt: skip
+# arch -> units -> scores -> planning -> surgery, and what computes scores and refits: no files, no CLI, no workflow
+CORE = {"arch", "units", "scores", "allocation", "planning", "surgery", "passes", "criteria", "importance",
+        "reconstruct", "moe", "expert_scores", "expert_plan", "expert_surgery", "expert_importance"}  # fmt: skip
+ABOVE_CORE = {"cli", "sources", "data", "quantize", "gptq_format", "recovery", "report", "evaluation", "checkpoint",
+              "plotting", "profile", "efficiency", "perplexity", "export", "api"}  # fmt: skip
 
 
 def _module_name(file: Path) -> str:
@@ -51,7 +51,7 @@ def _top(module: str) -> str:
 
 def test_the_graph_is_read_from_the_source():
     graph = import_graph()
-    assert "plan" in graph["surgery"] and "units.base" in graph["units.gqa_group"]
+    assert "planning" in graph["surgery"] and "units.base" in graph["units.gqa_group"]
     assert "gptq_format" in graph["sources"] and "sources" in graph["quantize"]
 
 
@@ -83,4 +83,4 @@ def test_the_core_never_imports_io_the_cli_or_the_workflow():
 
 def test_plans_do_not_import_the_scorer():
     graph = import_graph()
-    assert not {"importance", "criteria", "passes"} & {_top(target) for target in graph["plan"]}
+    assert not {"importance", "criteria", "passes"} & {_top(target) for target in graph["planning"]}

@@ -29,7 +29,7 @@ from gqa_prune.learn_masks import (
 )
 from gqa_prune.mask_settings import MaskSettings
 from gqa_prune.passes import unit_masks
-from gqa_prune.plan import SIZE_TOLERANCE, PlanSettings, PruningPlan, build_plan
+from gqa_prune.planning import SIZE_TOLERANCE, PlanSettings, PruningPlan, build_plan
 from gqa_prune.surgery import apply_plan
 from gqa_prune.units import KINDS
 

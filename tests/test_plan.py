@@ -9,7 +9,7 @@ from helpers import calibration_ids, parameter_count, plan_for, tiny_model
 
 from gqa_prune import importance
 from gqa_prune.errors import GqaPruneError
-from gqa_prune.plan import PlanSettings, PruningPlan, build_plan
+from gqa_prune.planning import PlanSettings, PruningPlan, build_plan
 
 
 @pytest.fixture(scope="module")

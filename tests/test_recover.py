@@ -10,7 +10,7 @@ from helpers import calibration_ids, parameter_count, plan_for, tiny_model
 
 from gqa_prune.arch import geometry_of
 from gqa_prune.errors import GqaPruneError
-from gqa_prune.recover import RecoverySettings, distillation_loss, lora_model, merge, train
+from gqa_prune.recovery import RecoverySettings, distillation_loss, lora_model, merge, train
 from gqa_prune.surgery import apply_plan
 
 BLOCKS = calibration_ids(blocks=4, length=24, seed=7)  # a small set the adapters can fit

@@ -17,7 +17,7 @@ from gqa_prune.arch import geometry_of
 from gqa_prune.checkpoint import save_pruned
 from gqa_prune.data import calibration_blocks, read_documents, wikitext2_test_text
 from gqa_prune.perplexity import perplexity
-from gqa_prune.plan import PlanSettings, build_plan
+from gqa_prune.planning import PlanSettings, build_plan
 from gqa_prune.sources import load_model, load_tokenizer
 from gqa_prune.surgery import apply_plan, apply_plan_as_mask
 
@@ -96,7 +96,7 @@ def test_offline_tasks_score_smollm2_above_chance(smollm2, data_dir):
     WinoGrande is not asserted: SmolLM2-135M scores at chance on it (0.504 +- 0.014 on all 1,267 items of the
     offline copy, as published for this size), so "above chance" would only test noise.
     """
-    from gqa_prune.evaluate import CHANCE, run_lm_eval, summarize
+    from gqa_prune.evaluation import CHANCE, run_lm_eval, summarize
 
     model, tokenizer, _ = smollm2
     tasks = {"arc_easy": 100, "hellaswag": 100, "piqa": 100}

@@ -13,7 +13,7 @@ import torch
 from helpers import calibration_ids, parameter_count, scores_for, tiny_model
 
 from gqa_prune import importance
-from gqa_prune.plan import PlanSettings, build_plan
+from gqa_prune.planning import PlanSettings, build_plan
 from gqa_prune.surgery import apply_plan, apply_plan_as_mask
 
 pytestmark = [
@@ -102,7 +102,7 @@ def test_reconstruction_on_cuda_never_worse_than_slicing_and_matches_the_cpu(dty
 
 
 def test_lora_recovery_in_bf16_with_gradient_checkpointing_on_cuda():
-    from gqa_prune.recover import RecoverySettings, lora_model, merge, train
+    from gqa_prune.recovery import RecoverySettings, lora_model, merge, train
 
     model = _model(torch.bfloat16)
     settings = RecoverySettings(steps=4, warmup_steps=1, gradient_checkpointing=True, lr=1e-3)
