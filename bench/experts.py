@@ -9,7 +9,8 @@ Every row uses the same model, the same expert statistics (one `gqa-prune import
 in ``--cache`` (delete it to rebuild).
 
     python bench/experts.py [--ratios 0.25,0.5,0.75] [--per-layer reap,frequency] [--ranked reap,frequency]
-        [--blocks 8] [--curve-blocks 2] [--max-tokens 16384] [--json rows.json] [--peer-dirs DIR ...]
+        [--width-ratios 0.25] [--blocks 8] [--curve-blocks 2] [--max-tokens 16384] [--json rows.json]
+        [--peer-dirs DIR ...]
 
 The expert statistics and loss curves are cached beside the test bed (``importance-<blocks>x2048-c<curve
 blocks>``); delete that folder to measure them again.
@@ -47,6 +48,9 @@ def main() -> None:
         "--per-layer", default="reap,frequency", help="criteria also run with counts priced by measured loss curves"
     )
     parser.add_argument("--ranked", default="", help="criteria also run with experts ranked across layers")
+    parser.add_argument(
+        "--width-ratios", default="", help="plan --ratio values (GQA groups and shared channels) run with reap"
+    )
     parser.add_argument("--curve-blocks", type=int, default=2, help="of those blocks, how many the loss curves use")
     parser.add_argument("--blocks", type=int, default=8, help="C4 calibration blocks of 2048 tokens")
     parser.add_argument("--testbed-blocks", type=int, default=4, help="of those, how many build the test bed")
@@ -101,6 +105,11 @@ def main() -> None:
         folder = cache / f"importance-{args.blocks}x2048-c{args.curve_blocks}"
         if not statistics and expert_scores.is_expert_folder(folder):
             statistics["scores"] = expert_scores.load(folder)
+            if "shared" not in statistics["scores"].statistics:  # cached before shared-MLP channels were recorded
+                curves = statistics["scores"].curves  # the same model and blocks: keep them, redo the statistics
+                statistics["scores"] = score_experts(testbed, bench.blocks, batch_size=1, curves=False)
+                statistics["scores"].curves = curves
+                expert_scores.save(statistics["scores"], folder)
         if not statistics:
             started = time.perf_counter()
             statistics["scores"] = score_experts(testbed, bench.blocks, batch_size=1, curve_blocks=args.curve_blocks)
@@ -111,9 +120,9 @@ def main() -> None:
             )
         return statistics["scores"]
 
-    def pruned(ratio: float, criterion: str, allocation: str):
-        plan = build_expert_plan(scores(), ExpertPlanSettings(ratio, criterion, allocation))
-        return apply_expert_plan(copy.deepcopy(testbed), plan)
+    def pruned(ratio: float, criterion: str, allocation: str, width_ratio: float = 0.0):
+        settings = ExpertPlanSettings(ratio, criterion, allocation, width_ratio=width_ratio)
+        return apply_expert_plan(copy.deepcopy(testbed), build_expert_plan(scores(), settings))
 
     runs = [(criterion, "uniform") for criterion in args.criteria.split(",") if criterion]
     runs += [(criterion, "per-layer") for criterion in args.per_layer.split(",") if criterion]
@@ -126,6 +135,14 @@ def main() -> None:
                 method,
                 lambda: pruned(ratio, criterion, allocation),
                 f"{kept} (mean)" if allocation != "uniform" else str(kept),
+            )
+    for width in (float(w) for w in args.width_ratios.split(",") if w):
+        for ratio in (0.0, *(float(r) for r in args.ratios.split(","))):
+            kept = args.experts - round(ratio * args.experts)
+            add(
+                f"reap (uniform), {ratio:.0%} of experts + {width:.0%} of GQA groups and shared channels removed",
+                lambda: pruned(ratio, "reap", "uniform", width),
+                str(kept),
             )
     for folder in args.peer_dirs:
         record = json.loads((folder / "peer.json").read_text())

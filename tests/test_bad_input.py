@@ -341,9 +341,12 @@ def test_ctrl_c_ends_with_one_line_exit_130_and_nothing_left(workspace, tmp_path
     out = tmp_path / "masks"
     argv = _cli("learn-masks", "--model", workspace / "model", "--calib", workspace / "calib.safetensors",
                 "--ratio", "0.2", "--channel-multiple", "16", "--steps", "1000000", "--warmup-steps", "1", "--out", out)  # fmt: skip
+    # a CI job started in the background without job control inherits SIGINT ignored, and Python keeps an ignored
+    # SIGINT ignored: the child gets the default disposition back, as an interactive shell would give it
     process = subprocess.Popen(
-        argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
+        argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     seen = b""
     while b"step" not in seen:  # tqdm has started: the process is inside the training loop
         chunk = os.read(process.stderr.fileno(), 4096)
