@@ -96,15 +96,22 @@ def slurm_and_local_runs(slurm_cluster, tmp_path_factory, tiny_tokenizer):
     (root / "local").mkdir()
     through_slurm = snakemake(root / "slurm", config, "--profile", str(profile), "--set-resources", "efficiency:gpu=1")
     # locally only what test_outputs_equal_those_of_a_local_run compares (lm-eval and latency jobs cost minutes)
-    snakemake(root / "local", config, "--cores", "2", *(f"results/tiny/{path}" for path in COMPARED))
+    targets = [f"results/tiny/{output}" for output in LOCAL_TARGETS]
+    snakemake(root / "local", config, "--cores", "2", *targets)
     return root, config, profile, through_slurm.stdout + through_slurm.stderr
 
 
 VARIANTS = ("dense", "taylor-inverse-r0.20")
-COMPARED = (
-    "calib/c4.safetensors", "importance/c4-taylor/units.safetensors", "plans/taylor-inverse-r0.20.json",
-    "pruned/taylor-inverse-r0.20/model.safetensors", *(f"eval/{variant}/ppl.json" for variant in VARIANTS),
-)  # fmt: skip
+# files compared, and the rule outputs (files or folders) that hold them
+COMPARED = ("calib/c4.safetensors", "importance/c4-taylor/units.safetensors", "plans/taylor-inverse-r0.20.json",
+            "pruned/taylor-inverse-r0.20/model.safetensors")  # fmt: skip
+LOCAL_TARGETS = (
+    "calib/c4.safetensors",
+    "importance/c4-taylor",
+    "plans/taylor-inverse-r0.20.json",
+    "pruned/taylor-inverse-r0.20",
+    *(f"eval/{variant}/ppl.json" for variant in VARIANTS),
+)
 
 
 def test_every_job_goes_through_slurm(slurm_and_local_runs):
@@ -136,7 +143,7 @@ def test_gpu_rule_lands_on_the_gpu_gres(slurm_and_local_runs):
 def test_outputs_equal_those_of_a_local_run(slurm_and_local_runs):
     root = slurm_and_local_runs[0]
     slurm, local = root / "slurm/results/tiny", root / "local/results/tiny"
-    for relative in COMPARED[:4]:
+    for relative in COMPARED:
         assert _digest(slurm / relative) == _digest(local / relative), relative
     for variant in VARIANTS:
         ours, theirs = (json.loads((base / "eval" / variant / "ppl.json").read_text()) for base in (slurm, local))
