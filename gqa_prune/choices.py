@@ -11,12 +11,13 @@ EXPERT_CRITERIA = ("reap", "frequency", "gate", "ean", "random")  # criteria.exp
 # expert_plan: one count per MoE layer (stock config); counts per layer priced by measured loss curves; or ranked
 # by the criterion's value across layers
 EXPERT_ALLOCATIONS = ("uniform", "per-layer", "ranked")
-DEFAULT_EXPERT_CRITERION = "reap"  # REAP, arXiv 2510.13999: the strongest in its paper (bench/experts.py: see README)
+# REAP, arXiv 2510.13999: the strongest in its paper (bench/experts.py: docs/benchmarks/experts.md)
+DEFAULT_EXPERT_CRITERION = "reap"
 LAYER_CRITERIA = ("block_influence", "activation", "removal")
 MODES = ("width", "depth", "hybrid", "learned")  # learned: keep exactly the units of learned (l0) masks
 UNIT_KINDS = ("layer", "attn_sublayer", "mlp_sublayer", "gqa_group", "mlp_channel")  # units.KINDS
 # The default plan mode: hybrid gave the lowest WikiText-2 perplexity at every ratio measured on SmolLM2
-# (README, "Plan modes"; bench/modes.py and bench/quality.py).
+# (docs/benchmarks/modes.md; bench/modes.py and bench/quality.py).
 DEFAULT_MODE = "hybrid"
 STRATEGIES = ("inverse", "proportional", "uniform")
 DTYPES = ("auto", "float32", "bfloat16", "float16")

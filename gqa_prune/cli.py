@@ -575,18 +575,25 @@ def _learn_masks_parser(commands, device_options) -> None:
     learn = commands.add_parser(
         "learn-masks", help="learn GQA-tied hard-concrete (L0) masks to a target size: importance folder, criterion l0"
     )
-    learn.add_argument("--model", required=True, type=Path)
+    learn.add_argument("--model", required=True, type=Path, help="model folder (from stage), dense")
     learn.add_argument("--calib", required=True, type=Path, help="training blocks (from `calib`)")
     learn.add_argument("--ratio", required=True, type=_ratio, help="fraction of attention+MLP parameters to remove")
-    learn.add_argument("--steps", type=_positive_int, default=default("steps"))
-    learn.add_argument("--batch-size", type=_positive_int, default=default("batch_size"))
+    learn.add_argument("--steps", type=_positive_int, default=default("steps"), help="mask-training steps")
+    learn.add_argument(
+        "--batch-size", type=_positive_int, default=default("batch_size"), help="calibration blocks per step"
+    )
     learn.add_argument(
         "--warmup-steps", type=int, default=default("warmup_steps"), help="the target rises from 0 over these steps"
     )
     learn.add_argument("--mask-lr", type=float, default=default("mask_lr"), help="Adam on the log-alphas")
     learn.add_argument("--lambda-lr", type=float, default=default("lambda_lr"), help="ascent on lambda1, lambda2")
     learn.add_argument("--lambda2-init", type=float, default=default("lambda2_init"), help="lambda2's start")
-    learn.add_argument("--init-log-alpha", type=float, default=default("init_log_alpha"))
+    learn.add_argument(
+        "--init-log-alpha",
+        type=float,
+        default=default("init_log_alpha"),
+        help="initial log-alpha of every mask (high: every unit starts kept)",
+    )
     learn.add_argument("--beta", type=float, default=default("beta"), help="hard-concrete temperature")
     learn.add_argument(
         "--limits", type=_limits, default=(default("lower"), default("upper")), help="stretch limits l,r"
@@ -603,10 +610,19 @@ def _learn_masks_parser(commands, device_options) -> None:
         "--train-weights", default=default("train_weights"), choices=WEIGHT_TRAINING,
         help="none: masks only (frozen weights); full or lora: train weights jointly (GPU), saved under OUT/model",
     )  # fmt: skip
-    learn.add_argument("--weight-lr", type=float, default=default("weight_lr"))
-    learn.add_argument("--lora-rank", type=_positive_int, default=default("lora_rank"))
-    learn.add_argument("--lora-alpha", type=float, default=default("lora_alpha"))
-    learn.add_argument("--seed", type=int, default=default("seed"))
+    learn.add_argument(
+        "--weight-lr",
+        type=float,
+        default=default("weight_lr"),
+        help="learning rate of the weights (--train-weights full or lora)",
+    )
+    learn.add_argument(
+        "--lora-rank", type=_positive_int, default=default("lora_rank"), help="LoRA rank (--train-weights lora)"
+    )
+    learn.add_argument(
+        "--lora-alpha", type=float, default=default("lora_alpha"), help="LoRA alpha (--train-weights lora)"
+    )
+    learn.add_argument("--seed", type=int, default=default("seed"), help="seed of the mask noise and the batch order")
     learn.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     learn.add_argument("--out", required=True, type=Path, help="output folder (an importance folder, criterion l0)")
     device_options(learn)
@@ -659,7 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     stage = commands.add_parser("stage", help="turn a model source into a local HF folder (safetensors)")
     stage.add_argument("--source", required=True, help="hub id, local HF folder, or embedded:smollm2-135m")
-    stage.add_argument("--out", required=True, type=Path)
+    stage.add_argument("--out", required=True, type=Path, help="output model folder (safetensors)")
     device_options(stage, device=False)
     stage.set_defaults(run=cmd_stage)
 
@@ -670,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     calib.add_argument("--data-dir", type=Path, default=None, help="offline data laid out like ../shared/data")
     calib.add_argument("--data-files", default=None, help="data_files of an hf: dataset (e.g. one shard)")
-    calib.add_argument("--text-field", default="text")
+    calib.add_argument("--text-field", default="text", help="JSON field holding the text (.jsonl/.json sources)")
     calib.add_argument("--split", default="train", help="split of an hf: dataset")
     calib.add_argument("--dataset-config", default=None, help="config name of an hf: dataset")
     calib.add_argument(
@@ -685,14 +701,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=default_of(CalibrationSettings, "seq_len"),
         help="tokens per block (default: %(default)s)",
     )
-    calib.add_argument("--seed", type=int, default=default_of(CalibrationSettings, "seed"))
+    calib.add_argument(
+        "--seed",
+        type=int,
+        default=default_of(CalibrationSettings, "seed"),
+        help="seed of the sampled documents and offsets",
+    )
     calib.add_argument("--out", required=True, type=Path, help="output .safetensors")
     calib.set_defaults(run=cmd_calib)
 
     score = commands.add_parser("importance", help="score GQA groups, MLP channels, sublayers and layers")
-    score.add_argument("--model", required=True, type=Path)
+    score.add_argument("--model", required=True, type=Path, help="model folder (from stage)")
     score.add_argument("--calib", required=True, type=Path, help="blocks written by `calib`")
-    score.add_argument("--criterion", default="taylor", choices=list(UNIT_CRITERIA))
+    score.add_argument(
+        "--criterion",
+        default="taylor",
+        choices=list(UNIT_CRITERIA),
+        help=(
+            "unit scores: taylor |w*dL/dw|, fisher (empirical Fisher of each unit's mask), obs (structured OBS "
+            "error with the refit after it), magnitude (L1), activation (Wanda-style |w|*||x||), random (seeded); "
+            "ignored on a mixture of experts, which gets its expert statistics"
+        ),
+    )
     score.add_argument(
         "--layer-criteria",
         type=_csv(layer_criteria),
@@ -768,12 +798,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--attn-ratio", type=_ratio, default=None, help="width mode: attention only (default: --ratio); 0 keeps it"
     )
     plan.add_argument("--mlp-ratio", type=_ratio, default=None, help="width mode: MLP only (default: --ratio)")
-    plan.add_argument("--strategy", default=default_of(PlanSettings, "strategy"), choices=STRATEGIES)
+    plan.add_argument(
+        "--strategy",
+        default=default_of(PlanSettings, "strategy"),
+        choices=STRATEGIES,
+        help="width mode: inverse (important layers lose less), proportional, or uniform (every layer the same shape)",
+    )
     plan.add_argument(
         "--alpha", type=float, default=default_of(PlanSettings, "alpha"), help="contrast between layers (0 = uniform)"
     )
-    plan.add_argument("--min-rate", type=float, default=default_of(PlanSettings, "min_rate"))
-    plan.add_argument("--max-rate", type=float, default=default_of(PlanSettings, "max_rate"))
+    plan.add_argument(
+        "--min-rate",
+        type=float,
+        default=default_of(PlanSettings, "min_rate"),
+        help="lowest pruning rate of a layer (width mode)",
+    )
+    plan.add_argument(
+        "--max-rate",
+        type=float,
+        default=default_of(PlanSettings, "max_rate"),
+        help="highest pruning rate of a layer (width mode)",
+    )
     plan.add_argument("--protect", type=parse_layer_list, default=(), help="layers never pruned, e.g. '0,1,28-29'")
     plan.add_argument(
         "--channel-multiple",
@@ -781,7 +826,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=default_of(PlanSettings, "channel_multiple"),
         help="kept MLP and expert widths are multiples of this",
     )
-    plan.add_argument("--layer-criterion", default=default_of(PlanSettings, "layer_criterion"), choices=layer_criteria)
+    plan.add_argument(
+        "--layer-criterion",
+        default=default_of(PlanSettings, "layer_criterion"),
+        choices=layer_criteria,
+        help="layer and sublayer importance that orders layers (width and depth modes)",
+    )
     plan.add_argument("--out", required=True, type=Path, help="output plan .json")
     plan.add_argument("--plot", type=Path, default=None, help="also draw the plan as PNG")
     plan.set_defaults(run=cmd_plan)
@@ -789,9 +839,11 @@ def build_parser() -> argparse.ArgumentParser:
     _learn_masks_parser(commands, device_options)
 
     prune = commands.add_parser("prune", help="apply a plan: physically smaller HF checkpoint")
-    prune.add_argument("--model", required=True, type=Path)
-    prune.add_argument("--plan", required=True, type=Path)
-    prune.add_argument("--out", required=True, type=Path)
+    prune.add_argument(
+        "--model", required=True, type=Path, help="model folder the plan was built for (or learn-masks' OUT/model)"
+    )
+    prune.add_argument("--plan", required=True, type=Path, help="plan .json (from plan)")
+    prune.add_argument("--out", required=True, type=Path, help="output folder: the pruned checkpoint")
     prune.add_argument(
         "--calib", type=Path, default=None,
         help="calibration blocks (from `calib`): refit the kept columns of o_proj/down_proj by least squares",
@@ -828,7 +880,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--window", type=_positive_int, default=None, help="tokens per window (default: min(2048, model max))"
     )
     ppl.add_argument("--max-tokens", type=_positive_int, default=None, help="score only the first N tokens (CPU)")
-    ppl.add_argument("--batch-size", type=_positive_int, default=1)
+    ppl.add_argument("--batch-size", type=_positive_int, default=1, help="windows per forward pass")
     ppl.add_argument("--out", type=Path, default=None, help="write the result as JSON")
     device_options(ppl)
     ppl.set_defaults(run=cmd_ppl)
@@ -843,40 +895,73 @@ def build_parser() -> argparse.ArgumentParser:
         help="lm: next-token CE; kd: KL to the teacher",
     )
     recover.add_argument("--teacher", type=Path, default=None, help="dense model folder (kd)")
-    recover.add_argument("--rank", type=_positive_int, default=default_of(RecoverySettings, "rank"))
-    recover.add_argument("--alpha", type=float, default=default_of(RecoverySettings, "alpha"))
-    recover.add_argument("--dropout", type=float, default=default_of(RecoverySettings, "dropout"))
-    recover.add_argument("--lr", type=float, default=default_of(RecoverySettings, "lr"))
-    recover.add_argument("--steps", type=_positive_int, default=default_of(RecoverySettings, "steps"))
-    recover.add_argument("--batch-size", type=_positive_int, default=default_of(RecoverySettings, "batch_size"))
-    recover.add_argument("--warmup-steps", type=int, default=default_of(RecoverySettings, "warmup_steps"))
+    recover.add_argument("--rank", type=_positive_int, default=default_of(RecoverySettings, "rank"), help="LoRA rank")
+    recover.add_argument("--alpha", type=float, default=default_of(RecoverySettings, "alpha"), help="LoRA alpha")
+    recover.add_argument(
+        "--dropout",
+        type=float,
+        default=default_of(RecoverySettings, "dropout"),
+        help="LoRA dropout (0 on mixtures of experts)",
+    )
+    recover.add_argument(
+        "--lr",
+        type=float,
+        default=default_of(RecoverySettings, "lr"),
+        help="peak learning rate (warm-up, then cosine decay)",
+    )
+    recover.add_argument(
+        "--steps", type=_positive_int, default=default_of(RecoverySettings, "steps"), help="optimizer steps"
+    )
+    recover.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=default_of(RecoverySettings, "batch_size"),
+        help="training blocks per step",
+    )
+    recover.add_argument(
+        "--warmup-steps", type=int, default=default_of(RecoverySettings, "warmup_steps"), help="linear warm-up steps"
+    )
     recover.add_argument(
         "--temperature", type=float, default=default_of(RecoverySettings, "temperature"), help="kd softmax temperature"
     )
-    recover.add_argument("--seed", type=int, default=default_of(RecoverySettings, "seed"))
+    recover.add_argument(
+        "--seed",
+        type=int,
+        default=default_of(RecoverySettings, "seed"),
+        help="seed of the LoRA init and the batch order",
+    )
     recover.add_argument(
         "--router",
         default=default_of(RecoverySettings, "router"),
         choices=ROUTER_MODES,
         help="mixture of experts: routers frozen (default) or trained in full; LoRA adapts every expert either way",
     )
-    recover.add_argument("--gradient-checkpointing", action="store_true")
-    recover.add_argument("--out", required=True, type=Path)
+    recover.add_argument(
+        "--gradient-checkpointing", action="store_true", help="trade compute for memory (8B models on one GPU)"
+    )
+    recover.add_argument(
+        "--out", required=True, type=Path, help="output folder: the recovered checkpoint, adapters merged"
+    )
     device_options(recover)
     recover.set_defaults(run=cmd_recover)
 
     quantize = commands.add_parser("quantize", help="INT4/INT8 GPTQ or round-to-nearest through GPTQModel")
-    quantize.add_argument("--model", required=True, type=Path)
-    quantize.add_argument("--method", default="gptq", choices=("gptq", "rtn"))
-    quantize.add_argument("--bits", type=int, default=4)
+    quantize.add_argument("--model", required=True, type=Path, help="model folder (dense, pruned or recovered)")
+    quantize.add_argument(
+        "--method",
+        default="gptq",
+        choices=("gptq", "rtn"),
+        help="gptq (calibrated, needs --calib) or rtn (round-to-nearest, no calibration)",
+    )
+    quantize.add_argument("--bits", type=int, default=4, help="bits per weight (4 or 8)")
     quantize.add_argument("--group-size", type=int, default=64, help="must divide every in_features for torch_aten")
     quantize.add_argument("--desc-act", action="store_true", help="GPTQ act-order")
     quantize.add_argument("--asym", action="store_true", help="asymmetric (default symmetric)")
     quantize.add_argument("--kernel", default="auto", help="CPU kernel: auto, torch_aten, torch_int8, torch")
     quantize.add_argument("--calib", type=Path, default=None, help="calibration blocks (gptq)")
     quantize.add_argument("--n-samples", type=_positive_int, default=128, help="calibration blocks used (gptq)")
-    quantize.add_argument("--batch-size", type=_positive_int, default=1)
-    quantize.add_argument("--out", required=True, type=Path)
+    quantize.add_argument("--batch-size", type=_positive_int, default=1, help="calibration blocks per GPTQ forward")
+    quantize.add_argument("--out", required=True, type=Path, help="output folder: a GPTQ-format checkpoint")
     quantize.set_defaults(run=cmd_quantize)
 
     aggregate = commands.add_parser("aggregate", help="tradeoff table, Pareto fronts and plots from a manifest")
@@ -889,21 +974,26 @@ def build_parser() -> argparse.ArgumentParser:
     profile = commands.add_parser("profile", help="Snakemake profiles")
     profile_commands = profile.add_subparsers(dest="profile_command", required=True, parser_class=_OneLineParser)
     install = profile_commands.add_parser("install", help="write the Slurm profile to ~/.config/snakemake/slurm/")
-    install.add_argument("--partition", required=True)
-    install.add_argument("--account", required=True)
+    install.add_argument("--partition", required=True, help="Slurm partition of every job")
+    install.add_argument("--account", required=True, help="Slurm account charged")
     install.add_argument("--gpu-model", default=None, help="e.g. a100 (GPU rules then ask for --gpus=MODEL:1)")
-    install.add_argument("--dest", type=Path, default=Path("~/.config/snakemake/slurm"))
+    install.add_argument(
+        "--dest",
+        type=Path,
+        default=Path("~/.config/snakemake/slurm"),
+        help="profile folder (snakemake --profile slurm reads ~/.config/snakemake/slurm)",
+    )
     install.add_argument("--force", action="store_true", help="replace an existing profile")
     install.set_defaults(run=cmd_profile_install)
 
     evaluate = commands.add_parser("evaluate", help="lm-eval tasks (offline copies with --data-dir)")
-    evaluate.add_argument("--model", required=True, type=Path)
+    evaluate.add_argument("--model", required=True, type=Path, help="model folder")
     evaluate.add_argument(
         "--tasks", required=True, type=parse_task_limits,
         help="comma-separated task[=limit]: arc_easy, arc_challenge, hellaswag, piqa, winogrande, wikitext",
     )  # fmt: skip
     evaluate.add_argument("--data-dir", type=Path, default=None, help="offline data laid out like ../shared/data")
-    evaluate.add_argument("--batch-size", type=_positive_int, default=8)
+    evaluate.add_argument("--batch-size", type=_positive_int, default=8, help="requests per forward pass")
     evaluate.add_argument("--max-length", type=_positive_int, default=None, help="default: min(2048, model max)")
     evaluate.add_argument("--out", required=True, type=Path, help="JSON: summary + lm-eval's full results")
     device_options(evaluate)
@@ -919,9 +1009,11 @@ def build_parser() -> argparse.ArgumentParser:
     efficiency.add_argument(
         "--decode-tokens", type=_positive_int, default=None, help="default: 32 (folders), 128 (GGUF, as llama-bench)"
     )
-    efficiency.add_argument("--repeats", type=_positive_int, default=3)
-    efficiency.add_argument("--warmup", type=int, default=1)
-    efficiency.add_argument("--out", required=True, type=Path)
+    efficiency.add_argument(
+        "--repeats", type=_positive_int, default=3, help="timed repetitions (the median is reported)"
+    )
+    efficiency.add_argument("--warmup", type=int, default=1, help="untimed warm-up repetitions")
+    efficiency.add_argument("--out", required=True, type=Path, help="output .json")
     device_options(efficiency)
     efficiency.set_defaults(run=cmd_efficiency)
 
@@ -935,8 +1027,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(run=cmd_export_gguf)
 
     plot = commands.add_parser("plot", help="draw a plan: kept groups/channels against layer importance (PNG)")
-    plot.add_argument("--plan", required=True, type=Path)
-    plot.add_argument("--out", required=True, type=Path)
+    plot.add_argument("--plan", required=True, type=Path, help="plan .json (from plan)")
+    plot.add_argument("--out", required=True, type=Path, help="output .png")
     plot.set_defaults(run=cmd_plot)
     return parser
 

@@ -25,7 +25,8 @@ from .errors import SettingError
 LOSSES = ("lm", "kd")
 ROUTER_MODES = ("frozen", "trainable")  # recovery of a mixture of experts: its routers kept, or fully trained
 IMPORTANCE_BATCH_SIZE = 1  # calibration blocks per importance forward/backward (one 2048-token block)
-CURVE_TOKENS = 8192  # default text of the loss curves: hybrid plans on 4 or 8 blocks of 2048 are the same (README)
+# default text of the loss curves: hybrid plans on 4 or 8 blocks of 2048 are the same (docs/benchmarks/history.md)
+CURVE_TOKENS = 8192
 
 
 def default_of(settings: type, name: str):
@@ -42,7 +43,7 @@ def default_of(settings: type, name: str):
 class CalibrationSettings:
     """How much C4 text ``gqa-prune calib`` samples by default: 32 blocks of 2048 tokens. The unit scores need
     far less, but the refit is data-hungry: on SmolLM2 at 20 %, 4x the bench's 8 x 2048 tokens with ridge 0.3
-    took the default from 30.18 to 28.14 PPL (README, bench/levers.py)."""
+    took the default from 30.18 to 28.14 PPL (docs/concepts/reconstruction.md, bench/levers.py)."""
 
     n_samples: int = 32
     seq_len: int = 2048

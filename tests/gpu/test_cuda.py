@@ -128,7 +128,7 @@ def test_compiled_static_cache_decode_reports_figures_beside_their_ideal():
 
 def test_gptq_quantization_on_cuda(tmp_path, tiny_tokenizer):
     gptqmodel = pytest.importorskip(
-        "gptqmodel", reason="GPTQModel is not installed here (no binary wheel for this CUDA/Python; see README)"
+        "gptqmodel", reason="GPTQModel is not installed here (no binary wheel for this CUDA/Python; see docs/gpu.md)"
     )
     from helpers import quantizable_model
 
