@@ -895,41 +895,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="lm: next-token CE; kd: KL to the teacher",
     )
     recover.add_argument("--teacher", type=Path, default=None, help="dense model folder (kd)")
-    recover.add_argument("--rank", type=_positive_int, default=default_of(RecoverySettings, "rank"), help="LoRA rank")
-    recover.add_argument("--alpha", type=float, default=default_of(RecoverySettings, "alpha"), help="LoRA alpha")
-    recover.add_argument(
-        "--dropout",
-        type=float,
-        default=default_of(RecoverySettings, "dropout"),
-        help="LoRA dropout (0 on mixtures of experts)",
-    )
-    recover.add_argument(
-        "--lr",
-        type=float,
-        default=default_of(RecoverySettings, "lr"),
-        help="peak learning rate (warm-up, then cosine decay)",
-    )
-    recover.add_argument(
-        "--steps", type=_positive_int, default=default_of(RecoverySettings, "steps"), help="optimizer steps"
-    )
-    recover.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=default_of(RecoverySettings, "batch_size"),
-        help="training blocks per step",
-    )
-    recover.add_argument(
-        "--warmup-steps", type=int, default=default_of(RecoverySettings, "warmup_steps"), help="linear warm-up steps"
-    )
-    recover.add_argument(
-        "--temperature", type=float, default=default_of(RecoverySettings, "temperature"), help="kd softmax temperature"
-    )
-    recover.add_argument(
-        "--seed",
-        type=int,
-        default=default_of(RecoverySettings, "seed"),
-        help="seed of the LoRA init and the batch order",
-    )
+    for flag, kind, field, text in (
+        ("--rank", _positive_int, "rank", "LoRA rank"),
+        ("--alpha", float, "alpha", "LoRA alpha"),
+        ("--dropout", float, "dropout", "LoRA dropout (0 on mixtures of experts)"),
+        ("--lr", float, "lr", "peak learning rate (warm-up, then cosine decay)"),
+        ("--steps", _positive_int, "steps", "optimizer steps"),
+        ("--batch-size", _positive_int, "batch_size", "training blocks per step"),
+        ("--warmup-steps", int, "warmup_steps", "linear warm-up steps"),
+        ("--temperature", float, "temperature", "kd softmax temperature"),
+        ("--seed", int, "seed", "seed of the LoRA init and the batch order"),
+    ):
+        recover.add_argument(flag, type=kind, default=default_of(RecoverySettings, field), help=text)
     recover.add_argument(
         "--router",
         default=default_of(RecoverySettings, "router"),
