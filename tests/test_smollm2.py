@@ -91,7 +91,8 @@ def test_prune_20_percent_taylor_inverse(tmp_path, smollm2, data_dir):
 
 
 def test_offline_tasks_score_smollm2_above_chance(smollm2, data_dir):
-    """ARC-Easy, HellaSwag and PIQA: more than two standard errors above chance on 100 items each.
+    """ARC-Easy and PIQA on 100 items, HellaSwag (four long endings per item, the costly task) on 40: each more
+    than two standard errors above chance.
 
     WinoGrande is not asserted: SmolLM2-135M scores at chance on it (0.504 +- 0.014 on all 1,267 items of the
     offline copy, as published for this size), so "above chance" would only test noise.
@@ -99,10 +100,10 @@ def test_offline_tasks_score_smollm2_above_chance(smollm2, data_dir):
     from gqa_prune.evaluation import CHANCE, run_lm_eval, summarize
 
     model, tokenizer, _ = smollm2
-    tasks = {"arc_easy": 100, "hellaswag": 100, "piqa": 100}
+    tasks = {"arc_easy": 100, "hellaswag": 40, "piqa": 100}
     summary = summarize(run_lm_eval(model, tokenizer, tasks, data_dir, batch_size=8, max_length=2048), data_dir)
     for task, entry in summary.items():
-        assert entry["items"] == 100
+        assert entry["items"] == tasks[task]
         assert entry["acc_norm"] - 2 * entry["acc_norm_stderr"] > CHANCE[task], (task, entry)
 
 
