@@ -158,8 +158,8 @@ def main() -> None:
         if (name, f"{ratio:.2f}") in done and (not args.recover_steps or (recovered_name, f"{ratio:.2f}") in done):
             return
         start = time.perf_counter()
-        try:
-            built = build()
+        try:  # recovery needs the model itself, so an earlier row of the same model is reused only without it
+            built = build(reuse=not args.recover_steps)
         except Exception as error:  # a failing method is a row that says so, not hours of work lost
             rows.append({"method": name, "ratio": f"{ratio:.2f}", "PPL": f"failed: {error}"})
             print(rows[-1], flush=True)
@@ -199,13 +199,13 @@ def main() -> None:
     def ours(ratio: float, unit_criterion: str, plan_options: dict, refit):
         scores(unit_criterion)  # computed (and timed) once, before this method's own clock starts
 
-        def build():
+        def build(reuse: bool):
             result = scores(unit_criterion)
             scoring = f"{unit_criterion} {score_seconds.get(unit_criterion, float('nan')):.0f} s"
             plan = build_plan(result, PlanSettings(ratio=ratio, **plan_options))
             key = model_key(plan, refit, f"C4 {args.blocks}x2048 seed 0")
             twin = next((row for row in rows if key and row.get("model key") == key), None)
-            if twin is not None:  # the refit would give the very same weights: reuse that row's figures
+            if reuse and twin is not None:  # the refit would give the very same weights: reuse that row's figures
                 return {**twin, "scoring": scoring, "same model as": twin.get("same model as", twin["method"])}
             model = copy.deepcopy(bench.model)
             if refit is not None:
@@ -225,7 +225,8 @@ def main() -> None:
             if index == 1 and (not args.rows or "Torch-Pruning" in args.rows):  # the strongest peer second
                 from peers import describe_settings
 
-                add_row(f"Torch-Pruning ({describe_settings().split(',')[0]})", ratio, lambda: torch_pruning(ratio))
+                peer = f"Torch-Pruning ({describe_settings().split(',')[0]})"
+                add_row(peer, ratio, lambda reuse: torch_pruning(ratio))
             if args.rows and not any(part in name for part in args.rows.split(",")):
                 continue
             add_row(name, ratio, ours(ratio, unit_criterion, plan_options, refit))
