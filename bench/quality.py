@@ -84,7 +84,8 @@ def model_key(plan: PruningPlan, refit: ReconstructionSettings | None, calibrati
     layers = [
         [layer.removed, {kind: len(units) for kind, units in sorted(layer.kept.items())}] for layer in plan.layers
     ]
-    text = json.dumps([layers, asdict(refit), calibration], sort_keys=True)
+    settings = {key: value for key, value in asdict(refit).items() if not (key == "inputs" and value is False)}
+    text = json.dumps([layers, settings, calibration], sort_keys=True)  # keys of rows before `inputs` existed hold
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -147,6 +148,12 @@ def main() -> None:
         ("gqa-prune hybrid, Fisher + reconstruction", "fisher", dict(mode="hybrid"), default_refit),
         ("gqa-prune hybrid, OBS + reconstruction", "obs", dict(mode="hybrid"), default_refit),
         ("gqa-prune hybrid, Taylor + reconstruction of the plan's units", "taylor", dict(mode="hybrid"), units),
+        (
+            "gqa-prune defaults + full sequential refit (--refit-inputs)",
+            criterion,
+            dict(mode=default_settings.mode),
+            replace(default_refit, inputs=True),
+        ),
     ]
     columns = ["method", "ratio", "parameters", "PPL", "mean acc", "scoring", "plan + prune + refit", "recovery",
                "same model as"]  # fmt: skip

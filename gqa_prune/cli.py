@@ -322,7 +322,11 @@ def cmd_prune(args: argparse.Namespace) -> None:
         from .reconstruct import ReconstructionSettings
 
         settings = ReconstructionSettings(
-            ridge=args.ridge, target=args.reconstruct_target, select=args.select, batch_size=args.batch_size
+            ridge=args.ridge,
+            target=args.reconstruct_target,
+            select=args.select,
+            batch_size=args.batch_size,
+            inputs=args.refit_inputs,
         )
         settings.validate()
     model = load_model(args.model, dtype=args.dtype, device=args.device if settings else "cpu")
@@ -867,6 +871,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--batch-size", type=_positive_int, default=default_of(ReconstructionSettings, "batch_size"),
         help="calibration blocks per refit batch",
+    )  # fmt: skip
+    prune.add_argument(
+        "--refit-inputs", action="store_true", default=default_of(ReconstructionSettings, "inputs"),
+        help="also refit q/k/v and gate/up (which read the shifted residual stream) towards the dense model's "
+        "outputs: the full sequential refit",
     )  # fmt: skip
     device_options(prune)
     prune.set_defaults(run=cmd_prune)

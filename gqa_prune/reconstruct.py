@@ -16,8 +16,15 @@ ones go is chosen just before the refit by greedy structured OBS on the same Gra
 each removal by the exact rise of the refit's own ridge objective, so the layer loses what the refit can
 best make up for. With ``target="dense"`` the layer instead matches
 the dense model's own output on the dense model's activations, which also absorbs what upstream removals
-(sublayers, layers) took away. Grams accumulate in float64 whatever the model dtype; only one layer's Grams
-exist at a time (an 8B model's down_proj Gram is 14336^2 float64 = 1.6 GB).
+(sublayers, layers) took away.
+
+With ``inputs`` (the full sequential refit) the projections that read the residual stream (q/k/v, gate/up)
+are refit too, before their sublayer's output projection: all their rows, towards the dense model's outputs
+on the dense model's activations, from the pruned model's inputs (the same ridge pull towards the original
+weights), so what upstream removals shifted is corrected where it enters each sublayer. With nothing removed
+the inputs equal the dense ones and the fit returns the original weights. Grams accumulate in float64
+whatever the model dtype; only one layer's Grams exist at a time (an 8B model's down_proj Gram is 14336^2
+float64 = 1.6 GB).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import Geometry, adapter_for
+from .arch import ATTENTION_ROLES, MLP_ROLES, FamilyAdapter, Geometry, adapter_for
 from .blocks import check_blocks
 from .criteria.obs import DIAGONAL_FLOOR, greedy_obs_keep
 from .errors import GqaPruneError
@@ -107,6 +114,90 @@ def _gram(
     return gram, cross
 
 
+INPUT_ROLES = {"attn": ATTENTION_ROLES[:3], "mlp": MLP_ROLES[:2]}  # q/k/v and gate/up: read the stream
+
+
+def _input_statistics(
+    layer: nn.Module,
+    dense_layer: nn.Module,
+    projections: list[tuple[nn.Linear, nn.Linear]],
+    captured: LayerInputs,
+    dense_hidden: list[torch.Tensor],
+) -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
+    """For projections that share one input: its Gram on the pruned model's activations (float64), and per
+    projection X^T Y and sum ||y||^2 of the dense projection's output (bias excluded) on the dense activations."""
+    inputs: list[torch.Tensor] = []
+    outputs: list[list[torch.Tensor]] = [[] for _ in projections]
+    handles = [projections[0][0].register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach()))]
+    for index, (_, dense) in enumerate(projections):
+        bias = dense.bias
+        handles.append(dense.register_forward_hook(
+            lambda m, args, output, store=outputs[index], bias=bias:
+            store.append(output.detach() - (0 if bias is None else bias.detach()))
+        ))  # fmt: skip
+    gram = None
+    crosses: list[torch.Tensor | None] = [None] * len(projections)
+    energies = [0.0] * len(projections)
+    try:
+        with torch.no_grad():
+            for hidden, dense_in, kwargs in zip(captured.hidden, dense_hidden, captured.kwargs):
+                run_layer(layer, hidden, kwargs)
+                run_layer(dense_layer, dense_in, kwargs)
+                x = inputs.pop().flatten(0, -2).to(torch.float64)
+                gram = x.T @ x if gram is None else gram + x.T @ x
+                for index, store in enumerate(outputs):
+                    y = store.pop().flatten(0, -2).to(torch.float64)
+                    part = x.T @ y
+                    crosses[index] = part if crosses[index] is None else crosses[index] + part
+                    energies[index] += float((y * y).sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return gram, crosses, energies
+
+
+def _target_error(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, energy: float) -> float:
+    """sum ||W x - y||^2 over the calibration tokens, from the Gram, X^T Y and sum ||y||^2 alone."""
+    return float(torch.einsum("oi,ij,oj->", weight, gram, weight) - 2 * torch.einsum("oi,io->", weight, cross)) + energy
+
+
+def refit_inputs(
+    layer: nn.Module,
+    dense_layer: nn.Module,
+    scope: str,
+    adapter: FamilyAdapter,
+    captured: LayerInputs,
+    dense_hidden: list[torch.Tensor],
+    ridge: float,
+) -> dict[str, dict[str, float]]:
+    """Refit every row of a sublayer's input projections (q/k/v or gate/up) in place towards the dense model's
+    outputs; returns each projection's calibration error before and after."""
+    projections = [
+        (adapter.projection(layer, role), adapter.projection(dense_layer, role)) for role in INPUT_ROLES[scope]
+    ]
+    gram, crosses, energies = _input_statistics(layer, dense_layer, projections, captured, dense_hidden)
+    every = torch.arange(gram.shape[0], device=gram.device)
+    report = {}
+    for role, (projection, _), cross, energy in zip(INPUT_ROLES[scope], projections, crosses, energies):
+        original = projection.weight.detach().to(torch.float64)
+        try:
+            refit = refit_columns(original, gram, every, ridge, cross)
+        except torch.linalg.LinAlgError as error:
+            raise GqaPruneError(
+                f"the Gram matrix of {role.module}'s input is singular even with ridge {ridge}; raise --ridge or "
+                f"give more calibration text"
+            ) from error
+        if not torch.isfinite(refit).all():
+            raise GqaPruneError(f"the refit of {role.module} is not finite (NaN/Inf)")
+        report[role.module] = {
+            "before_error": _target_error(original, gram, cross, energy),
+            "refit_error": _target_error(refit, gram, cross, energy),
+        }
+        with torch.no_grad():
+            projection.weight.copy_(refit.to(projection.weight.dtype))
+    return report
+
+
 def reconstruct(
     model: nn.Module,
     plan: PruningPlan,
@@ -139,13 +230,14 @@ def reconstruct(
         torch.cuda.reset_peak_memory_stats(device)
     batches = list(blocks.split(settings.batch_size))
     captured = capture_layer_inputs(model, layers, batches, device)
-    dense_hidden = [hidden.clone() for hidden in captured.hidden] if settings.target == "dense" else None
+    follow_dense = settings.target == "dense" or settings.inputs  # the dense model's stream, alongside
+    dense_hidden = [hidden.clone() for hidden in captured.hidden] if follow_dense else None
     reselect = settings.select == "obs" and plan.settings.mode != "learned"
     if settings.select == "obs" and not reselect:
         logger.info("the plan keeps the units of learned masks: reconstruction does not re-choose them")
     report, applied = [], []
     for index, (layer, layer_plan) in enumerate(tqdm(list(zip(layers, plan.layers)), desc="reconstruct", unit="layer")):
-        dense_layer = copy.deepcopy(layer) if settings.target == "dense" else None
+        dense_layer = copy.deepcopy(layer) if follow_dense else None
         entry = {"layer": index}
         kept_units = dict(layer_plan.kept)
         if layer_plan.removes_layer:
@@ -161,9 +253,16 @@ def reconstruct(
                 scope = kind.scopes[0]
                 if not layer_plan.keeps(scope):
                     continue
+                if settings.inputs:
+                    try:
+                        entry.update(refit_inputs(
+                            layer, dense_layer, scope, adapter, captured, dense_hidden, settings.ridge
+                        ))  # fmt: skip
+                    except GqaPruneError as error:
+                        raise GqaPruneError(f"layer {index}: {error}") from error
                 projection = adapter.projection(layer, OUTPUT_ROLE[scope])
                 dense = None
-                if dense_layer is not None:
+                if settings.target == "dense":
                     dense = (dense_layer, adapter.projection(dense_layer, OUTPUT_ROLE[scope]), dense_hidden)
                 gram, cross = _gram(layer, projection, captured, dense)
                 original = originals[scope].to(gram.device)
@@ -252,6 +351,16 @@ def summary_line(report: dict) -> str:
         for name, (before, after) in totals.items()
         if before > 0
     ]
+    inputs = [0.0, 0.0]
+    for entry in report["layers"]:
+        for role in (*INPUT_ROLES["attn"], *INPUT_ROLES["mlp"]):
+            if role.module in entry:
+                inputs[0] += entry[role.module]["before_error"]
+                inputs[1] += entry[role.module]["refit_error"]
+    if inputs[0] > 0:
+        parts.append(f"q/k/v and gate/up (refit towards the dense model's outputs): {inputs[1] / inputs[0]:.1%} of "
+                     f"their error before the refit")  # fmt: skip
+    rows = " (and every row of q/k/v, gate/up)" if settings.get("inputs") else ""
     chosen = (
         f"Each layer kept as many GQA groups and MLP channels as the plan says, chosen by greedy structured OBS on "
         f"the pruned model's activations ({changed} units differ from the plan's). "
@@ -259,7 +368,8 @@ def summary_line(report: dict) -> str:
         else ""
     )
     return (
-        chosen + f"The kept columns of every o_proj and down_proj were refit layer by layer by ridge least squares "
+        chosen
+        + f"The kept columns of every o_proj and down_proj{rows} were refit layer by layer by ridge least squares "
         f"(ridge {settings['ridge']} relative to each input's Gram diagonal, target `{settings['target']}`) on "
         f"{report['calibration_tokens']:,} calibration tokens, in {report['seconds']:.0f} s; "
         + ("; ".join(parts) or "nothing was removed")

@@ -163,12 +163,15 @@ class ReconstructionSettings:
     """How the refit runs. ``ridge``: strength relative to each kept input's Gram diagonal. ``select``: "obs"
     re-chooses which units of each layer go by greedy structured OBS on the pruned model's activations (the
     plan's count per layer and kind stays; plans of learned masks always keep their units); "plan" keeps the
-    plan's units."""
+    plan's units. ``inputs``: also refit the projections that read the shifted residual stream (q/k/v,
+    gate/up) towards the dense model's outputs, before each sublayer's output projection (the full sequential
+    refit)."""
 
     ridge: float = 0.3
     target: str = "own"  # "own": the dense layer on the pruned inputs; "dense": the dense model's own outputs
     select: str = "obs"
     batch_size: int = 1
+    inputs: bool = False
 
     def validate(self) -> None:
         """Refuse bad values in one line (a ``SettingError`` naming the field)."""
@@ -186,6 +189,8 @@ class ReconstructionSettings:
             )
         if self.batch_size < 1:
             raise SettingError(f"reconstruction batch size {self.batch_size} must be >= 1", field="batch_size")
+        if not isinstance(self.inputs, bool):
+            raise SettingError(f"reconstruction inputs {self.inputs!r} must be true or false", field="inputs")
 
 
 @dataclass(frozen=True)

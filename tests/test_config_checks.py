@@ -193,6 +193,7 @@ BAD_SETTINGS = [
     MaskSettings(ratio=0.2, lower=0.5),
     MaskSettings(ratio=0.2, kinds=("heads",)),
     ReconstructionSettings(select="greedy"),
+    ReconstructionSettings(inputs="yes"),
     RecoverySettings(dropout=1.0),
     QuantSettings(method="awq"),
 ]

@@ -64,12 +64,12 @@ def test_reconstruction_never_increases_a_layers_error_and_prunes_equivalently(f
         assert (pruned(INPUTS).logits - masked(INPUTS).logits).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("target", ["own", "dense"])
-def test_a_plan_that_removes_nothing_leaves_the_weights_unchanged(target):
+@pytest.mark.parametrize(("target", "inputs"), [("own", False), ("dense", False), ("own", True)])
+def test_a_plan_that_removes_nothing_leaves_the_weights_unchanged(target, inputs):
     model = tiny_model("qwen2", 3)
     plan = plan_for(model, attn_ratio=0.0, mlp_ratio=0.0)
     refit = copy.deepcopy(model)
-    reconstruct(refit, plan, BLOCKS, ReconstructionSettings(target=target))
+    reconstruct(refit, plan, BLOCKS, ReconstructionSettings(target=target, inputs=inputs))
     for (name, before), after in zip(model.state_dict().items(), refit.state_dict().values()):
         torch.testing.assert_close(after, before, rtol=0, atol=1e-6, msg=name)
 
@@ -101,6 +101,59 @@ def test_sequential_fits_use_the_pruned_models_activations():
     from_dense = refit_columns(original, down_proj_gram(model), kept, ridge)
     torch.testing.assert_close(written, from_pruned, rtol=1e-4, atol=1e-5)
     assert (written - from_dense).abs().max() > 1e-3
+
+
+INPUT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+
+
+@pytest.mark.parametrize(("family", "heads_per_group"), LAYOUTS)
+def test_the_input_refit_never_increases_a_projections_error_and_prunes_equivalently(family, heads_per_group):
+    model = tiny_model(family, heads_per_group)
+    plan = plan_for(model, protected_layers=(0,))
+    refit = copy.deepcopy(model)
+    applied, report = reconstruct(refit, plan, BLOCKS, ReconstructionSettings(inputs=True))
+    fitted = [entry[name] for entry in report["layers"] for name in INPUT_PROJECTIONS if name in entry]
+    assert len(fitted) == len(INPUT_PROJECTIONS) * len(report["layers"])
+    for errors in fitted:
+        assert errors["refit_error"] <= errors["before_error"] * (1 + 1e-9) + 1e-9
+    assert any(errors["refit_error"] < 0.99 * errors["before_error"] for errors in fitted)
+    # layer 0 is protected and first: its attention reads the dense stream, so its q/k/v stay as they were
+    first, dense_first = refit.model.layers[0].self_attn, model.model.layers[0].self_attn
+    for name in ("q_proj", "k_proj", "v_proj"):
+        torch.testing.assert_close(getattr(first, name).weight, getattr(dense_first, name).weight, rtol=0, atol=1e-5)
+    masked = copy.deepcopy(refit)
+    pruned = apply_plan(refit, applied)
+    with torch.no_grad():
+        assert (pruned(INPUTS).logits - masked(INPUTS).logits).abs().max().item() <= 1e-5
+
+
+def test_the_input_refit_fits_the_dense_outputs_from_the_pruned_models_inputs():
+    model = tiny_model("qwen2", 3)  # q/k/v with biases: the fit leaves them, the target excludes them
+    plan = plan_for(model)
+    refit = copy.deepcopy(model)
+    reconstruct(refit, plan, BLOCKS, ReconstructionSettings(inputs=True))
+    last = len(model.model.layers) - 1
+
+    def inputs_and_outputs(source) -> tuple[torch.Tensor, torch.Tensor]:
+        seen = []
+        projection = source.model.layers[last].self_attn.k_proj
+        hook = projection.register_forward_hook(lambda m, args, out: seen.append((args[0], out - m.bias)))
+        with torch.no_grad():
+            for batch in BLOCKS.split(1):
+                source(batch)
+        hook.remove()
+        return tuple(torch.cat([pair[i].flatten(0, -2).double() for pair in seen]) for i in (0, 1))
+
+    x_pruned, _ = inputs_and_outputs(refit)
+    _, y_dense = inputs_and_outputs(model)
+    original = model.model.layers[last].self_attn.k_proj.weight
+    every = torch.arange(x_pruned.shape[1])
+    expected = refit_columns(
+        original, x_pruned.T @ x_pruned, every, ReconstructionSettings().ridge, x_pruned.T @ y_dense
+    )
+    torch.testing.assert_close(
+        refit.model.layers[last].self_attn.k_proj.weight.double(), expected, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_removed_sublayers_and_layers_are_masked_and_their_neighbours_refit():

@@ -302,3 +302,11 @@ def test_plan_modes_are_part_of_variant_ids(tmp_path, tiny_model_dir):
         assert flags in command and absent not in command
     importance = next(line for line in text.splitlines() if " importance --model " in line)
     assert "--channel-multiple 32" in importance  # the loss curves use the plans' MLP width step
+
+
+@pytest.mark.parametrize("inputs", [False, True])
+def test_the_full_sequential_refit_reaches_prune_only_when_configured(tmp_path, tiny_model_dir, inputs):
+    config = tiny_config(tiny_model_dir, **{"reconstruction.inputs": inputs})
+    done = snakemake(tmp_path, config, "--dry-run", "--cores", "1", "--printshellcmds")
+    prunes = [line for line in done.stdout.splitlines() if " prune --model " in line]
+    assert prunes and all(("--refit-inputs" in line) == inputs for line in prunes)

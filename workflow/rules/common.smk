@@ -452,6 +452,7 @@ def reconstruction_settings() -> ReconstructionSettings:
         target=RECONSTRUCTION["target"],
         select=RECONSTRUCTION["select"],
         batch_size=RECONSTRUCTION["batch_size"],
+        inputs=RECONSTRUCTION["inputs"],
     )
 
 
@@ -465,6 +466,7 @@ def reconstruction_args() -> str:
         "--reconstruct-target": settings.target,
         "--select": settings.select,
         "--batch-size": settings.batch_size,
+        "--refit-inputs": settings.inputs,
     })
 
 
