@@ -5,7 +5,9 @@ sub-command and option of the argparse parser (``gqa_prune.cli.build_parser``); 
 holds ``<!-- generated: config -->``, replaced by every key of the workflow's config schema
 (``workflow/schemas/config.schema.yaml``) with its type, default and description. A benchmarks page may hold
 ``<!-- generated: headline docs/data/<rows>.json -->``, replaced by the table ``bench/headline.py`` prints from
-those rows, so the page shows what the JSON holds. tests/test_docs.py builds the
+those rows, so the page shows what the JSON holds; ``<!-- generated: tradeoff docs/data/<grid>.csv COLUMNS -->``
+is replaced by those comma-separated columns of a tradeoff CSV the workflow's aggregate rule wrote, formatted as
+its tradeoff.md is. tests/test_docs.py builds the
 site with ``mkdocs build --strict`` and checks that both pages name every option and key.
 """
 
@@ -24,6 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 MARKERS = {"<!-- generated: cli -->": "cli", "<!-- generated: config -->": "config"}
 HEADLINE = re.compile(r"<!-- generated: headline (\S+) -->")
+TRADEOFF = re.compile(r"<!-- generated: tradeoff (\S+) (\S+) -->")
 
 
 def _cell(text: object) -> str:
@@ -128,9 +131,24 @@ def headline_table(rows_json: str) -> str:
     return module.table(json.loads((REPO / rows_json).read_text()))
 
 
+def tradeoff_columns(csv_path: str, columns: str) -> str:
+    """The named columns of a workflow tradeoff CSV (a path from the repository root), as tradeoff.md shows them."""
+    import pandas as pd
+
+    from gqa_prune.report import to_markdown
+
+    table = pd.read_csv(REPO / csv_path)
+    wanted = columns.split(",")
+    missing = [column for column in wanted if column not in table]
+    if missing:
+        raise ValueError(f"{csv_path} has no column {', '.join(missing)}; it has {', '.join(table.columns)}")
+    return to_markdown(table[wanted])
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ARG001 (MkDocs' hook signature)
     """Replace the markers by the generated tables."""
     for marker, kind in MARKERS.items():
         if marker in markdown:
             markdown = markdown.replace(marker, cli_reference() if kind == "cli" else config_reference())
+    markdown = TRADEOFF.sub(lambda match: tradeoff_columns(match.group(1), match.group(2)), markdown)
     return HEADLINE.sub(lambda match: headline_table(match.group(1)), markdown)
