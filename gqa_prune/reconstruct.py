@@ -72,6 +72,29 @@ def refit_columns(
     return torch.cholesky_solve(right, factor).T
 
 
+def _checked_refit(
+    original: torch.Tensor,
+    gram: torch.Tensor,
+    kept: torch.Tensor,
+    ridge: float,
+    cross: torch.Tensor | None,
+    layer: int,
+    name: str,
+) -> torch.Tensor:
+    """``refit_columns``, with a singular Gram or a non-finite result refused in one line naming the layer and
+    the projection."""
+    try:
+        refit = refit_columns(original, gram, kept, ridge, cross)
+    except torch.linalg.LinAlgError as error:
+        raise GqaPruneError(
+            f"layer {layer}: the Gram matrix of {name} is singular even with ridge {ridge}; raise --ridge or give more "
+            f"calibration text"
+        ) from error
+    if not torch.isfinite(refit).all():
+        raise GqaPruneError(f"layer {layer}: the refit of {name} is not finite (NaN/Inf)")
+    return refit
+
+
 def output_error(weight: torch.Tensor, refit: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor) -> float:
     """Calibration error sum ||W x - W' x_K||^2 of the own-output target, from the Gram alone."""
     original = weight.detach().to(torch.float64)
@@ -169,6 +192,7 @@ def refit_inputs(
     captured: LayerInputs,
     dense_hidden: list[torch.Tensor],
     ridge: float,
+    index: int,
 ) -> dict[str, dict[str, float]]:
     """Refit every row of a sublayer's input projections (q/k/v or gate/up) in place towards the dense model's
     outputs; returns each projection's calibration error before and after."""
@@ -180,15 +204,7 @@ def refit_inputs(
     report = {}
     for role, (projection, _), cross, energy in zip(INPUT_ROLES[scope], projections, crosses, energies):
         original = projection.weight.detach().to(torch.float64)
-        try:
-            refit = refit_columns(original, gram, every, ridge, cross)
-        except torch.linalg.LinAlgError as error:
-            raise GqaPruneError(
-                f"the Gram matrix of {role.module}'s input is singular even with ridge {ridge}; raise --ridge or "
-                f"give more calibration text"
-            ) from error
-        if not torch.isfinite(refit).all():
-            raise GqaPruneError(f"the refit of {role.module} is not finite (NaN/Inf)")
+        refit = _checked_refit(original, gram, every, ridge, cross, index, role.module)
         report[role.module] = {
             "before_error": _target_error(original, gram, cross, energy),
             "refit_error": _target_error(refit, gram, cross, energy),
@@ -254,12 +270,9 @@ def reconstruct(
                 if not layer_plan.keeps(scope):
                     continue
                 if settings.inputs:
-                    try:
-                        entry.update(refit_inputs(
-                            layer, dense_layer, scope, adapter, captured, dense_hidden, settings.ridge
-                        ))  # fmt: skip
-                    except GqaPruneError as error:
-                        raise GqaPruneError(f"layer {index}: {error}") from error
+                    entry.update(refit_inputs(
+                        layer, dense_layer, scope, adapter, captured, dense_hidden, settings.ridge, index
+                    ))  # fmt: skip
                 projection = adapter.projection(layer, OUTPUT_ROLE[scope])
                 dense = None
                 if settings.target == "dense":
@@ -269,15 +282,8 @@ def reconstruct(
                 units, changed = _select(kind, layer_plan, geometry, original, gram, reselect, settings.ridge)
                 kept_units[kind.name] = units
                 kept = kind.kept_indices(OUTPUT_ROLE[scope], geometry, units).to(gram.device)
-                try:
-                    refit = refit_columns(original, gram, kept, settings.ridge, None if cross is None else cross[kept])
-                except torch.linalg.LinAlgError as error:
-                    raise GqaPruneError(
-                        f"layer {index}: the Gram matrix of {projection_name(scope)} is singular even with ridge "
-                        f"{settings.ridge}; raise --ridge or give more calibration text"
-                    ) from error
-                if not torch.isfinite(refit).all():
-                    raise GqaPruneError(f"layer {index}: the refit of {projection_name(scope)} is not finite (NaN/Inf)")
+                refit = _checked_refit(original, gram, kept, settings.ridge, None if cross is None else cross[kept],
+                                       index, projection_name(scope))  # fmt: skip
                 plain = output_error(original, original[:, kept], gram, kept)
                 fitted = output_error(original, refit, gram, kept)
                 with torch.no_grad():
