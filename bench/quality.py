@@ -16,6 +16,16 @@ all of them, the loss curves the first 8,192 tokens (the CLI's default).
 
     python bench/quality.py [--ratios 0.1,0.2,0.3] [--task-limit 50] [--blocks 32] [--json rows.json]
         [--scores-dir results/bench] [--curve-blocks N] [--rows defaults,ShortGPT] [--recover-steps 50]
+        [--slicegpt /work/peers/TransformerCompression --slicegpt-python /work/peers/slicegpt-venv/bin/python]
+
+Two more rows of the defaults: ``--refit-inputs`` (the full sequential refit) and iterative pruning in 2 and 3
+rounds (``gqa_prune.iterative``: each round re-scores the model pruned so far; the first round reuses the
+stored scores, the later rounds' scoring is timed in "plan + prune + refit").
+
+With ``--slicegpt CHECKOUT --slicegpt-python PYTHON`` a SliceGPT row follows Torch-Pruning at every ratio,
+run in its own environment (``bench/slicegpt_peer.py`` says how to set it up and what is adapted): same model,
+calibration blocks and WikiText-2 windows; its width ``d'`` keeps the same share of attention+MLP parameters
+(shortcut matrices counted); lm-eval is not run in that environment ("mean acc: not run").
 
 With ``--recover-steps N`` every pruned row is followed by the same model after LoRA recovery with
 `gqa-prune recover`'s defaults for N steps (next-token loss, rank 8, 2 blocks per step) on a C4 sample of
@@ -33,18 +43,21 @@ import argparse
 import copy
 import hashlib
 import json
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import slicegpt_peer
 import torch
-from common import DATA_DIR, REPO, load_bench, markdown
+from common import DATA_DIR, MODEL_DIR, REPO, load_bench, markdown
 
 from gqa_prune import api, importance
 from gqa_prune import scores as stored
 from gqa_prune.cli import build_parser
 from gqa_prune.data import calibration_blocks, read_documents
 from gqa_prune.evaluation import CHANCE, run_lm_eval, summarize
+from gqa_prune.iterative import prune_iteratively
 from gqa_prune.planning import PlanSettings, PruningPlan, build_plan
 from gqa_prune.reconstruct import ReconstructionSettings, reconstruct
 from gqa_prune.settings import RecoverySettings
@@ -103,6 +116,10 @@ def main() -> None:
     )
     parser.add_argument("--blocks", type=int, default=32, help="C4 calibration blocks of 2048 tokens (seed 0)")
     parser.add_argument("--recover-steps", type=int, default=0, help="also each pruned model after N LoRA steps")
+    parser.add_argument(
+        "--slicegpt", type=Path, default=None, help="a microsoft/TransformerCompression checkout: SliceGPT rows"
+    )
+    parser.add_argument("--slicegpt-python", type=Path, default=None, help="the Python of SliceGPT's own environment")
     args = parser.parse_args()
     bench = load_bench(n_blocks=args.blocks)
     train_blocks = recovery_blocks(bench, RecoverySettings(steps=args.recover_steps)) if args.recover_steps else None
@@ -154,6 +171,15 @@ def main() -> None:
             dict(mode=default_settings.mode),
             replace(default_refit, inputs=True),
         ),
+        *(
+            (
+                f"gqa-prune defaults, iterative ({k} rounds)",
+                criterion,
+                dict(mode=default_settings.mode, steps=k),
+                default_refit,
+            )
+            for k in (2, 3)
+        ),
     ]
     columns = ["method", "ratio", "parameters", "PPL", "mean acc", "scoring", "plan + prune + refit", "recovery",
                "same model as"]  # fmt: skip
@@ -171,9 +197,9 @@ def main() -> None:
             rows.append({"method": name, "ratio": f"{ratio:.2f}", "PPL": f"failed: {error}"})
             print(rows[-1], flush=True)
             return
-        if isinstance(built, dict):  # the same model as an earlier row
-            figures = ("parameters", "PPL", "mean acc", "scoring", "plan + prune + refit", "same model as", "model key")
-            rows.append({"method": name, "ratio": f"{ratio:.2f}", **{column: built[column] for column in figures}})
+        if isinstance(built, dict):  # figures measured elsewhere: an earlier row of the same model, or a peer's process
+            figures = {key: value for key, value in built.items() if key not in ("method", "ratio", "recovery")}
+            rows.append({"method": name, "ratio": f"{ratio:.2f}", **figures})
         else:
             model, parameters, scoring, key = built
             seconds = time.perf_counter() - start
@@ -203,12 +229,35 @@ def main() -> None:
         model = torch_pruning_prune(copy.deepcopy(bench.model), bench.blocks, ratio)
         return model, sum(p.numel() for p in model.parameters()), "in the pruner", None
 
+    def slicegpt(ratio: float) -> dict:
+        """SliceGPT's figures at the width that keeps ``1 - ratio`` of attention+MLP (its own process)."""
+        dim = slicegpt_peer.dimension_for(bench.model.config, ratio)
+        python = args.slicegpt_python or Path(sys.executable)
+        (result,) = slicegpt_peer.slicegpt(
+            python, args.slicegpt, MODEL_DIR, bench.blocks, bench.wikitext, [dim], bench.window, bench.max_tokens
+        )
+        return {
+            "parameters": f"{result['parameters']:,} (d' = {dim})", "PPL": f"{result['perplexity']:.2f}",
+            "mean acc": "not run", "scoring": "PCA (in the pruner)",
+            "plan + prune + refit": f"{result['seconds']:.0f} s", "model key": None,
+            "dense PPL in its environment": f"{result['dense_perplexity']:.2f}",
+        }  # fmt: skip
+
     def ours(ratio: float, unit_criterion: str, plan_options: dict, refit):
         scores(unit_criterion)  # computed (and timed) once, before this method's own clock starts
 
         def build(reuse: bool):
             result = scores(unit_criterion)
             scoring = f"{unit_criterion} {score_seconds.get(unit_criterion, float('nan')):.0f} s"
+            if "steps" in plan_options:  # later rounds score the pruned model: their time is in plan + prune + refit
+                options = dict(plan_options)
+                steps = options.pop("steps")
+                model = copy.deepcopy(bench.model)
+                prune_iteratively(
+                    model, bench.blocks, ratio, steps, unit_criterion, PlanSettings(**options), refit,
+                    first_scores=result, curve_blocks=args.curve_blocks,
+                )  # fmt: skip
+                return model, sum(p.numel() for p in model.parameters()), scoring, None
             plan = build_plan(result, PlanSettings(ratio=ratio, **plan_options))
             key = model_key(plan, refit, f"C4 {args.blocks}x2048 seed 0")
             twin = next((row for row in rows if key and row.get("model key") == key), None)
@@ -234,6 +283,9 @@ def main() -> None:
 
                 peer = f"Torch-Pruning ({describe_settings().split(',')[0]})"
                 add_row(peer, ratio, lambda reuse: torch_pruning(ratio))
+            if index == 1 and args.slicegpt and (not args.rows or "SliceGPT" in args.rows):
+                add_row(f"SliceGPT ({slicegpt_peer.describe_settings(args.slicegpt)})", ratio,
+                        lambda reuse: slicegpt(ratio))  # fmt: skip
             if args.rows and not any(part in name for part in args.rows.split(",")):
                 continue
             add_row(name, ratio, ours(ratio, unit_criterion, plan_options, refit))
