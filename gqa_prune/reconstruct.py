@@ -332,7 +332,13 @@ def _select(
     if not reselect or len(planned) == count:
         return planned, 0
     width = geometry.indices_per_unit(OUTPUT_ROLE[kind.scopes[0]])
-    kept = greedy_obs_keep(original, gram, width, count - len(planned), ridge=ridge)
+    try:
+        kept = greedy_obs_keep(original, gram, width, count - len(planned), ridge=ridge)
+    except torch.linalg.LinAlgError as error:
+        raise GqaPruneError(
+            f"layer {layer_plan.layer}: the OBS choice of {kind.name} units failed ({error}); try --select plan, a "
+            f"larger --ridge or more calibration text"
+        ) from error
     units = tuple(int(unit) for unit in kept)
     return units, len(set(units) - set(planned))
 

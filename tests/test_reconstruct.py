@@ -229,6 +229,37 @@ def test_greedy_obs_past_its_step_limit_removes_several_groups_per_step(monkeypa
     assert obs.greedy_obs_keep(weight, gram, 1, 3, ridge=0.5).tolist() == expected
 
 
+def test_the_exact_inverse_of_the_groups_left_equals_the_obs_downdates():
+    from gqa_prune.criteria.obs import alive_inverse
+
+    generator = torch.Generator().manual_seed(3)
+    inputs = torch.randn(100, 12, generator=generator, dtype=torch.float64)
+    damped = inputs.T @ inputs + torch.eye(12, dtype=torch.float64)
+    inverse = torch.linalg.inv(damped)
+    alive = torch.ones(4, dtype=torch.bool)
+    for group in (2, 0):  # remove groups of 3 columns one by one, as greedy_obs_keep does
+        columns = torch.arange(3 * group, 3 * group + 3)
+        rows = inverse[columns]
+        inverse = inverse - rows.T @ torch.linalg.inv(inverse[columns][:, columns]) @ rows
+        alive[group] = False
+        torch.testing.assert_close(alive_inverse(damped, alive, 3), inverse, rtol=1e-9, atol=1e-9)
+
+
+def test_a_non_finite_gram_is_refused_by_the_obs_choice_naming_the_layer():
+    from gqa_prune.criteria.obs import greedy_obs_keep
+
+    gram = torch.eye(6, dtype=torch.float64)
+    gram[1, 1] = float("inf")
+    with pytest.raises(torch.linalg.LinAlgError, match="Gram matrix is not finite"):
+        greedy_obs_keep(torch.ones(2, 6), gram, 3, 1, ridge=0.3)
+    model = tiny_model("llama", 3)
+    plan = plan_for(model)
+    with torch.no_grad():  # attention outputs of layer 1 are NaN: so is o_proj's Gram
+        model.model.layers[1].self_attn.v_proj.weight.fill_(float("nan"))
+    with pytest.raises(GqaPruneError, match=r"^layer 1: the OBS choice of gqa_group units failed \(the inputs' Gram"):
+        reconstruct(model, plan, BLOCKS)
+
+
 def test_obs_selection_lowers_the_output_error_of_the_plans_units_and_learned_plans_keep_theirs():
     model = tiny_model("llama", 3)
     plan = plan_for(model)

@@ -73,8 +73,11 @@ def greedy_obs_keep(
         raise ValueError(f"cannot remove {remove} of {groups} groups")
     gram = gram.to(torch.float64)
     weight = weight.detach().to(torch.float64)
+    if not torch.isfinite(gram).all():  # (a non-finite weight is left to the refit, which refuses its result)
+        raise torch.linalg.LinAlgError("the inputs' Gram matrix is not finite (NaN/Inf)")
     diagonal = gram.diagonal().clamp(min=DIAGONAL_FLOOR * max(float(gram.diagonal().mean()), 1e-30))
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram + torch.diag(ridge * diagonal)))
+    damped = gram + torch.diag(ridge * diagonal)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped))
     pull = (ridge * diagonal * weight.pow(2).sum(0)).view(groups, width).sum(1)
     weight = weight.clone()
     alive = torch.ones(groups, dtype=torch.bool, device=gram.device)
@@ -91,7 +94,18 @@ def greedy_obs_keep(
         weight[:, columns] = 0
         alive[chosen] = False
         remove -= len(chosen)
+        if remove > 0 and not torch.isfinite(inverse).all():  # the downdates lost precision: recompute exactly
+            inverse = alive_inverse(damped, alive, width)
     return torch.nonzero(alive).flatten().cpu()
+
+
+def alive_inverse(damped: torch.Tensor, alive: torch.Tensor, width: int) -> torch.Tensor:
+    """What the OBS downdates of ``damped``'s inverse converge to: the inverse of the rows and columns of the
+    ``alive`` groups, zero for the removed ones (computed afresh, by Cholesky)."""
+    columns = torch.nonzero(alive.repeat_interleave(width)).flatten()
+    inverse = torch.zeros_like(damped)
+    inverse[columns.unsqueeze(1), columns] = torch.cholesky_inverse(torch.linalg.cholesky(damped[columns][:, columns]))
+    return inverse
 
 
 class Obs(UnitCriterion):
