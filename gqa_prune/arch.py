@@ -193,6 +193,10 @@ class Geometry:
     def mlp_params(self, layer: int) -> int:
         return self.intermediate_sizes[layer] * self.params_per_channel
 
+    def unit_params(self) -> int:
+        """Attention+MLP parameters owned by units in every layer: what plan ratios are fractions of."""
+        return sum(self.attention_params(i) + self.mlp_params(i) for i in range(self.num_layers))
+
     def has_attention(self, layer: int) -> bool:
         return self.kv_groups[layer] > 0
 

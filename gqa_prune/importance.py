@@ -140,7 +140,7 @@ def loss_curves(
     a kind stops once it cannot give more or its loss has risen by more than ``CURVE_CEILING`` nats."""
     geometry = results.geometry
     settings = PlanSettings(ratio=0.0, mode="hybrid", channel_multiple=channel_multiple)
-    total = sum(geometry.attention_params(i) + geometry.mlp_params(i) for i in range(geometry.num_layers))
+    total = geometry.unit_params()
     curves = {}
     for kind in HYBRID_KINDS:
         points: list[tuple[int, float]] = []

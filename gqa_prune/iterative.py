@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .allocation import check_rate_bounds
-from .arch import Geometry, geometry_of
+from .arch import geometry_of
 from .errors import SettingError
 from .importance import score
 from .planning import PruningPlan, build_plan
@@ -37,11 +37,6 @@ class IterativeResult:
     model: nn.Module
     plans: tuple[PruningPlan, ...]
     step_ratios: tuple[float, ...]  # fraction of that round's attention+MLP parameters removed
-
-
-def projection_params(geometry: Geometry) -> int:
-    """Attention+MLP projection parameters of a model (what plan ratios count)."""
-    return sum(geometry.attention_params(i) + geometry.mlp_params(i) for i in range(geometry.num_layers))
 
 
 def step_ratio(original: int, current: int, ratio: float, step: int, steps: int) -> float:
@@ -79,10 +74,10 @@ def prune_iteratively(
     plan_settings = plan_settings or PlanSettings()
     reconstruction = reconstruction or ReconstructionSettings()
     reconstruction.validate()
-    original = projection_params(geometry_of(model))
+    original = geometry_of(model).unit_params()
     plans, ratios = [], []
     for step in range(1, steps + 1):
-        current = projection_params(geometry_of(model))
+        current = geometry_of(model).unit_params()
         share = step_ratio(original, current, ratio, step, steps)
         logger.info("round %d of %d: removing %.1f%% of the current attention+MLP parameters", step, steps, 100 * share)
         if step == 1 and first_scores is not None:

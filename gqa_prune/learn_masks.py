@@ -132,11 +132,6 @@ def split_key(name: str) -> tuple[str, int]:
     return kind, int(layer)
 
 
-def total_params(geometry: Geometry) -> int:
-    """Attention+MLP parameters owned by units: what ratios are fractions of."""
-    return sum(geometry.attention_params(i) + geometry.mlp_params(i) for i in range(geometry.num_layers))
-
-
 def max_ratio(geometry: Geometry, kinds, channel_multiple: int) -> float:
     """The largest ratio masks of ``kinds`` can reach while some layer keeps attention and some an MLP."""
     minimum_kept = 0
@@ -153,7 +148,7 @@ def max_ratio(geometry: Geometry, kinds, channel_multiple: int) -> float:
                 fewest = min(size for size in kept_sizes(units, channel_multiple if scope == "mlp" else 1) if size)
             smallest.append(fewest * kind.params_per_unit(geometry, layer))
         minimum_kept += min(smallest) if whole_gone else sum(smallest)
-    return 1.0 - minimum_kept / total_params(geometry)
+    return 1.0 - minimum_kept / geometry.unit_params()
 
 
 def deterministic_masks(
@@ -227,7 +222,7 @@ def _snap(keep: list[dict[str, int]], parameters: MaskParameters, geometry: Geom
             log_alpha = parameters.get(kind.name, layer)
             if log_alpha is not None and keep[layer][kind.name]:
                 ordered[(kind.name, layer)] = sorted(log_alpha.detach().float().cpu().tolist(), reverse=True)
-    target = (1.0 - ratio) * total_params(geometry)
+    target = (1.0 - ratio) * geometry.unit_params()
 
     def kept_params() -> int:
         return sum(
@@ -286,7 +281,7 @@ def removed_ratio(geometry: Geometry, masks: dict[str, list[torch.Tensor]]) -> f
         for scope in ("attn", "mlp"):
             kind = width_kind(scope)
             kept += int(masks[kind.name][layer].sum()) * kind.params_per_unit(geometry, layer)
-    return 1.0 - kept / total_params(geometry)
+    return 1.0 - kept / geometry.unit_params()
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -361,7 +356,7 @@ def learn_masks(model: nn.Module, blocks: torch.Tensor, settings: MaskSettings) 
         )
     device = next(model.parameters()).device
     distribution = settings.distribution
-    total = total_params(geometry)
+    total = geometry.unit_params()
     stats_batches = list(blocks[: settings.stats_blocks].split(settings.batch_size))
     generator = torch.Generator().manual_seed(settings.seed)
     order = torch.randperm(len(blocks), generator=generator)

@@ -361,7 +361,7 @@ def _warn_on_shortfall(plan: PruningPlan) -> None:
         asked = [("attention ", attn, summary["achieved_attn_ratio"]), ("MLP ", mlp, summary["achieved_mlp_ratio"])]
     else:
         asked = [("attention+MLP ", settings.ratio, summary["achieved_ratio"])]
-    total = _total_params(geometry)
+    total = geometry.unit_params()
     step = max(geometry.params_per_group, settings.channel_multiple * geometry.params_per_channel) / total
     for part, target, achieved in asked:
         if abs(achieved - target) > max(step, 0.01):
@@ -370,10 +370,6 @@ def _warn_on_shortfall(plan: PruningPlan) -> None:
                 "protected layers, channel_multiple %d, at least one unit per layer) cap it",
                 100 * achieved, part, 100 * target, settings.max_rate, settings.channel_multiple,
             )  # fmt: skip
-
-
-def _total_params(geometry: Geometry) -> int:
-    return sum(geometry.attention_params(i) + geometry.mlp_params(i) for i in range(geometry.num_layers))
 
 
 def _width_layers(
@@ -455,7 +451,7 @@ def _whole(geometry: Geometry, index: int) -> dict[str, tuple[int, ...]]:
 
 def _depth_layers(scores: Scores, settings: PlanSettings) -> tuple[LayerPlan, ...]:
     """Remove the least important whole layers (by the layer criterion) closest to the target."""
-    layers = compose(scores, settings, {"layer": settings.ratio * _total_params(scores.geometry)})
+    layers = compose(scores, settings, {"layer": settings.ratio * scores.geometry.unit_params()})
     if settings.ratio > 0 and not any(layer.removes_layer for layer in layers):
         raise GqaPruneError(
             f"mode depth cannot reach ratio {settings.ratio}: every layer is protected or the model has one layer"
@@ -557,7 +553,7 @@ def _hybrid_layers(scores: Scores, settings: PlanSettings) -> tuple[LayerPlan, .
             f"mode hybrid needs measured loss curves of every kind; these scores lack {', '.join(missing)} "
             "(re-run `gqa-prune importance` without --no-curves)"
         )
-    total = _total_params(scores.geometry)
+    total = scores.geometry.unit_params()
     target = settings.ratio * total
     curves = {kind: scores.curves[kind].loss for kind in HYBRID_KINDS}
     limits = {kind: scores.curves[kind].max_params for kind in HYBRID_KINDS}
@@ -637,7 +633,7 @@ def _learned_layers(scores: Scores, settings: PlanSettings) -> tuple[LayerPlan, 
         if index in settings.protected_layers and (removed or any(reason.kind in kept for reason in reasons)):
             raise GqaPruneError(f"layer {index} is protected but the learned masks prune it; learn masks with it kept")
         layers.append(LayerPlan(index, float(importance[index]), kept, removed, {}, tuple(reasons)))
-    total = _total_params(geometry)
+    total = geometry.unit_params()
     achieved = sum(_removed_params(geometry, layer) for layer in layers) / total
     if abs(achieved - settings.ratio) > SIZE_TOLERANCE * (1.0 - settings.ratio):
         raise GqaPruneError(

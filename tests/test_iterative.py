@@ -12,7 +12,7 @@ from helpers import calibration_ids, tiny_model
 from gqa_prune import importance
 from gqa_prune.arch import geometry_of
 from gqa_prune.errors import SettingError
-from gqa_prune.iterative import projection_params, prune_iteratively, step_ratio
+from gqa_prune.iterative import prune_iteratively, step_ratio
 from gqa_prune.planning import PlanSettings, build_plan
 from gqa_prune.reconstruct import reconstruct
 from gqa_prune.surgery import apply_plan
@@ -49,7 +49,7 @@ def test_one_round_is_the_one_shot_recipe():
 @pytest.mark.parametrize("steps", [2, 3])
 def test_rounds_reach_the_target_rescoring_the_pruned_model(steps, monkeypatch):
     model = tiny_model("qwen3", 2, layers=4)
-    original = projection_params(geometry_of(model))
+    original = geometry_of(model).unit_params()
     blocks = calibration_ids(blocks=4, length=24)
     scored = []
     real_score = importance.score
@@ -64,7 +64,7 @@ def test_rounds_reach_the_target_rescoring_the_pruned_model(steps, monkeypatch):
     # every round after the first scores the model the rounds before it left
     for plan, next_geometry in zip(result.plans, scored[1:]):
         assert plan.pruned_geometry().kv_groups == tuple(g for g in next_geometry.kv_groups)
-    removed = 1 - projection_params(geometry_of(result.model)) / original
+    removed = 1 - geometry_of(result.model).unit_params() / original
     step = 8 * geometry_of(result.model).params_per_channel * steps / original  # granularity: a channel block a round
     assert removed == pytest.approx(0.4, abs=max(step, 0.05))
     with torch.no_grad():
