@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 import tempfile
 import time
@@ -123,7 +122,6 @@ def main() -> None:
             print(json.dumps(results[-1]), flush=True)
             del adapter, model
     args.out.write_text(json.dumps(results, indent=1))
-    shutil.rmtree(Path(scratch), ignore_errors=True)
 
 
 if __name__ == "__main__":
