@@ -14,6 +14,7 @@ from pathlib import Path
 # the rows shown, in this order within a ratio: (prefix of the method name in the JSON, name in the table)
 SHOWN = (
     ("**gqa-prune defaults**", "**gqa-prune, no flags**"),
+    ("FLAP", "FLAP"),
     ("SliceGPT", "SliceGPT"),
     ("Torch-Pruning", "Torch-Pruning"),
     ("ShortGPT", "ShortGPT"),

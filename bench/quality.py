@@ -17,6 +17,7 @@ all of them, the loss curves the first 8,192 tokens (the CLI's default).
     python bench/quality.py [--ratios 0.1,0.2,0.3] [--task-limit 50] [--blocks 32] [--json rows.json]
         [--scores-dir results/bench] [--curve-blocks N] [--rows defaults,ShortGPT] [--recover-steps 50]
         [--slicegpt /work/peers/TransformerCompression --slicegpt-python /work/peers/slicegpt-venv/bin/python]
+        [--flap /work/peers/FLAP]
 
 Two more rows of the defaults: ``--refit-inputs`` (the full sequential refit) and iterative pruning in 2 and 3
 rounds (``gqa_prune.iterative``: each round re-scores the model pruned so far; the first round reuses the
@@ -26,6 +27,10 @@ With ``--slicegpt CHECKOUT --slicegpt-python PYTHON`` a SliceGPT row follows Tor
 run in its own environment (``bench/slicegpt_peer.py`` says how to set it up and what is adapted): same model,
 calibration blocks and WikiText-2 windows; its width ``d'`` keeps the same share of attention+MLP parameters
 (shortcut matrices counted); lm-eval is not run in that environment ("mean acc: not run").
+
+With ``--flap CHECKOUT`` a FLAP row follows (WIFV, AL-AM, bias compensation, from the CASIA-IVA-Lab/FLAP
+checkout's own statistics, metric and compression; ``bench/flap_peer.py`` says what is adapted for GQA), in this
+process and with the same evaluation as the other rows.
 
 With ``--recover-steps N`` every pruned row is followed by the same model after LoRA recovery with
 `gqa-prune recover`'s defaults for N steps (next-token loss, rank 8, 2 blocks per step) on a C4 sample of
@@ -48,12 +53,14 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import flap_peer
 import slicegpt_peer
 import torch
 from common import DATA_DIR, MODEL_DIR, REPO, load_bench, markdown
 
 from gqa_prune import api, importance
 from gqa_prune import scores as stored
+from gqa_prune.choices import DEFAULT_UNIT_CRITERION
 from gqa_prune.cli import build_parser
 from gqa_prune.data import calibration_blocks, read_documents
 from gqa_prune.evaluation import CHANCE, run_lm_eval, summarize
@@ -78,7 +85,7 @@ def default_recipe() -> tuple[str, PlanSettings, ReconstructionSettings]:
         target=prune_actions["reconstruct_target"].default,
         select=prune_actions["select"].default,
     )
-    return actions["criterion"].default, settings, refit
+    return actions["criterion"].default or DEFAULT_UNIT_CRITERION, settings, refit
 
 
 def recovery_blocks(bench, settings: RecoverySettings, block_len: int = 256) -> torch.Tensor:
@@ -120,6 +127,7 @@ def main() -> None:
         "--slicegpt", type=Path, default=None, help="a microsoft/TransformerCompression checkout: SliceGPT rows"
     )
     parser.add_argument("--slicegpt-python", type=Path, default=None, help="the Python of SliceGPT's own environment")
+    parser.add_argument("--flap", type=Path, default=None, help="a CASIA-IVA-Lab/FLAP checkout: FLAP rows")
     args = parser.parse_args()
     bench = load_bench(n_blocks=args.blocks)
     train_blocks = recovery_blocks(bench, RecoverySettings(steps=args.recover_steps)) if args.recover_steps else None
@@ -243,6 +251,10 @@ def main() -> None:
             "dense PPL in its environment": f"{result['dense_perplexity']:.2f}",
         }  # fmt: skip
 
+    def flap(ratio: float):
+        model, parameters = flap_peer.flap_prune(copy.deepcopy(bench.model), bench.blocks, ratio, args.flap)
+        return model, parameters, "fluctuation (in the pruner)", None
+
     def ours(ratio: float, unit_criterion: str, plan_options: dict, refit):
         scores(unit_criterion)  # computed (and timed) once, before this method's own clock starts
 
@@ -286,6 +298,8 @@ def main() -> None:
             if index == 1 and args.slicegpt and (not args.rows or "SliceGPT" in args.rows):
                 add_row(f"SliceGPT ({slicegpt_peer.describe_settings(args.slicegpt)})", ratio,
                         lambda reuse: slicegpt(ratio))  # fmt: skip
+            if index == 1 and args.flap and (not args.rows or "FLAP" in args.rows):
+                add_row(f"FLAP ({flap_peer.describe_settings(args.flap)})", ratio, lambda reuse: flap(ratio))
             if args.rows and not any(part in name for part in args.rows.split(",")):
                 continue
             add_row(name, ratio, ours(ratio, unit_criterion, plan_options, refit))
