@@ -1,5 +1,6 @@
 """Expert criteria side by side on the SmolLM2-MoE test bed (bench/moe_testbed.py): REAP, routing frequency,
-gate sum, EAN and random, removing 25 %, 50 % and 75 % of the routed experts, one-shot (no recovery); the same
+gate sum, EAN, random, and the gradient criteria Taylor and Fisher, removing 25 %, 50 % and 75 % of the routed
+experts, one-shot (no recovery); the same
 number from every layer (uniform, a stock checkpoint); for ``--per-layer`` criteria counts per layer priced by
 each layer's measured loss curve, for ``--ranked`` criteria ranked across layers by the criterion's value.
 
@@ -13,7 +14,8 @@ in ``--cache`` (delete it to rebuild).
         [--peer-dirs DIR ...]
 
 The expert statistics and loss curves are cached beside the test bed (``importance-<blocks>x2048-c<curve
-blocks>``); delete that folder to measure them again.
+blocks>``); delete that folder to measure them again. Asking for ``taylor`` or ``fisher`` records the statistics
+with a backward per batch (``importance --criterion taylor``) if the cached ones lack them (the curves are kept).
 
 The peer, llm-compressor's REAP modifier, runs from its own virtual environment on the same test bed and the
 same calibration blocks (this script writes them beside the cached test bed): see bench/reap_peer.py.
@@ -33,6 +35,7 @@ from safetensors.torch import save_file
 from transformers import Qwen2MoeForCausalLM
 
 from gqa_prune import expert_scores
+from gqa_prune.choices import EXPERT_GRADIENT_CRITERIA
 from gqa_prune.criteria.experts import EXPERT_CRITERIA
 from gqa_prune.expert_importance import score_experts
 from gqa_prune.expert_plan import build_expert_plan
@@ -100,19 +103,28 @@ def main() -> None:
     add("dense SmolLM2-135M", lambda: bench.model, "(dense MLP)")
     add(f"test bed: all experts (top-{args.top_k})", lambda: testbed, str(args.experts))
     statistics = {}
+    wanted = {*args.criteria.split(","), *args.per_layer.split(","), *args.ranked.split(",")}
+    gradients = bool(wanted & set(EXPERT_GRADIENT_CRITERIA))
 
     def scores():
         folder = cache / f"importance-{args.blocks}x2048-c{args.curve_blocks}"
         if not statistics and expert_scores.is_expert_folder(folder):
             statistics["scores"] = expert_scores.load(folder)
-            if "shared" not in statistics["scores"].statistics:  # cached before shared-MLP channels were recorded
+            missing = "shared" not in statistics["scores"].statistics  # cached before shared channels were recorded
+            if missing or (gradients and "taylor" not in statistics["scores"].statistics):
                 curves = statistics["scores"].curves  # the same model and blocks: keep them, redo the statistics
-                statistics["scores"] = score_experts(testbed, bench.blocks, batch_size=1, curves=False)
+                started = time.perf_counter()
+                statistics["scores"] = score_experts(
+                    testbed, bench.blocks, batch_size=1, curves=False, gradients=gradients
+                )
+                print(f"expert statistics (gradients: {gradients}): {time.perf_counter() - started:.0f} s")
                 statistics["scores"].curves = curves
                 expert_scores.save(statistics["scores"], folder)
         if not statistics:
             started = time.perf_counter()
-            statistics["scores"] = score_experts(testbed, bench.blocks, batch_size=1, curve_blocks=args.curve_blocks)
+            statistics["scores"] = score_experts(
+                testbed, bench.blocks, batch_size=1, curve_blocks=args.curve_blocks, gradients=gradients
+            )
             expert_scores.save(statistics["scores"], folder)
             print(
                 f"expert statistics and loss curves: {time.perf_counter() - started:.0f} s over {args.blocks} x "

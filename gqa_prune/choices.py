@@ -7,7 +7,10 @@ the two equal, so a registry and its command-line choices cannot drift apart.
 from __future__ import annotations
 
 UNIT_CRITERIA = ("taylor", "fisher", "obs", "magnitude", "activation", "random")
-EXPERT_CRITERIA = ("reap", "frequency", "gate", "ean", "random")  # criteria.experts.EXPERT_CRITERIA
+DEFAULT_UNIT_CRITERION = "taylor"  # `importance` on a dense model with no --criterion
+# criteria.experts.EXPERT_CRITERIA; the last two need `importance --criterion taylor|fisher` (gradients)
+EXPERT_CRITERIA = ("reap", "frequency", "gate", "ean", "random", "taylor", "fisher")
+EXPERT_GRADIENT_CRITERIA = ("taylor", "fisher")  # unit criteria that also score experts (with a backward)
 # expert_plan: one count per MoE layer (stock config); counts per layer priced by measured loss curves; or ranked
 # by the criterion's value across layers
 EXPERT_ALLOCATIONS = ("uniform", "per-layer", "ranked")

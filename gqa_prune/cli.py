@@ -115,6 +115,7 @@ def cmd_calib(args: argparse.Namespace) -> None:
 
 def cmd_importance(args: argparse.Namespace) -> None:
     from . import importance, scores
+    from .choices import DEFAULT_UNIT_CRITERION
     from .data import load_calibration
     from .moe import moe_family_for
     from .sources import load_model
@@ -127,7 +128,7 @@ def cmd_importance(args: argparse.Namespace) -> None:
     result = importance.score(
         model,
         blocks,
-        args.criterion,
+        args.criterion or DEFAULT_UNIT_CRITERION,
         layer_criteria=args.layer_criteria,
         batch_size=args.batch_size,
         seed=args.seed,
@@ -139,24 +140,35 @@ def cmd_importance(args: argparse.Namespace) -> None:
     result.info.update(calibration=calibration)
     scores.save(result, args.out)
     curves = f"; loss curves of {len(result.curves)} kinds" if result.curves else ""
-    print(f"importance ({args.criterion}; layers and sublayers: {', '.join(result.structural)}{curves}) -> {args.out}")
+    criterion = args.criterion or DEFAULT_UNIT_CRITERION
+    print(f"importance ({criterion}; layers and sublayers: {', '.join(result.structural)}{curves}) -> {args.out}")
 
 
 def _expert_importance(args: argparse.Namespace, model, blocks, calibration: dict) -> None:
     """importance of a mixture-of-experts model: the expert statistics every expert criterion folds."""
     from . import expert_scores
+    from .choices import EXPERT_CRITERIA, EXPERT_GRADIENT_CRITERIA
     from .expert_importance import score_experts
 
+    if args.criterion is not None and args.criterion not in EXPERT_GRADIENT_CRITERIA:
+        raise GqaPruneError(
+            f"--criterion {args.criterion}: a mixture of experts is scored by its expert statistics; --criterion "
+            f"may be {' or '.join(EXPERT_GRADIENT_CRITERIA)} there (adds the experts' gradient scores)"
+        )
+    gradients = args.criterion is not None
     result = score_experts(
-        model, blocks, batch_size=args.batch_size, curves=not args.no_curves, curve_blocks=args.curve_blocks
-    )
+        model, blocks, batch_size=args.batch_size, curves=not args.no_curves, curve_blocks=args.curve_blocks,
+        gradients=gradients,
+    )  # fmt: skip
     result.info.update(calibration=calibration)
     expert_scores.save(result, args.out)
     moe_layers = len(result.geometry.moe_layers)
     curves = f"; loss curves of {len(result.curves)} layers" if result.curves else ""
+    measured = "routed count, gate, output norm, gradients" if gradients else "routed count, gate, output norm"
+    criteria = [name for name in EXPERT_CRITERIA if gradients or name not in EXPERT_GRADIENT_CRITERIA]
     print(
-        f"importance (experts of {moe_layers} MoE layers: routed count, gate, output norm -- reap, frequency, "
-        f"gate, ean; choose with plan --expert-criterion{curves}) -> {args.out}"
+        f"importance (experts of {moe_layers} MoE layers: {measured} -- {', '.join(criteria)}; choose with plan "
+        f"--expert-criterion{curves}) -> {args.out}"
     )
 
 
@@ -637,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .choices import (
         DEFAULT_EXPERT_CRITERION,
         DEFAULT_MODE,
+        DEFAULT_UNIT_CRITERION,
         DEVICES,
         DTYPES,
         EXPERT_ALLOCATIONS,
@@ -719,12 +732,13 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--calib", required=True, type=Path, help="blocks written by `calib`")
     score.add_argument(
         "--criterion",
-        default="taylor",
+        default=None,
         choices=list(UNIT_CRITERIA),
         help=(
-            "unit scores: taylor |w*dL/dw|, fisher (empirical Fisher of each unit's mask), obs (structured OBS "
-            "error with the refit after it), magnitude (L1), activation (Wanda-style |w|*||x||), random (seeded); "
-            "ignored on a mixture of experts, which gets its expert statistics"
+            f"unit scores (default: {DEFAULT_UNIT_CRITERION}): taylor |w*dL/dw|, fisher (empirical Fisher of each "
+            "unit's mask), obs (structured OBS error with the refit after it), magnitude (L1), activation "
+            "(Wanda-style |w|*||x||), random (seeded); a mixture of experts gets its forward-only expert "
+            "statistics, and with taylor or fisher also the experts' Taylor and Fisher scores (one backward per batch)"
         ),
     )
     score.add_argument(

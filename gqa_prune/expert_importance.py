@@ -24,15 +24,17 @@ from .criteria.experts import (
     DEFAULT_EXPERT_CRITERION,
     EXPERT_CRITERIA,
     EXPERT_STATS,
+    FISHER_STAT,
     GROUP_STAT,
     SHARED_STAT,
+    TAYLOR_STAT,
 )
 from .errors import GqaPruneError
 from .expert_plan import EXPERT_CURVE_FRACTIONS
 from .expert_scores import ExpertScores
 from .importance import CURVE_CEILING
 from .moe import ExpertGeometry, attention_block, expert_geometry_of, moe_family_for
-from .passes import frozen, mean_loss
+from .passes import forward_backward, frozen, mean_loss
 from .planning import top_units
 from .scores import LossCurve
 from .settings import CURVE_TOKENS, IMPORTANCE_BATCH_SIZE
@@ -43,14 +45,17 @@ logger = logging.getLogger(__name__)
 
 class ExpertStatsCollector:
     """Forward hooks on every layer's experts module, accumulating the four statistics per expert and the
-    channel scores, and on every attention's o_proj, accumulating each GQA group's output norm."""
+    channel scores, and on every attention's o_proj, accumulating each GQA group's output norm. With
+    ``gradients`` (passes with a backward) also each expert's Taylor salience, from post-accumulate-grad hooks
+    on the fused expert tensors, and its Fisher score, from the gradients of the gates it was routed with."""
 
-    def __init__(self, model: nn.Module, geometry: ExpertGeometry):
+    def __init__(self, model: nn.Module, geometry: ExpertGeometry, gradients: bool = False):
         family = moe_family_for(model.config)
         self.layout = family.layout
-        self.stats = {
-            name: [torch.zeros(count, dtype=torch.float64) for count in geometry.experts] for name in EXPERT_STATS
-        }
+        self.gradients = gradients
+        self.samples, self._batch_size = 0, 1
+        names = (*EXPERT_STATS, TAYLOR_STAT, FISHER_STAT) if gradients else EXPERT_STATS
+        self.stats = {name: [torch.zeros(count, dtype=torch.float64) for count in geometry.experts] for name in names}
         self.stats[CHANNEL_STAT] = [
             torch.zeros((count, width) if count else (0,), dtype=torch.float64)
             for count, width in zip(geometry.experts, geometry.widths)
@@ -62,6 +67,9 @@ class ExpertStatsCollector:
             block = family.sparse_block(layer)
             if block is not None:
                 self.handles.append(block.experts.register_forward_hook(self._hook(index), with_kwargs=True))
+                if gradients:
+                    for tensor in block.experts.parameters(recurse=False):
+                        self._watch(tensor, self.stats[TAYLOR_STAT][index])
             attention = attention_block(layer)
             if attention is not None:
                 width = geometry.heads_per_group * geometry.head_dim
@@ -70,6 +78,36 @@ class ExpertStatsCollector:
             if shared is not None:
                 output = family.shared_mlp.output(shared)
                 self.handles.append(output.register_forward_pre_hook(self._shared_hook(index)))
+
+    def start_batch(self, batch_size: int) -> None:
+        self._batch_size = batch_size
+
+    def _watch(self, parameter: nn.Parameter, target: torch.Tensor) -> None:
+        """Fold |w * g| of a fused expert tensor (experts first) into ``target`` as its gradient arrives."""
+
+        def hook(param: torch.Tensor) -> None:
+            target.add_((param.detach() * param.grad).abs().double().reshape(len(target), -1).sum(dim=1).cpu())
+            param.grad = None
+
+        parameter.requires_grad_(True)
+        self.handles.append(parameter.register_post_accumulate_grad_hook(hook))
+
+    def _watch_gates(self, layer: int, indices: torch.Tensor, gates: torch.Tensor) -> None:
+        """Per sample and expert, sum over its routed tokens of gate x dL/dgate: minus the first-order loss change
+        of removing the expert on that sample (the batch loss is a mean, hence the batch size); squares summed."""
+        if not gates.requires_grad:
+            return
+        values, routed = gates.detach(), indices.detach()
+        experts, batch_size = len(self.stats[FISHER_STAT][layer]), self._batch_size
+
+        def hook(grad: torch.Tensor) -> None:
+            products = (values * grad).double().reshape(batch_size, -1)  # samples x (tokens x slots)
+            slots = routed.reshape(batch_size, -1)
+            per_sample = torch.zeros(batch_size, experts, dtype=torch.float64, device=products.device)
+            per_sample.scatter_add_(1, slots, products)
+            self.stats[FISHER_STAT][layer] += (per_sample * batch_size).pow(2).sum(dim=0).cpu()
+
+        gates.register_hook(hook)
 
     def _shared_hook(self, layer: int):
         """|activation| of each shared-MLP channel summed over tokens, times its output column's norm."""
@@ -96,27 +134,32 @@ class ExpertStatsCollector:
     def _hook(self, layer: int):
         def record(experts: nn.Module, args, kwargs, output) -> None:
             hidden, indices, gates = (*args, *kwargs.values())[:3]
-            gates = gates.float()
-            shares = gates / gates.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-            stats = {name: self.stats[name][layer] for name in (*EXPERT_STATS, CHANNEL_STAT)}
-            for expert in torch.unique(indices).tolist():
-                tokens, slots = torch.where(indices == expert)
-                alone = torch.full((len(tokens), 1), expert, dtype=indices.dtype, device=indices.device)
-                unit_gate = torch.ones((len(tokens), 1), dtype=gates.dtype, device=gates.device)
-                output_alone = experts.forward(hidden[tokens], alone, unit_gate.to(hidden.dtype))
-                norms = output_alone.double().norm(dim=-1).cpu()
-                gate = shares[tokens, slots].double().cpu()
-                stats["count"][expert] += len(tokens)
-                stats["gate_sum"][expert] += gate.sum()
-                stats["norm_sum"][expert] += norms.sum()
-                stats["gate_norm_sum"][expert] += (gate * norms).sum()
-                activation = self.layout.activation(experts, expert, hidden[tokens]).double()
-                column_norms = self.layout.down_columns(experts, expert).double().norm(dim=0)
-                stats[CHANNEL_STAT][expert] += (
-                    gate.to(activation.device) @ activation.abs()
-                ).cpu() * column_norms.cpu()
+            if self.gradients:
+                self._watch_gates(layer, indices, gates)
+            with torch.no_grad():
+                self._record(experts, layer, hidden, indices, gates)
 
         return record
+
+    def _record(self, experts: nn.Module, layer: int, hidden, indices, gates) -> None:
+        """The forward-only statistics of one experts call (see the module doc)."""
+        gates = gates.float()
+        shares = gates / gates.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+        stats = {name: self.stats[name][layer] for name in (*EXPERT_STATS, CHANNEL_STAT)}
+        for expert in torch.unique(indices).tolist():
+            tokens, slots = torch.where(indices == expert)
+            alone = torch.full((len(tokens), 1), expert, dtype=indices.dtype, device=indices.device)
+            unit_gate = torch.ones((len(tokens), 1), dtype=gates.dtype, device=gates.device)
+            output_alone = experts.forward(hidden[tokens], alone, unit_gate.to(hidden.dtype))
+            norms = output_alone.double().norm(dim=-1).cpu()
+            gate = shares[tokens, slots].double().cpu()
+            stats["count"][expert] += len(tokens)
+            stats["gate_sum"][expert] += gate.sum()
+            stats["norm_sum"][expert] += norms.sum()
+            stats["gate_norm_sum"][expert] += (gate * norms).sum()
+            activation = self.layout.activation(experts, expert, hidden[tokens]).double()
+            column_norms = self.layout.down_columns(experts, expert).double().norm(dim=0)
+            stats[CHANNEL_STAT][expert] += (gate.to(activation.device) @ activation.abs()).cpu() * column_norms.cpu()
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -129,10 +172,12 @@ def score_experts(
     batch_size: int = IMPORTANCE_BATCH_SIZE,
     curves: bool = True,
     curve_blocks: int | None = None,
+    gradients: bool = False,
 ) -> ExpertScores:
-    """Record the expert statistics of ``model`` on calibration ``blocks`` [n, seq_len] (forward only) and,
-    with ``curves``, every MoE layer's loss curve on the first ``curve_blocks`` blocks (default: as many as
-    hold ``CURVE_TOKENS`` tokens)."""
+    """Record the expert statistics of ``model`` on calibration ``blocks`` [n, seq_len] (forward only; with
+    ``gradients`` one forward+backward per batch, adding the experts' Taylor and Fisher scores) and, with
+    ``curves``, every MoE layer's loss curve on the first ``curve_blocks`` blocks (default: as many as hold
+    ``CURVE_TOKENS`` tokens)."""
     if batch_size < 1:
         raise GqaPruneError(f"batch_size must be >= 1, got {batch_size}")
     check_blocks(model, blocks, min_tokens=2, purpose="a next-token loss")
@@ -140,9 +185,12 @@ def score_experts(
     device = next(model.parameters()).device
     batches = list(blocks.split(batch_size))
     with frozen(model):
-        collector = ExpertStatsCollector(model, geometry)
+        collector = ExpertStatsCollector(model, geometry, gradients=gradients)
         try:
-            loss = mean_loss(model, batches, device, desc="expert statistics forward")
+            if gradients:
+                loss = forward_backward(model, batches, device, mask_gradients=collector, desc="expert gradients")
+            else:
+                loss = mean_loss(model, batches, device, desc="expert statistics forward")
         finally:
             collector.remove()
     scores = ExpertScores(
@@ -153,6 +201,7 @@ def score_experts(
             "blocks": int(blocks.shape[0]),
             "block_len": int(blocks.shape[1]),
             "batch_size": batch_size,
+            "gradients": gradients,
             "parameters": sum(parameter.numel() for parameter in model.parameters()),
         },
     )

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from .atomic import atomic_dir
-from .criteria.experts import CHANNEL_STAT, EXPERT_STATS, GROUP_STAT, SHARED_STAT
+from .criteria.experts import CHANNEL_STAT, EXPERT_STATS, GRADIENT_STATS, GROUP_STAT, SHARED_STAT
 from .errors import GqaPruneError
 from .moe import ExpertGeometry
 from .scores import LossCurve
@@ -41,12 +41,14 @@ class ExpertScores:
     curves: dict[int, LossCurve] = field(default_factory=dict)  # per MoE layer: removing its experts alone
 
     def layer_stats(self, layer: int) -> dict[str, torch.Tensor]:
-        return {name: self.stats[name][layer] for name in EXPERT_STATS}
+        """One layer's per-expert statistics (the gradient ones where the pass recorded them)."""
+        return {name: self.stats[name][layer] for name in (*EXPERT_STATS, *GRADIENT_STATS) if name in self.stats}
 
     @property
     def statistics(self) -> tuple[str, ...]:
-        """The statistics these scores hold (group statistics only where the geometry records groups)."""
-        return statistics_of(self.geometry)
+        """The statistics these scores hold (group statistics only where the geometry records groups, gradient
+        statistics only where the pass had a backward)."""
+        return (*statistics_of(self.geometry), *(name for name in GRADIENT_STATS if name in self.stats))
 
     def check(self, where: str) -> None:
         """Statistics for every statistic and layer, sized by the geometry, finite and non-negative."""
@@ -122,12 +124,13 @@ def load(in_dir: str | os.PathLike) -> ExpertScores:
         raise GqaPruneError(f"{in_dir / EXPERT_SCORES_FILE}: not a gqa-prune expert scores file")
     geometry = ExpertGeometry.from_dict(record.get("geometry") or {})
     tensors = _read_tensors(in_dir / EXPERT_TENSORS_FILE)
+    first = geometry.moe_layers[0] if geometry.moe_layers else 0
     stats = {
         name: [
             tensors.get(f"{name}.{layer}", torch.zeros(0, dtype=torch.float64)).double()
             for layer in range(geometry.num_layers)
         ]
-        for name in statistics_of(geometry)
+        for name in statistics_of(geometry) + tuple(name for name in GRADIENT_STATS if f"{name}.{first}" in tensors)
     }
     try:
         curves = {int(layer): LossCurve.from_dict(curve) for layer, curve in record.get("curves", {}).items()}

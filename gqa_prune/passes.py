@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -44,6 +45,14 @@ class Collector:
 
 
 # ----------------------------------------------------------------------------------------------- collectors
+class PerSampleCollector(Protocol):
+    """A collector whose gradient hooks need the batch size (to turn a batch-mean gradient per sample)."""
+
+    samples: int
+
+    def start_batch(self, batch_size: int) -> None: ...
+
+
 class TaylorCollector(Collector):
     """Post-accumulate-grad hooks: fold |w * g| into unit scores as each gradient arrives, then free it."""
 
@@ -329,7 +338,7 @@ def forward_backward(
     batches: Sequence[torch.Tensor],
     device: torch.device,
     gradient_checkpointing: bool = False,
-    mask_gradients: MaskGradientCollector | None = None,
+    mask_gradients: PerSampleCollector | None = None,
     desc: str = "forward+backward",
 ) -> float:
     """One forward+backward per batch; attached collectors fold what they need during the backward."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import DATA_DIR
 from helpers import MOE_FAMILY_NAMES, calibration_ids, parameter_count, tiny_moe
-from test_cli import run
+from test_cli import assert_one_line_error, run
 from transformers import AutoModelForCausalLM
 
 from gqa_prune import expert_scores
@@ -436,3 +436,106 @@ def test_cli_importance_plan_prune_on_a_moe_model(tmp_path, capsys, tiny_tokeniz
             f"routers {'frozen' if router == 'frozen' else 'trained in full'}"
             in (tmp_path / f"recovered-{router}" / "README.md").read_text()
         )
+
+
+def _gates_scaled(model, masks: list[torch.Tensor]):
+    """Pre-hooks multiplying every routed slot's gate by its expert's mask (a leaf of ones): d loss / d mask is
+    the first-order change of removing the expert, computed independently of the collector's gate hooks."""
+    moe = moe_family_for(model.config)
+
+    def scale(index):
+        def hook(module, args, kwargs):
+            values = [*args, *kwargs.values()]
+            indices, gates = values[1], values[2]
+            scaled = gates * masks[index][indices].to(gates.dtype)
+            if len(args) >= 3:
+                return (*args[:2], scaled, *args[3:]), kwargs
+            key = list(kwargs)[2 - len(args)]
+            return args, {**kwargs, key: scaled}
+
+        return hook
+
+    return [
+        moe.sparse_block(layer).experts.register_forward_pre_hook(scale(index), with_kwargs=True)
+        for index, layer in enumerate(moe.decoder_layers(model))
+        if moe.sparse_block(layer) is not None
+    ]
+
+
+@pytest.mark.parametrize("family", MOE_FAMILY_NAMES)
+def test_expert_taylor_and_fisher_match_a_direct_computation(family):
+    """taylor = sum over batches of |w * dL/dw| over each expert's slices of the fused expert tensors; fisher = sum
+    over samples of (d loss_n / d mask_e)^2, each sample run alone with a mask on its expert's gates."""
+    model = tiny_moe(family)
+    blocks = calibration_ids(blocks=4, length=16)
+    scores = score_experts(copy.deepcopy(model), blocks, batch_size=2, curves=False, gradients=True)
+    moe = moe_family_for(model.config)
+    layers = moe.decoder_layers(model)
+    reference = copy.deepcopy(model)
+    taylor = [torch.zeros(n, dtype=torch.float64) for n in scores.geometry.experts]
+    for batch in blocks.split(2):
+        reference.zero_grad()
+        reference(input_ids=batch, labels=batch).loss.backward()
+        for index in scores.geometry.moe_layers:
+            for tensor in moe.sparse_block(reference.model.layers[index]).experts.parameters(recurse=False):
+                taylor[index] += (tensor * tensor.grad).abs().double().reshape(len(tensor), -1).sum(dim=1)
+    fisher = [torch.zeros(n, dtype=torch.float64) for n in scores.geometry.experts]
+    for sample in blocks.split(1):
+        masks = [torch.ones(n, requires_grad=True) for n in scores.geometry.experts]
+        handles = _gates_scaled(model, masks)
+        loss = model(input_ids=sample, labels=sample).loss
+        for handle in handles:
+            handle.remove()
+        gradients = torch.autograd.grad(loss, [masks[i] for i in scores.geometry.moe_layers])
+        for index, gradient in zip(scores.geometry.moe_layers, gradients):
+            fisher[index] += gradient.double().pow(2)
+    for index in scores.geometry.moe_layers:
+        torch.testing.assert_close(scores.stats["taylor"][index], taylor[index], rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(scores.stats["fisher"][index], fisher[index], rtol=1e-3, atol=1e-10)
+        assert (scores.stats["fisher"][index] > 0).all() and (scores.stats["taylor"][index] > 0).all()
+    assert len(layers) == 3 and scores.info["gradients"] is True
+
+
+def test_gradient_scores_rank_a_never_routed_and_a_useless_expert_last(tmp_path):
+    model = tiny_moe("gpt_oss")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.router.bias[4] = -1e4  # expert 4 never wins a top-k slot
+            layer.mlp.experts.down_proj[1].zero_()  # expert 1 is routed to but adds nothing
+            layer.mlp.experts.down_proj_bias[1].zero_()
+    scores = score_experts(copy.deepcopy(model), calibration_ids(), batch_size=2, curves=False, gradients=True)
+    for name in ("taylor", "fisher"):
+        for layer in scores.geometry.moe_layers:
+            layer_scores = EXPERT_CRITERIA[name].scores(scores.layer_stats(layer), layer, 0)
+            assert layer_scores[4] == 0 and layer_scores[1] == 0, name
+            assert (layer_scores[[0, 2, 3, 5]] > 0).all(), name
+        assert all(kept == (0, 2, 3, 5) for kept in _plan(scores, 2 / 6, name).kept)
+    expert_scores.save(scores, tmp_path / "importance")
+    assert expert_scores.load(tmp_path / "importance").stats["fisher"][0].tolist() == scores.stats["fisher"][0].tolist()
+
+
+def test_cli_expert_gradient_scores_are_asked_for_by_criterion(tmp_path, capsys, tiny_tokenizer):
+    model = tiny_moe("qwen3_moe", vocab_size=len(tiny_tokenizer))
+    model.save_pretrained(tmp_path / "moe")
+    tiny_tokenizer.save_pretrained(tmp_path / "moe")
+    blocks = torch.randint(0, len(tiny_tokenizer), (4, 16), generator=torch.Generator().manual_seed(0))
+    save_calibration(tmp_path / "calib.safetensors", blocks, {"source": "random"})
+    common = ("--model", str(tmp_path / "moe"), "--calib", str(tmp_path / "calib.safetensors"), "--device", "cpu")
+    code, out, err = run(capsys, "importance", *common, "--criterion", "obs", "--out", str(tmp_path / "obs"))
+    assert_one_line_error(code, err, "--criterion obs: a mixture of experts is scored by its expert statistics")
+    assert not (tmp_path / "obs").exists()
+    for criterion in (None, "fisher"):
+        option = () if criterion is None else ("--criterion", criterion)
+        folder = tmp_path / f"importance-{criterion}"
+        code, out, err = run(capsys, "importance", *common, *option, "--no-curves", "--out", str(folder))
+        assert code == 0, err
+        assert ("taylor, fisher" in out) == (criterion is not None), out
+    plan = ("--expert-ratio", "0.5", "--out", str(tmp_path / "plan.json"))
+    code, out, err = run(capsys, "plan", "--importance", str(tmp_path / "importance-None"), "--expert-criterion",
+                         "taylor", *plan)  # fmt: skip
+    assert_one_line_error(code, err, "expert criterion taylor needs the experts' gradients")
+    assert not (tmp_path / "plan.json").exists()
+    code, out, err = run(capsys, "plan", "--importance", str(tmp_path / "importance-fisher"), "--expert-criterion",
+                         "taylor", *plan)  # fmt: skip
+    assert code == 0, err
+    assert load_plan(tmp_path / "plan.json").criterion == "taylor"

@@ -15,6 +15,14 @@ per GQA group of every attention layer, the L2 norm of what the group writes to 
 o_proj, summed over tokens (the keep-score of a MoE model's GQA groups: their output norm, as EAN is the
 experts'), and ``shared``: per channel of a shared MLP, |activation| x the norm of its output column, summed
 over tokens (Wanda-style, as a dense model's activation criterion scores MLP channels).
+
+With gradients (``importance --criterion taylor`` or ``fisher`` on a MoE model: one backward per batch) the
+pass also records, per expert, the dense criteria where they apply:
+
+- ``taylor``: |w * dL/dw| summed over the expert's own weights (its slices of the fused expert tensors,
+  biases included; not its router row, so an expert never routed to scores 0), summed over batches;
+- ``fisher``: the sum over calibration samples of the squared first-order loss change of removing the expert,
+  read at its gates: on sample n, sum over the tokens routed to it of gate x dL_n/dgate.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from typing import ClassVar
 import torch
 
 from ..choices import DEFAULT_EXPERT_CRITERION
+from ..errors import GqaPruneError
 
 EXPERT_STATS = ("count", "gate_sum", "norm_sum", "gate_norm_sum")
 # per expert and intermediate channel [experts, width]: the sum over routed tokens of gate x |activation| x the
@@ -34,6 +43,8 @@ GROUP_STAT = "group"  # per GQA group [kv_groups]: summed L2 norm of its o_proj 
 # per shared-MLP channel [shared width]: sum over tokens of |activation| x the norm of its output column (before
 # Qwen2-MoE's sigmoid gate on the whole shared expert)
 SHARED_STAT = "shared"
+TAYLOR_STAT, FISHER_STAT = "taylor", "fisher"  # [experts] each; recorded only by a pass with gradients
+GRADIENT_STATS = (TAYLOR_STAT, FISHER_STAT)
 
 
 class ExpertCriterion(ABC):
@@ -63,6 +74,18 @@ class StatisticSum(ExpertCriterion):
         return stats[self.statistic].clone()
 
 
+class GradientStatistic(StatisticSum):
+    """A recorded sum that only a pass with gradients records (``importance --criterion taylor|fisher``)."""
+
+    def scores(self, stats, layer, seed):
+        if self.statistic not in stats:
+            raise GqaPruneError(
+                f"expert criterion {self.name} needs the experts' gradients, which these scores do not hold: "
+                f"run `gqa-prune importance --criterion {self.name}` (one backward per batch)"
+            )
+        return super().scores(stats, layer, seed)
+
+
 class RandomExperts(ExpertCriterion):
     name = "random"
     description = "seeded random scores (the baseline)"
@@ -74,7 +97,7 @@ class RandomExperts(ExpertCriterion):
 
 __all__ = [
     "CHANNEL_STAT", "EXPERT_STATS", "GROUP_STAT", "SHARED_STAT", "EXPERT_CRITERIA", "DEFAULT_EXPERT_CRITERION",
-    "ExpertCriterion",
+    "ExpertCriterion", "FISHER_STAT", "GRADIENT_STATS", "TAYLOR_STAT",
 ]  # fmt: skip
 
 EXPERT_CRITERIA: dict[str, ExpertCriterion] = {
@@ -85,5 +108,7 @@ EXPERT_CRITERIA: dict[str, ExpertCriterion] = {
         StatisticSum("gate", "gate_sum", "sum of the expert's renormalised gates"),
         StatisticSum("ean", "norm_sum", "sum of the expert's output norms over routed tokens (EAN)"),
         RandomExperts(),
+        GradientStatistic("taylor", TAYLOR_STAT, "|w·dL/dw| over the expert's weights (needs gradients)"),
+        GradientStatistic("fisher", FISHER_STAT, "empirical Fisher of the expert's gate mask (needs gradients)"),
     )
 }

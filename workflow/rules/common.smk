@@ -217,6 +217,16 @@ EXPERT_PLANS = PLANS["experts"]
 RECONSTRUCTION = config["reconstruction"]
 RECOVERY = config["recovery"]
 QUANTIZATION = config["quantization"]
+EXPERT_GRADIENT_CRITERIA = ("taylor", "fisher")  # gqa_prune.choices.EXPERT_GRADIENT_CRITERIA
+
+
+def expert_gradient_flag() -> str:
+    """`importance --criterion taylor` on a mixture of experts records the experts' gradient scores too (one
+    backward per batch): asked for only where an expert criterion of the grid needs them."""
+    needed = [c for c in EXPERT_PLANS["criteria"] if c in EXPERT_GRADIENT_CRITERIA and EXPERT_PLANS["ratios"]]
+    return f"--criterion {needed[0]}" if needed else ""
+
+
 GRID_MIDDLES = [
     *(PLANS["strategies"] if "width" in PLANS["modes"] else []), *(m for m in PLANS["modes"] if m != "width")
 ]

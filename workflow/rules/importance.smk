@@ -1,7 +1,8 @@
 # calibration blocks -> importance/<calib>-<criterion>/{units.safetensors, scores.json}. The expensive
 # stage: plans of every ratio and strategy reuse it, so changing a plan setting never re-runs it. A mixture of
 # experts has one folder, importance/<calib>-experts/ (experts.safetensors, experts.json): every expert
-# criterion folds the statistics of that one forward pass.
+# criterion folds the statistics of that one pass (forward only, or with a backward per batch where an expert
+# criterion needs gradients: taylor, fisher).
 rule importance:
     input:
         model=STAGED,
@@ -9,7 +10,7 @@ rule importance:
     output:
         directory(f"{RESULTS}/importance/{{calib}}-{{criterion}}"),
     params:
-        criterion=lambda wildcards: "" if wildcards.criterion == EXPERTS_MODE else f"--criterion {wildcards.criterion}",
+        criterion=lambda wildcards: expert_gradient_flag() if wildcards.criterion == EXPERTS_MODE else f"--criterion {wildcards.criterion}",
         layer_criteria=",".join(LAYER_CRITERIA),
         batch_size=config["importance"]["batch_size"],
         # the seed only matters to the random criterion; other criteria ignore a change of it
