@@ -28,6 +28,14 @@ def test_the_workflow_prunes_recovers_and_tabulates_experts(tmp_path, bpe_tokeni
     dry = snakemake(workdir, config, "--dry-run", "--cores", "1", "--printshellcmds").stdout
     importance = [line for line in dry.splitlines() if " importance --model " in line]
     assert len(importance) == 1 and "importance/c4-experts" in importance[0] and "--criterion" not in importance[0]
+    gradients = {**config, "plans": {**config["plans"], "experts": {**config["plans"]["experts"],
+                                                                   "criteria": ["reap", "fisher"]}}}  # fmt: skip
+    dry_gradients = snakemake(workdir, gradients, "--dry-run", "--cores", "1", "--printshellcmds").stdout
+    importance = [line for line in dry_gradients.splitlines() if " importance --model " in line]
+    assert len(importance) == 1 and "--criterion fisher" in importance[0]  # one pass, with a backward per batch
+    assert any(
+        " plan --importance " in line and "--expert-criterion fisher" in line for line in dry_gradients.splitlines()
+    )
     plan = next(line for line in dry.splitlines() if " plan --importance " in line and "reap-experts" in line)
     assert (
         "--expert-ratio 0.5 --expert-criterion reap --experts uniform --expert-channel-ratio 0.25 --ratio 0.5" in plan
