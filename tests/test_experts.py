@@ -385,12 +385,16 @@ def test_expert_scores_round_trip_through_their_folder(tmp_path):
         _plan(older, 0.5, width_ratio=0.5)
 
 
+def _saved_with_calibration(model, tokenizer, folder) -> None:
+    """``model`` with ``tokenizer`` saved to folder/moe and 4 random blocks of 16 tokens to folder/calib.safetensors."""
+    model.save_pretrained(folder / "moe")
+    tokenizer.save_pretrained(folder / "moe")
+    blocks = torch.randint(0, len(tokenizer), (4, 16), generator=torch.Generator().manual_seed(0))
+    save_calibration(folder / "calib.safetensors", blocks, {"source": "random"})
+
+
 def test_cli_importance_plan_prune_on_a_moe_model(tmp_path, capsys, tiny_tokenizer):
-    model = tiny_moe("mixtral", vocab_size=len(tiny_tokenizer))
-    model.save_pretrained(tmp_path / "moe")
-    tiny_tokenizer.save_pretrained(tmp_path / "moe")
-    blocks = torch.randint(0, len(tiny_tokenizer), (4, 16), generator=torch.Generator().manual_seed(0))
-    save_calibration(tmp_path / "calib.safetensors", blocks, {"source": "random"})
+    _saved_with_calibration(tiny_moe("mixtral", vocab_size=len(tiny_tokenizer)), tiny_tokenizer, tmp_path)
     code, out, err = run(
         capsys, "importance", "--model", str(tmp_path / "moe"), "--calib", str(tmp_path / "calib.safetensors"),
         "--device", "cpu", "--out", str(tmp_path / "importance"),
@@ -515,11 +519,7 @@ def test_gradient_scores_rank_a_never_routed_and_a_useless_expert_last(tmp_path)
 
 
 def test_cli_expert_gradient_scores_are_asked_for_by_criterion(tmp_path, capsys, tiny_tokenizer):
-    model = tiny_moe("qwen3_moe", vocab_size=len(tiny_tokenizer))
-    model.save_pretrained(tmp_path / "moe")
-    tiny_tokenizer.save_pretrained(tmp_path / "moe")
-    blocks = torch.randint(0, len(tiny_tokenizer), (4, 16), generator=torch.Generator().manual_seed(0))
-    save_calibration(tmp_path / "calib.safetensors", blocks, {"source": "random"})
+    _saved_with_calibration(tiny_moe("qwen3_moe", vocab_size=len(tiny_tokenizer)), tiny_tokenizer, tmp_path)
     common = ("--model", str(tmp_path / "moe"), "--calib", str(tmp_path / "calib.safetensors"), "--device", "cpu")
     code, out, err = run(capsys, "importance", *common, "--criterion", "obs", "--out", str(tmp_path / "obs"))
     assert_one_line_error(code, err, "--criterion obs: a mixture of experts is scored by its expert statistics")
