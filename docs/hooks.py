@@ -30,9 +30,10 @@ TRADEOFF = re.compile(r"<!-- generated: tradeoff (\S+) (\S+) -->")
 
 
 def _cell(text: object) -> str:
-    """One Markdown table cell: pipes and angle brackets escaped, newlines folded."""
+    """One Markdown table cell: pipes, asterisks (``|w*g|`` is not emphasis) and angle brackets escaped, newlines
+    folded."""
     folded = " ".join(str(text).split())
-    return folded.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+    return folded.replace("|", "\\|").replace("*", "\\*").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _value(value: object) -> str:
