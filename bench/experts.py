@@ -10,12 +10,14 @@ Every row uses the same model, the same expert statistics (one `gqa-prune import
 in ``--cache`` (delete it to rebuild).
 
     python bench/experts.py [--ratios 0.25,0.5,0.75] [--per-layer reap,frequency] [--ranked reap,frequency]
-        [--width-ratios 0.25] [--blocks 8] [--curve-blocks 2] [--max-tokens 16384] [--json rows.json]
+        [--width-ratios 0.25] [--width-per-layer] [--blocks 8] [--curve-blocks 2] [--max-tokens 16384]
+        [--json rows.json]
         [--peer-dirs DIR ...]
 
 The expert statistics and loss curves are cached beside the test bed (``importance-<blocks>x2048-c<curve
 blocks>``); delete that folder to measure them again. Asking for ``taylor`` or ``fisher`` records the statistics
-with a backward per batch (``importance --criterion taylor``) if the cached ones lack them (the curves are kept).
+with a backward per batch (``importance --criterion taylor``) if the cached ones lack them (the curves are kept);
+``--width-per-layer`` measures the GQA group and shared-channel loss curves if the cached scores lack them.
 
 The peer, llm-compressor's REAP modifier, runs from its own virtual environment on the same test bed and the
 same calibration blocks (this script writes them beside the cached test bed): see bench/reap_peer.py.
@@ -29,6 +31,7 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from common import REPO, load_bench, machine, markdown
 from moe_testbed import TEMPERATURE, build_testbed
 from safetensors.torch import save_file
@@ -37,9 +40,11 @@ from transformers import Qwen2MoeForCausalLM
 from gqa_prune import expert_scores
 from gqa_prune.choices import EXPERT_GRADIENT_CRITERIA
 from gqa_prune.criteria.experts import EXPERT_CRITERIA
-from gqa_prune.expert_importance import score_experts
+from gqa_prune.expert_importance import score_experts, width_loss_curves
 from gqa_prune.expert_plan import build_expert_plan
 from gqa_prune.expert_surgery import apply_expert_plan
+from gqa_prune.moe import expert_geometry_of
+from gqa_prune.passes import frozen, mean_loss
 from gqa_prune.settings import ExpertPlanSettings
 
 
@@ -54,6 +59,11 @@ def main() -> None:
     parser.add_argument(
         "--width-ratios", default="", help="plan --ratio values (GQA groups and shared channels) run with reap"
     )
+    parser.add_argument(
+        "--width-per-layer", action="store_true",
+        help="also every width ratio with --experts per-layer: experts, GQA groups and shared channels priced "
+        "against each other by their loss curves, per layer",
+    )  # fmt: skip
     parser.add_argument("--curve-blocks", type=int, default=2, help="of those blocks, how many the loss curves use")
     parser.add_argument("--blocks", type=int, default=8, help="C4 calibration blocks of 2048 tokens")
     parser.add_argument("--testbed-blocks", type=int, default=4, help="of those, how many build the test bed")
@@ -87,10 +97,16 @@ def main() -> None:
     rows = json.loads(args.json.read_text()) if args.json and args.json.is_file() else []
     done = {row["method"] for row in rows}
 
-    def add(method: str, model_of, experts: str) -> None:
+    def add(method: str, model_of, experts: str | None) -> None:
+        """One row; ``experts`` None: the pruned model's range of experts (and KV heads) per layer."""
         if method in done:
             return
         model = model_of()
+        if experts is None:
+            geometry = expert_geometry_of(model)
+            counts = [geometry.experts[i] for i in geometry.moe_layers]
+            heads = [geometry.kv_groups[i] for i in geometry.attention_layers]
+            experts = f"{min(counts)}-{max(counts)} (KV heads {min(heads)}-{max(heads)})"
         rows.append({
             "method": method, "experts per layer": experts,
             "parameters": f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M",
@@ -120,6 +136,16 @@ def main() -> None:
                 print(f"expert statistics (gradients: {gradients}): {time.perf_counter() - started:.0f} s")
                 statistics["scores"].curves = curves
                 expert_scores.save(statistics["scores"], folder)
+        if args.width_per_layer and statistics and not statistics["scores"].width_curves:
+            started = time.perf_counter()  # cached before they were measured: the same model and blocks
+            measure = list(bench.blocks[: args.curve_blocks].split(1))
+            with frozen(testbed):
+                base = mean_loss(testbed, measure, torch.device("cpu"))
+                statistics["scores"].width_curves = width_loss_curves(
+                    testbed, statistics["scores"], measure, torch.device("cpu"), base
+                )
+            expert_scores.save(statistics["scores"], folder)
+            print(f"GQA group and shared-channel loss curves: {time.perf_counter() - started:.0f} s")
         if not statistics:
             started = time.perf_counter()
             statistics["scores"] = score_experts(
@@ -156,6 +182,13 @@ def main() -> None:
                 lambda: pruned(ratio, "reap", "uniform", width),
                 str(kept),
             )
+            if args.width_per_layer:
+                add(
+                    f"reap (per-layer: experts, groups and shared channels priced together), as much removed as "
+                    f"{ratio:.0%} of experts + {width:.0%} of GQA groups and shared channels",
+                    lambda: pruned(ratio, "reap", "per-layer", width),
+                    None,
+                )
     for folder in args.peer_dirs:
         record = json.loads((folder / "peer.json").read_text())
         peer = f"llm-compressor REAP {record['versions']['llmcompressor']}"

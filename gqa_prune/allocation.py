@@ -17,7 +17,7 @@ Width mode (today's plans):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 from .choices import STRATEGIES  # noqa: E402
 from .errors import GqaPruneError, SettingError
@@ -156,3 +156,35 @@ def split_by_curves(
         taken[kind] += amount
         remaining -= amount
     return taken
+
+
+def split_by_steps(
+    curves: dict[Hashable, Callable[[float], float]], steps: dict[Hashable, Sequence[float]], target: float
+) -> dict[Hashable, int]:
+    """How many steps to take from each candidate (e.g. a kind of unit in one layer) so that about ``target``
+    parameters go at the lowest summed loss: one step at a time from the candidate whose loss rises least per
+    parameter (optimal when each curve is convex, as loss-curve hulls are).
+
+    ``steps[key]`` are the parameters removed after 1, 2, ... steps of that candidate (ascending; its last is
+    the most it can give), ``curves[key](params)`` the loss of removing ``params``. A step is taken only while
+    at least half of it fits in what remains of the target, so the total lands within half a step of it.
+    Returns key -> steps taken (ties: the candidate listed first).
+    """
+    taken = {key: 0 for key in curves}
+    remaining = target
+    while True:
+        best, best_price = None, None
+        for key, loss in curves.items():
+            if taken[key] >= len(steps[key]):
+                continue
+            before = steps[key][taken[key] - 1] if taken[key] else 0.0
+            size = steps[key][taken[key]] - before
+            if size > 2 * remaining + 1e-9:
+                continue
+            price = (loss(steps[key][taken[key]]) - loss(before)) / size
+            if best_price is None or price < best_price:
+                best, best_price = key, price
+        if best is None:
+            return taken
+        remaining -= steps[best][taken[best]] - (steps[best][taken[best] - 1] if taken[best] else 0.0)
+        taken[best] += 1

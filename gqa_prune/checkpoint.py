@@ -240,17 +240,19 @@ def expert_model_card(plan, source: str, config_kind: str, model_name: str) -> s
         if plan.channels is not None
         else ""
     )
-    attention = (
-        f"Every attention layer lost {plan.width_ratio} of its GQA groups (a KV head with its query heads; those "
-        "writing least to the residual stream)"
-        + (
-            " and every shared MLP as much of its channels. Dense MLP"
-            if plan.shared_channels
-            else ". Shared experts, dense MLP"
+    groups = "GQA groups (a KV head with its query heads; those writing least to the residual stream)"
+    shared = " and shared MLPs lost channels" if plan.shared_channels else ""
+    if plan.groups is None:
+        attention = "Attention, shared experts, dense MLP"
+    elif plan.allocation == "per-layer":
+        attention = f"Attention layers lost {groups}{shared}, as priced per layer. " + (
+            "Dense MLP" if shared else "Shared experts, dense MLP"
         )
-        if plan.groups is not None
-        else "Attention, shared experts, dense MLP"
-    )
+    else:
+        each = " and every shared MLP as much of its channels" if shared else ""
+        attention = f"Every attention layer lost {plan.width_ratio} of its {groups}{each}. " + (
+            "Dense MLP" if shared else "Shared experts, dense MLP"
+        )
     groups_row = ""
     if plan.groups is not None:
         groups_row += (
@@ -263,18 +265,20 @@ def expert_model_card(plan, source: str, config_kind: str, model_name: str) -> s
             f"| shared-MLP channels | {_moe_span(before.shared_widths, shared)} | "
             f"{_moe_span(after.shared_widths, shared)} |\n"
         )
-    allocation = (
-        "every mixture-of-experts layer lost the same number of routed experts"
-        if plan.allocation == "uniform"
-        else "routed experts were ranked across all mixture-of-experts layers, so layers lost different numbers"
-    )
+    allocation = {
+        "uniform": "every mixture-of-experts layer lost the same number of routed experts",
+        "ranked": "routed experts were ranked across all mixture-of-experts layers, so layers lost different numbers",
+        "per-layer": "what was removed was split between layers"
+        + (", and between experts, GQA groups and shared-MLP channels," if plan.width_ratio else "")
+        + " by each one's measured calibration loss per parameter, so layers lost different numbers",
+    }[plan.allocation]
     if config_kind == "stock":
         config_line = "stock (one expert count and width for every layer), so any tool loads it with no custom code"
         load_line = "AutoModelForCausalLM.from_pretrained(path)"
     else:
         config_line = (
-            "per-layer expert counts and widths in `per_layer_config`, model class in `modeling_gqa_prune.py` "
-            "(stock transformers does not build per-layer expert counts yet)"
+            "per-layer expert counts, widths or attention heads in `per_layer_config`, model class in "
+            "`modeling_gqa_prune.py` (stock transformers does not build per-layer shapes of these yet)"
         )
         load_line = "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # or `import gqa_prune` first"
     return f"""---

@@ -749,7 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument(
         "--curve-blocks", type=_positive_int, default=None,
-        help=f"measure the per-kind loss curves (for --mode hybrid; per MoE layer for --experts per-layer) on the "
+        help=f"measure the per-kind loss curves (for --mode hybrid; per layer and kind for --experts per-layer) on the "
         f"first N blocks (default: as many as hold {CURVE_TOKENS:,} tokens)",
     )  # fmt: skip
     score.add_argument(
@@ -795,8 +795,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--experts",
         default=EXPERT_ALLOCATIONS[0],
         choices=EXPERT_ALLOCATIONS,
-        help="uniform: every MoE layer loses the same number of experts (stock config); per-layer: counts split "
-        "between layers by their measured loss curves; ranked: experts of all layers ranked together by the "
+        help="uniform: every MoE layer loses the same number of experts (stock config); per-layer: what the "
+        "ratios remove is split between layers (and with --ratio between experts, GQA groups and shared-MLP "
+        "channels) by their measured loss per parameter; ranked: experts of all layers ranked together by the "
         "criterion (per-layer counts: the project's model class)",
     )
     plan.add_argument(

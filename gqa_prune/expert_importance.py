@@ -3,7 +3,8 @@ records, per expert of every MoE layer, the statistics every expert criterion fo
 per GQA group of every attention layer the norm of what it writes through o_proj, and per channel of a shared
 MLP its Wanda-style score. Then, per MoE layer, a
 loss curve (``expert_loss_curves``): the measured calibration-loss increase of removing 25, 50, 75 % of that
-layer's experts alone (lowest REAP first), which `--experts per-layer` plans price layers by.
+layer's experts alone (lowest REAP first), and likewise per attention layer for its GQA groups and per shared
+MLP for its channels (``width_loss_curves``), which `--experts per-layer` plans price layers and kinds by.
 
 Each expert's output on the tokens routed to it is recomputed by calling the layer's own experts module with
 that expert alone at gate 1, so the norm is exactly what the model's fused kernel computes before gating,
@@ -30,10 +31,11 @@ from .criteria.experts import (
     TAYLOR_STAT,
 )
 from .errors import GqaPruneError
-from .expert_plan import EXPERT_CURVE_FRACTIONS
+from .expert_plan import EXPERT_CURVE_FRACTIONS, ExpertPlan
 from .expert_scores import ExpertScores
+from .expert_surgery import masked_experts
 from .importance import CURVE_CEILING
-from .moe import ExpertGeometry, attention_block, expert_geometry_of, moe_family_for
+from .moe import MOE_FAMILIES, ExpertGeometry, attention_block, expert_geometry_of, moe_family_for
 from .passes import forward_backward, frozen, mean_loss
 from .planning import top_units
 from .scores import LossCurve
@@ -215,6 +217,7 @@ def score_experts(
         with frozen(model):
             base = loss if measure is batches else mean_loss(model, measure, device)
             scores.curves = expert_loss_curves(model, scores, measure, device, base)
+            scores.width_curves = width_loss_curves(model, scores, measure, device, base)
         scores.info["curve_blocks"] = int(sum(len(batch) for batch in measure))
     return scores
 
@@ -233,9 +236,7 @@ def expert_loss_curves(
         experts = geometry.experts[layer]
         order = criterion.scores(scores.layer_stats(layer), layer, 0)
         points: list[tuple[int, float]] = []
-        for removed in sorted({min(round(f * experts), experts - geometry.top_k) for f in EXPERT_CURVE_FRACTIONS}):
-            if removed < 1:
-                continue
+        for removed in _removal_counts(experts, geometry.top_k):
             kept = top_units(order, experts - removed)
             handle = EXPERT.mask(family.sparse_block(layers[layer]), family, model.config, kept)
             try:
@@ -247,4 +248,48 @@ def expert_loss_curves(
             if increase > CURVE_CEILING:
                 break
         curves[layer] = LossCurve(tuple(points))
+    return curves
+
+
+def _removal_counts(units: int, floor: int) -> list[int]:
+    """How many of ``units`` a loss curve removes: ``EXPERT_CURVE_FRACTIONS`` of them, keeping ``floor``."""
+    return sorted({min(round(f * units), units - floor) for f in EXPERT_CURVE_FRACTIONS} - {0})
+
+
+def width_loss_curves(
+    model: nn.Module, scores: ExpertScores, batches, device, base_loss: float
+) -> dict[str, dict[int, LossCurve]]:
+    """Per attention layer, the measured calibration-loss increase of removing ``EXPERT_CURVE_FRACTIONS`` of its
+    GQA groups alone (lowest group statistic first, at least one kept), and per shared MLP of its channels
+    (lowest shared statistic first): (parameters removed, nats), masked as an expert plan's reference masks
+    them. One forward each; a layer stops once its loss rose by ``CURVE_CEILING``. Families whose q/k norms
+    span all heads get no group curves (their groups are not removable)."""
+    geometry = scores.geometry
+    family = MOE_FAMILIES[geometry.family]
+    kinds = {}
+    if geometry.kv_groups and not family.heads_normed_together:
+        kinds[GROUP_STAT] = ("groups", geometry.kv_groups, geometry.params_per_group)
+    if geometry.shared_widths and family.shared_mlp is not None:
+        kinds[SHARED_STAT] = ("shared_channels", geometry.shared_widths, geometry.params_per_shared_channel)
+    every_expert = tuple(tuple(range(count)) for count in geometry.experts)
+    curves: dict[str, dict[int, LossCurve]] = {}
+    for kind, (field_name, sizes, unit_params) in kinds.items():
+        whole = tuple(tuple(range(size)) for size in sizes)
+        curves[kind] = {}
+        for layer in tqdm([i for i, size in enumerate(sizes) if size > 1], desc=f"{kind} loss curves", leave=False):
+            points: list[tuple[int, float]] = []
+            for removed in _removal_counts(sizes[layer], 1):
+                kept = list(whole)
+                kept[layer] = top_units(scores.stats[kind][layer], sizes[layer] - removed)
+                probe = ExpertPlan(
+                    geometry, 0.0, DEFAULT_EXPERT_CRITERION, every_expert, int(scores.info["parameters"]),
+                    allocation="per-layer", **{field_name: tuple(kept)},
+                )  # fmt: skip
+                with masked_experts(model, probe):
+                    increase = mean_loss(model, batches, device) - base_loss
+                points.append((removed * unit_params, increase))
+                logger.info("%s loss curve, layer %d: %d removed, loss +%.4f", kind, layer, removed, increase)
+                if increase > CURVE_CEILING:
+                    break
+            curves[kind][layer] = LossCurve(tuple(points))
     return curves

@@ -5,10 +5,10 @@ Experts: ``uniform`` (the default) removes ``round(expert_ratio x experts)`` exp
 lowest-scored under the chosen criterion, so the pruned model keeps one expert count in its config and stock
 ``from_pretrained`` loads it with no custom code -- as every released pruned MoE does. ``per-layer`` removes
 the same total but splits it between layers by their measured loss curves (the hybrid currency: calibration
-loss per parameter removed; layers whose experts cost less lose more); ``ranked`` ranks all MoE layers'
-experts together by the criterion's value instead. Either way the checkpoint then records per-layer counts
-(``per_layer_config``) and loads through the project's modeling file. A layer keeps at least
-``num_experts_per_tok`` experts.
+loss per parameter removed; layers whose experts cost less lose more) and, with ``width_ratio``, between
+experts, GQA groups and shared-MLP channels too; ``ranked`` ranks all MoE layers' experts together by the
+criterion's value instead. Either way the checkpoint then records per-layer counts (``per_layer_config``) and
+loads through the project's modeling file. A layer keeps at least ``num_experts_per_tok`` experts.
 
 Expert channels: ``channel_ratio`` removes ``round(channel_ratio x width)`` intermediate channels of every kept
 expert (each expert its own lowest-scored ones; the fused expert tensors need one width per layer).
@@ -17,11 +17,12 @@ The width kinds a dense model has too (``width_ratio``, `plan --ratio`): ``round
 groups (a KV head with its query heads) of every attention layer, those that write least to the residual
 stream, and ``round(width_ratio x width)`` channels of every shared MLP (rounded down to ``channel_multiple``),
 the lowest Wanda-style scores; state-space layers keep everything. One count for all layers keeps the config
-stock.
+stock (``per-layer`` prices these counts per layer instead, see above).
 
 A plan is a value: it round-trips through JSON exactly and is validated on construction (kept indices
 integers, sorted, unique, in range; at least top-k experts in every MoE layer, none in a dense layer; one
-channel count per layer, at least one channel).
+channel count per layer, at least one channel; one group and shared-channel count for all layers unless
+``per-layer``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .allocation import split_by_curves
+from .allocation import split_by_steps
 from .atomic import MARKER, write_text
 from .choices import EXPERT_ALLOCATIONS
 from .criteria.experts import EXPERT_CRITERIA, GROUP_STAT, SHARED_STAT
@@ -41,10 +42,12 @@ from .errors import GqaPruneError
 from .expert_scores import ExpertScores
 from .moe import MOE_FAMILIES, ExpertGeometry
 from .planning import PLAN_KIND, PruningPlan, top_units
+from .scores import LossCurve
 from .settings import ExpertPlanSettings
 
 EXPERT_PLAN_FORMAT = "gqa-prune-expert-plan"
 EXPERT_PLAN_VERSION = 1
+EXPERT_KIND = "expert"  # a candidate of the per-layer allocation beside GROUP_STAT and SHARED_STAT
 EXPERT_CURVE_FRACTIONS = (0.25, 0.5, 0.75)  # of one MoE layer's experts: where importance measures its loss curve
 Channels = tuple[tuple[int, ...], ...]  # per kept expert of a layer: its kept channels
 
@@ -109,8 +112,10 @@ class ExpertPlan:
             _check_indices(kept, size, f"layer {layer}: kept {what}")
             if bool(kept) != bool(size):
                 raise GqaPruneError(f"layer {layer}: a {owner} keeps at least one of its {what}, other layers none")
-        if len({len(kept) for kept in kept_per_layer if kept}) > 1:
-            raise GqaPruneError(f"an expert plan keeps the same number of {what} in every {owner}")
+        if self.allocation != "per-layer" and len({len(kept) for kept in kept_per_layer if kept}) > 1:
+            raise GqaPruneError(
+                f"an expert plan keeps the same number of {what} in every {owner} (but with --experts per-layer)"
+            )
 
     def _validate_channels(self) -> None:
         if len(self.channels) != self.geometry.num_layers:
@@ -150,10 +155,17 @@ class ExpertPlan:
 
     @property
     def is_uniform(self) -> bool:
-        """One expert count and one expert width for every MoE layer (a stock config describes it)."""
+        """One expert count and width for every MoE layer, one GQA group count for every attention layer and one
+        width for every shared MLP (a stock config describes it)."""
         pruned = self.pruned_geometry()
-        moe = pruned.moe_layers
-        return len({pruned.experts[i] for i in moe}) == 1 and len({pruned.widths[i] for i in moe}) == 1
+        moe, shared = pruned.moe_layers, [i for i, width in enumerate(pruned.shared_widths) if width]
+        return all(
+            len({sizes[i] for i in layers}) <= 1
+            for sizes, layers in (
+                (pruned.experts, moe), (pruned.widths, moe), (pruned.kv_groups, pruned.attention_layers),
+                (pruned.shared_widths, shared),
+            )
+        )  # fmt: skip
 
     @property
     def params_after(self) -> int:
@@ -264,10 +276,11 @@ def build_expert_plan(scores: ExpertScores, settings: ExpertPlanSettings) -> Exp
     layer_scores = {
         layer: criterion.scores(scores.layer_stats(layer), layer, settings.seed) for layer in geometry.moe_layers
     }
+    priced_groups = priced_shared = None
     if settings.allocation == "uniform":
         keep = _uniform_counts(geometry, settings.expert_ratio)
     elif settings.allocation == "per-layer":
-        keep = _curve_counts(scores, settings.expert_ratio)
+        keep, priced_groups, priced_shared = _priced_counts(scores, settings)
     else:
         keep = _ranked_counts(geometry, settings.expert_ratio, layer_scores)
     kept = tuple(
@@ -277,7 +290,10 @@ def build_expert_plan(scores: ExpertScores, settings: ExpertPlanSettings) -> Exp
     if settings.channel_ratio > 0:
         channels = _kept_channels(scores, kept, settings.channel_ratio, settings.channel_multiple)
     groups = shared = None
-    if settings.width_ratio > 0:
+    if settings.width_ratio > 0 and priced_groups is not None:
+        groups = _top_per_layer(scores, GROUP_STAT, priced_groups)
+        shared = _top_per_layer(scores, SHARED_STAT, priced_shared) if priced_shared else None
+    elif settings.width_ratio > 0:
         groups = _kept_groups(scores, settings.width_ratio)
         shared = _kept_shared_channels(scores, settings.width_ratio, settings.channel_multiple)
     return ExpertPlan(
@@ -286,17 +302,46 @@ def build_expert_plan(scores: ExpertScores, settings: ExpertPlanSettings) -> Exp
     )  # fmt: skip
 
 
-def _kept_shared_channels(scores: ExpertScores, ratio: float, multiple: int) -> tuple[tuple[int, ...], ...] | None:
-    """Every shared MLP keeps ``width - round(ratio x width)`` channels rounded down to ``multiple``, the
-    highest-scored; None for a family without shared MLPs."""
-    geometry = scores.geometry
-    if MOE_FAMILIES[geometry.family].shared_mlp is None:
-        return None
-    if not geometry.shared_widths:
+def _top_per_layer(scores: ExpertScores, stat: str, counts: dict[int, int]) -> tuple[tuple[int, ...], ...]:
+    """Per layer, the ``counts[layer]`` highest-scored units under ``stat`` (none where the layer has none)."""
+    return tuple(
+        top_units(scores.stats[stat][layer], counts[layer]) if layer in counts else ()
+        for layer in range(scores.geometry.num_layers)
+    )
+
+
+def _has_shared_mlps(scores: ExpertScores) -> bool:
+    """Whether the family has shared MLPs (refusing scores written before their channels were recorded)."""
+    if MOE_FAMILIES[scores.geometry.family].shared_mlp is None:
+        return False
+    if not scores.geometry.shared_widths:
         raise GqaPruneError(
             "--ratio: these expert scores were written before shared-MLP channels were recorded; re-run "
             "`gqa-prune importance`"
         )
+    return True
+
+
+def _check_groups_recorded(scores: ExpertScores) -> None:
+    """GQA groups can be removed: recorded by the scores, and not normalised across all heads together."""
+    family = MOE_FAMILIES[scores.geometry.family]
+    if not scores.geometry.kv_groups:
+        raise GqaPruneError(
+            "--ratio: these expert scores were written before GQA groups were recorded; re-run `gqa-prune importance`"
+        )
+    if family.heads_normed_together:
+        raise GqaPruneError(
+            f"--ratio: {family.family} normalises q and k across all heads together (q_norm over num_heads x "
+            "head_dim), so removing a GQA group changes every other head; prune its experts only"
+        )
+
+
+def _kept_shared_channels(scores: ExpertScores, ratio: float, multiple: int) -> tuple[tuple[int, ...], ...] | None:
+    """Every shared MLP keeps ``width - round(ratio x width)`` channels rounded down to ``multiple``, the
+    highest-scored; None for a family without shared MLPs."""
+    geometry = scores.geometry
+    if not _has_shared_mlps(scores):
+        return None
     kept = []
     for layer, width in enumerate(geometry.shared_widths):
         keep = (width - round(ratio * width)) // multiple * multiple
@@ -313,16 +358,7 @@ def _kept_groups(scores: ExpertScores, ratio: float) -> tuple[tuple[int, ...], .
     """Every attention layer keeps ``groups - round(ratio x groups)`` GQA groups, those with the highest
     output norms."""
     geometry = scores.geometry
-    family = MOE_FAMILIES[geometry.family]
-    if not geometry.kv_groups:
-        raise GqaPruneError(
-            "--ratio: these expert scores were written before GQA groups were recorded; re-run `gqa-prune importance`"
-        )
-    if family.heads_normed_together:
-        raise GqaPruneError(
-            f"--ratio: {family.family} normalises q and k across all heads together (q_norm over num_heads x "
-            "head_dim), so removing a GQA group changes every other head; prune its experts only"
-        )
+    _check_groups_recorded(scores)
     kept = []
     for layer, groups in enumerate(geometry.kv_groups):
         keep = groups - round(ratio * groups)
@@ -349,37 +385,73 @@ def _uniform_counts(geometry: ExpertGeometry, ratio: float) -> dict[int, int]:
     return counts
 
 
-def _curve_counts(scores: ExpertScores, ratio: float) -> dict[int, int]:
-    """Per-layer counts from the measured loss curves: ``round(ratio x all experts)`` go, one at a time from
-    the layer whose loss rises least per parameter (optimal for convex curves: their lower hulls are), each
-    layer at most as far as its curve was measured and keeping at least top-k."""
+def _priced_counts(scores: ExpertScores, settings: ExpertPlanSettings) -> tuple[dict[int, int], dict, dict]:
+    """``--experts per-layer``: the parameters the ratios remove (``expert_ratio`` of the expert parameters, and
+    with ``width_ratio`` that share of the GQA groups' and shared-MLP channels' parameters too) go one unit at a
+    time from the layer and kind whose measured loss rises least per parameter (optimal for convex curves:
+    their lower hulls are). Each layer gives at most what its curve measured; an MoE layer keeps top-k experts,
+    an attention layer one group, a shared MLP ``channel_multiple`` channels (kept widths stay multiples of it).
+    Returns kept experts per MoE layer and kept groups / shared channels per layer of those kinds that take part
+    (empty dicts without ``width_ratio``)."""
     geometry = scores.geometry
-    missing = [layer for layer in geometry.moe_layers if layer not in scores.curves]
-    if missing:
+    if any(layer not in scores.curves for layer in geometry.moe_layers):
         raise GqaPruneError(
             "--experts per-layer prices layers by measured loss curves; these scores lack them "
             "(re-run `gqa-prune importance` without --no-curves, or use --experts ranked)"
         )
-    total = sum(geometry.experts)
-    remove = round(ratio * total)
+    curves: dict[tuple[str, int], object] = {}
+    steps: dict[tuple[str, int], list[int]] = {}
 
-    def per_parameter(layer: int):  # loss of removing n experts, in nats per parameter of one expert
-        curve, size = scores.curves[layer], geometry.params_per_expert(layer)
-        return lambda count: curve.loss(count * size) / size
+    def candidate(kind: str, layer: int, curve: LossCurve | None, removed_units: list[int], unit_params: int) -> None:
+        curves[kind, layer] = curve.loss if curve is not None else (lambda params: float("inf"))
+        reach = curve.max_params if curve is not None else 0
+        steps[kind, layer] = [n * unit_params for n in removed_units if n * unit_params <= reach]
 
-    limits = {
-        layer: min(scores.curves[layer].max_params // geometry.params_per_expert(layer), experts - geometry.top_k)
-        for layer, experts in enumerate(geometry.experts)
-        if experts
-    }
-    taken = split_by_curves({layer: per_parameter(layer) for layer in limits}, limits, remove, step=1)
-    if sum(taken.values()) < remove:
+    for layer in geometry.moe_layers:
+        experts = geometry.experts[layer]
+        candidate(EXPERT_KIND, layer, scores.curves[layer], list(range(1, experts - geometry.top_k + 1)),
+                  geometry.params_per_expert(layer))  # fmt: skip
+    target = settings.expert_ratio * geometry.expert_params
+    sizes: dict[str, tuple[int, ...]] = {}
+    if settings.width_ratio > 0:
+        _check_groups_recorded(scores)
+        sizes[GROUP_STAT] = geometry.kv_groups
+        if _has_shared_mlps(scores):
+            sizes[SHARED_STAT] = geometry.shared_widths
+        target += settings.width_ratio * (geometry.group_params + geometry.shared_params)
+    for kind, per_layer in sizes.items():
+        if kind not in scores.width_curves:
+            raise GqaPruneError(
+                "--experts per-layer with --ratio prices GQA groups and shared-MLP channels by measured loss curves; "
+                "these scores lack them (re-run `gqa-prune importance` without --no-curves)"
+            )
+        multiple = 1 if kind == GROUP_STAT else settings.channel_multiple
+        for layer, size in enumerate(per_layer):
+            if size:
+                kept_sizes = [k * multiple for k in range(size // multiple, 0, -1) if k * multiple < size]
+                candidate(kind, layer, scores.width_curves[kind].get(layer), [size - k for k in kept_sizes],
+                          _unit_params(geometry, kind))  # fmt: skip
+    taken = split_by_steps(curves, steps, target)
+    removed = sum(steps[key][count - 1] for key, count in taken.items() if count)
+    if all(count == len(steps[key]) for key, count in taken.items()) and removed < target * (1 - 1e-9):
         raise GqaPruneError(
-            f"--expert-ratio {ratio} removes {remove} of {total} experts, but the measured loss curves reach "
-            f"{round(sum(limits.values()))} (up to {max(EXPERT_CURVE_FRACTIONS):.0%} of each layer's experts, every "
-            f"layer keeping {geometry.top_k}); use --experts uniform or ranked"
+            f"--experts per-layer: the ratios remove {target:,.0f} parameters, but the measured loss curves reach "
+            f"{removed:,} (up to {max(EXPERT_CURVE_FRACTIONS):.0%} of each layer's units, every layer keeping "
+            f"{geometry.top_k} experts and one GQA group); use --experts uniform or ranked"
         )
-    return {layer: geometry.experts[layer] - round(taken[layer]) for layer in limits}
+    experts = {layer: geometry.experts[layer] - taken[EXPERT_KIND, layer] for layer in geometry.moe_layers}
+    kept: dict[str, dict[int, int]] = {kind: {} for kind in sizes}
+    for kind, per_layer in sizes.items():
+        for layer, size in enumerate(per_layer):
+            if size:
+                count = taken[kind, layer]
+                removed_units = steps[kind, layer][count - 1] // _unit_params(geometry, kind) if count else 0
+                kept[kind][layer] = size - removed_units
+    return experts, kept.get(GROUP_STAT, {}), kept.get(SHARED_STAT, {})
+
+
+def _unit_params(geometry: ExpertGeometry, kind: str) -> int:
+    return geometry.params_per_group if kind == GROUP_STAT else geometry.params_per_shared_channel
 
 
 def _ranked_counts(geometry: ExpertGeometry, ratio: float, layer_scores: dict[int, torch.Tensor]) -> dict[int, int]:

@@ -39,6 +39,8 @@ class ExpertScores:
     calibration_loss: float
     info: dict = field(default_factory=dict)
     curves: dict[int, LossCurve] = field(default_factory=dict)  # per MoE layer: removing its experts alone
+    # GROUP_STAT / SHARED_STAT -> per attention layer / shared MLP: removing its lowest-scored groups / channels
+    width_curves: dict[str, dict[int, LossCurve]] = field(default_factory=dict)
 
     def layer_stats(self, layer: int) -> dict[str, torch.Tensor]:
         """One layer's per-expert statistics (the gradient ones where the pass recorded them)."""
@@ -71,6 +73,14 @@ class ExpertScores:
             if layer not in self.geometry.moe_layers:
                 raise GqaPruneError(f"{where}: a loss curve of layer {layer}, which has no experts")
             curve.check(f"{where}: expert loss curve of layer {layer}")
+        sizes = {GROUP_STAT: self.geometry.kv_groups, SHARED_STAT: self.geometry.shared_widths}
+        for kind, per_layer in self.width_curves.items():
+            if kind not in sizes:
+                raise GqaPruneError(f"{where}: loss curves of unknown kind {kind!r} (known: {', '.join(sizes)})")
+            for layer, curve in per_layer.items():
+                if not 0 <= layer < len(sizes[kind]) or not sizes[kind][layer]:
+                    raise GqaPruneError(f"{where}: a {kind} loss curve of layer {layer}, which has no {kind} units")
+                curve.check(f"{where}: {kind} loss curve of layer {layer}")
 
 
 def statistics_of(geometry: ExpertGeometry) -> tuple[str, ...]:
@@ -100,7 +110,8 @@ def save(scores: ExpertScores, out_dir: str | os.PathLike) -> Path:
         "geometry": scores.geometry.to_dict(),
         "calibration_loss": scores.calibration_loss,
         "info": scores.info,
-        "curves": {str(layer): curve.to_dict() for layer, curve in sorted(scores.curves.items())},
+        "curves": _curves_to_dict(scores.curves),
+        "width_curves": {kind: _curves_to_dict(curves) for kind, curves in sorted(scores.width_curves.items())},
     }
     with atomic_dir(out_dir, "importance") as temporary:
         metadata = {"gqa_prune": json.dumps({"format": EXPERT_SCORES_FORMAT}, sort_keys=True)}
@@ -133,10 +144,21 @@ def load(in_dir: str | os.PathLike) -> ExpertScores:
         for name in statistics_of(geometry) + tuple(name for name in GRADIENT_STATS if f"{name}.{first}" in tensors)
     }
     try:
-        curves = {int(layer): LossCurve.from_dict(curve) for layer, curve in record.get("curves", {}).items()}
-    except (KeyError, TypeError, ValueError) as error:
+        curves = _curves_from_dict(record.get("curves", {}))
+        width_curves = {
+            kind: _curves_from_dict(per_layer) for kind, per_layer in record.get("width_curves", {}).items()
+        }
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise GqaPruneError(f"{in_dir / EXPERT_SCORES_FILE}: malformed loss curves ({error!r})") from error
     calibration_loss = float(record.get("calibration_loss", float("nan")))
-    scores = ExpertScores(geometry, stats, calibration_loss, record.get("info", {}), curves)
+    scores = ExpertScores(geometry, stats, calibration_loss, record.get("info", {}), curves, width_curves)
     scores.check(str(in_dir))
     return scores
+
+
+def _curves_to_dict(curves: dict[int, LossCurve]) -> dict[str, dict]:
+    return {str(layer): curve.to_dict() for layer, curve in sorted(curves.items())}
+
+
+def _curves_from_dict(data: dict) -> dict[int, LossCurve]:
+    return {int(layer): LossCurve.from_dict(curve) for layer, curve in data.items()}

@@ -114,35 +114,31 @@ def apply_expert_plan(model: nn.Module, plan: ExpertPlan) -> nn.Module:
 
 
 def set_expert_config(config, family: MoeFamily, geometry: ExpertGeometry) -> None:
-    """Record expert counts and widths: one value each when every MoE layer agrees (a stock config), else per
-    layer in ``per_layer_config`` (the project's model class builds each layer from its entry); and the
-    attention heads (one count for every attention layer)."""
-    kv_groups = {geometry.kv_groups[i] for i in geometry.attention_layers}
-    if len(kv_groups) > 1:
-        raise GqaPruneError("attention layers keep different numbers of GQA groups; an expert plan keeps one count")
-    if kv_groups:
-        (groups,) = kv_groups
+    """Record expert counts and widths, attention heads and shared-MLP widths: one global value for each kind
+    whose layers all agree (when every kind agrees, a stock config), else that kind per layer in
+    ``per_layer_config`` (the project's model class builds each layer from its entry; the global values of
+    that kind stay the dense model's)."""
+    if geometry.attention_layers:
         config.head_dim = geometry.head_dim  # explicit: hidden_size // num_attention_heads no longer holds
-        config.num_key_value_heads = groups
-        config.num_attention_heads = groups * geometry.heads_per_group
-    shared_widths = {width for width in geometry.shared_widths if width}
-    if len(shared_widths) > 1:
-        raise GqaPruneError("shared MLPs keep different numbers of channels; an expert plan keeps one count")
-    if shared_widths:
-        setattr(config, family.shared_mlp.width_key, shared_widths.pop())
-    moe = geometry.moe_layers
-    counts, widths = {geometry.experts[i] for i in moe}, {geometry.widths[i] for i in moe}
-    if len(counts) == 1 and len(widths) == 1:
-        setattr(config, family.experts_key, counts.pop())
-        setattr(config, family.width_key, widths.pop())
-        return
-    config.allow_global_per_layer_attribute_access = True
-    config.per_layer_config = {
-        index: {family.experts_key: geometry.experts[index], family.width_key: geometry.widths[index]}
-        if index in moe
-        else {}
-        for index in range(geometry.num_layers)
-    }
+    hpg = geometry.heads_per_group
+    kinds = (  # per kind: its config entries in every layer that has it
+        {i: {"num_key_value_heads": geometry.kv_groups[i], "num_attention_heads": geometry.kv_groups[i] * hpg}
+         for i in geometry.attention_layers},
+        {i: {family.shared_mlp.width_key: width} for i, width in enumerate(geometry.shared_widths) if width},
+        {i: {family.experts_key: geometry.experts[i], family.width_key: geometry.widths[i]}
+         for i in geometry.moe_layers},
+    )  # fmt: skip
+    per_layer: dict[int, dict[str, int]] = {index: {} for index in range(geometry.num_layers)}
+    for entries in kinds:
+        if len({tuple(sorted(values.items())) for values in entries.values()}) <= 1:
+            for key, value in next(iter(entries.values()), {}).items():
+                setattr(config, key, value)
+        else:
+            for index, values in entries.items():
+                per_layer[index].update(values)
+    if any(per_layer.values()):
+        config.allow_global_per_layer_attribute_access = True
+        config.per_layer_config = per_layer
 
 
 @contextlib.contextmanager

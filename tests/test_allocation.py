@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gqa_prune.allocation import continuous_rates, discretize, layer_pressure, removal_options
+from gqa_prune.allocation import continuous_rates, discretize, layer_pressure, removal_options, split_by_steps
 from gqa_prune.errors import GqaPruneError
 
 IMPORTANCE = [0.9, 0.1, 0.2, 0.4, 0.05, 0.3]
@@ -68,3 +68,16 @@ def test_discretize_meets_the_goal_exactly_when_steps_allow():
 def test_uniform_rounds_each_layer_to_its_nearest_option():
     assert discretize([0.6] * 4, [[0, 1, 2]] * 4, 2.4, uniform=True) == [1, 1, 1, 1]
     assert discretize([307.2] * 3, [list(range(0, 1409, 128))] * 3, 921.6, uniform=True) == [256] * 3
+
+
+def test_split_by_steps_takes_the_cheapest_parameters_first_and_lands_within_half_a_step():
+    """Two candidates of different step sizes: "a" (steps of 10 parameters) costs 1 nat per parameter, "b"
+    (steps of 4) 0.5 up to 8 parameters and 3 after. Of 30 parameters b's cheap 8 go first, then a's 20; of the
+    2 left, b's next step (4, dearer than a's but only half over) is taken and a's (10) is not."""
+    curves = {"a": lambda p: 1.0 * p, "b": lambda p: 0.5 * p if p <= 8 else 4 + 3 * (p - 8)}
+    steps = {"a": [10, 20, 30, 40], "b": [4, 8, 12, 16]}
+    assert split_by_steps(curves, steps, 30) == {"a": 2, "b": 3}
+    assert split_by_steps(curves, steps, 34) == {"a": 3, "b": 2}  # 6 left after a's second: a's third fits half
+    assert split_by_steps(curves, steps, 0) == {"a": 0, "b": 0}
+    assert split_by_steps(curves, steps, 1000) == {"a": 4, "b": 4}  # every step, no more
+    assert split_by_steps({"a": curves["a"]}, {"a": []}, 30) == {"a": 0}  # nothing to give

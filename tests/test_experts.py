@@ -26,6 +26,7 @@ from gqa_prune.expert_surgery import apply_expert_plan, masked_experts
 from gqa_prune.moe import MOE_FAMILIES, expert_geometry_of, moe_family_for
 from gqa_prune.passes import mean_loss
 from gqa_prune.planning import top_units
+from gqa_prune.scores import LossCurve
 from gqa_prune.settings import ExpertPlanSettings
 
 
@@ -349,6 +350,109 @@ def test_a_planted_silent_group_is_removed_first_and_olmoe_groups_are_refused():
         _plan(_scores(tiny_moe("olmoe")), 0.25, width_ratio=0.5)
 
 
+def test_width_loss_curves_are_what_removing_a_layers_groups_or_shared_channels_alone_costs():
+    """A group / shared-channel curve point = the calibration loss of the model with that layer's lowest-scored
+    groups / channels physically removed (nothing else), minus the dense loss."""
+    model = tiny_moe("qwen2_moe")
+    blocks = calibration_ids(blocks=4, length=16)
+    scores = score_experts(copy.deepcopy(model), blocks, batch_size=2)
+    geometry, cpu = scores.geometry, torch.device("cpu")
+    base = mean_loss(model, list(blocks.split(2)), cpu)
+    every = tuple(tuple(range(count)) for count in geometry.experts)
+    kinds = {
+        "group": ("groups", geometry.kv_groups, geometry.params_per_group, [1]),  # 2 groups: one must stay
+        "shared": ("shared_channels", geometry.shared_widths, geometry.params_per_shared_channel, [5, 10, 15]),
+    }
+    for kind, (field_name, sizes, unit_params, counts) in kinds.items():
+        assert sorted(scores.width_curves[kind]) == [layer for layer, size in enumerate(sizes) if size]
+        for layer, curve in scores.width_curves[kind].items():
+            assert [params // unit_params for params, _ in curve.points] == counts
+            removed, increase = counts[-1], curve.points[-1][1]
+            kept = [tuple(range(size)) for size in sizes]
+            kept[layer] = top_units(scores.stats[kind][layer], sizes[layer] - removed)
+            plan = ExpertPlan(
+                geometry, 0.0, "reap", every, scores.info["parameters"], allocation="per-layer",
+                **{field_name: tuple(kept)},
+            )  # fmt: skip
+            pruned = apply_expert_plan(copy.deepcopy(model), plan)
+            assert increase == pytest.approx(mean_loss(pruned, list(blocks.split(2)), cpu) - base, abs=1e-5)
+
+
+def test_per_layer_plans_price_gqa_groups_and_shared_channels_against_experts():
+    """--experts per-layer with --ratio: what the ratios remove is split among experts, GQA groups and
+    shared-MLP channels of every layer by their loss curves, cheapest per parameter first. Curves set by hand
+    (a tiny random model's are noise): layer 1's group and half of layer 0's shared channels are nearly free,
+    layer 2's experts cost half of layer 0's, the other groups and shared channels are dear."""
+    scores = _scores(tiny_moe("qwen2_moe"))
+    geometry = scores.geometry
+    expert, group, channel = (
+        geometry.params_per_expert(0),
+        geometry.params_per_group,
+        geometry.params_per_shared_channel,
+    )
+    scores.curves = {
+        layer: LossCurve(tuple((n * expert, n * nats) for n in (2, 3, 4))) for layer, nats in ((0, 1.0), (2, 0.5))
+    }
+    scores.width_curves = {
+        "group": {0: LossCurve(((group, 5.0),)), 1: LossCurve(((group, 0.01),)), 2: LossCurve(((group, 5.0),))},
+        "shared": {
+            0: LossCurve(((5 * channel, 0.05), (10 * channel, 0.1), (15 * channel, 3.0))),
+            2: LossCurve(((5 * channel, 2.0), (10 * channel, 4.0), (15 * channel, 6.0))),
+        },
+    }
+    plan = _plan(scores, 0.25, allocation="per-layer", width_ratio=0.2)
+    # 0.25 x 18,816 expert + 0.2 x 13,248 group and shared parameters = 7,353.6: layer 1's group (1,568) and
+    # 10 shared channels of layer 0 (960), then layer 2's three cheaper experts (4,704); of the 121.6 left one
+    # channel (96) of layer 2's shared MLP, the cheapest step that is at most half over
+    assert [len(kept) for kept in plan.groups] == [2, 1, 2]
+    assert [len(kept) for kept in plan.shared_channels] == [10, 0, 19]
+    assert [len(kept) for kept in plan.kept] == [6, 0, 3]
+    assert plan.params_before - plan.params_after == group + 11 * channel + 3 * expert
+    assert not plan.is_uniform
+    scores.width_curves = {}
+    with pytest.raises(GqaPruneError, match="--experts per-layer with --ratio prices GQA groups"):
+        _plan(scores, 0.25, allocation="per-layer", width_ratio=0.2)
+
+
+@pytest.mark.parametrize("family", GROUP_FAMILIES)
+def test_per_layer_group_counts_and_shared_widths_equal_their_masked_reference_and_reload(
+    family, tmp_path, tiny_tokenizer
+):
+    """A plan keeping one GQA group in the first attention layer and both elsewhere, half the channels of the
+    first shared MLP and two experts fewer in the first MoE layer: the pruned model equals its masked reference
+    and reloads through the project's model class, in every family whose groups can be removed."""
+    model = tiny_moe(family, vocab_size=len(tiny_tokenizer))
+    geometry = expert_geometry_of(model)
+    first_attention, first_moe = geometry.attention_layers[0], geometry.moe_layers[0]
+    kept = tuple(
+        tuple(range(count - 2 if layer == first_moe else count)) for layer, count in enumerate(geometry.experts)
+    )
+    groups = tuple(
+        (1,) if layer == first_attention else tuple(range(count)) for layer, count in enumerate(geometry.kv_groups)
+    )
+    shared = None
+    if MOE_FAMILIES[family].shared_mlp is not None:
+        first_shared = next(layer for layer, width in enumerate(geometry.shared_widths) if width)
+        shared = tuple(
+            tuple(range(0, width, 2)) if layer == first_shared else tuple(range(width))
+            for layer, width in enumerate(geometry.shared_widths)
+        )
+    plan = ExpertPlan(
+        geometry, 0.0, "reap", kept, parameter_count(model), allocation="per-layer", groups=groups,
+        shared_channels=shared,
+    )  # fmt: skip
+    ids = calibration_ids(blocks=2, length=12, seed=8)
+    pruned, masked = _pruned_and_masked(model, plan, ids)
+    save_pruned(pruned, tiny_tokenizer, plan, tmp_path / "pruned", source="org/tiny-moe")
+    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert config["model_type"] == f"gqa_pruned_{family}" and (tmp_path / "pruned" / "modeling_gqa_prune.py").is_file()
+    layer_entry = config["per_layer_config"].get(str(first_attention), {})  # Granite: one attention layer, global
+    assert layer_entry.get("num_attention_heads", config["num_attention_heads"]) == geometry.heads_per_group
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()  # classes of `import gqa_prune`
+    torch.testing.assert_close(_logits(reloaded, ids), masked, rtol=0, atol=1e-5)
+    assert expert_geometry_of(reloaded) == plan.pruned_geometry()
+
+
 def test_expert_plans_round_trip_through_json_and_refuse_fewer_experts_than_top_k(tmp_path):
     scores = _scores(tiny_moe("olmoe"))
     plan = _plan(scores, 1 / 3, "ean")
@@ -373,11 +477,13 @@ def test_expert_scores_round_trip_through_their_folder(tmp_path):
     loaded = expert_scores.load(tmp_path / "importance")
     assert loaded.geometry == scores.geometry and loaded.calibration_loss == scores.calibration_loss
     assert loaded.curves == scores.curves and len(scores.curves) == 2
+    assert loaded.width_curves == scores.width_curves and sorted(scores.width_curves) == ["group", "shared"]
     for name, per_layer in scores.stats.items():
         assert all(torch.equal(a, b) for a, b in zip(loaded.stats[name], per_layer))
     record = json.loads((tmp_path / "importance" / "experts.json").read_text())
     for key in ("kv_groups", "heads_per_group", "head_dim", "params_per_group"):
-        del record["geometry"][key]  # as written before GQA groups were recorded
+        del record["geometry"][key]  # as written before GQA groups (and their loss curves) were recorded
+    del record["width_curves"]
     (tmp_path / "importance" / "experts.json").write_text(json.dumps(record))
     older = expert_scores.load(tmp_path / "importance")
     assert _plan(older, 0.5).kept == _plan(scores, 0.5).kept
@@ -421,6 +527,20 @@ def test_cli_importance_plan_prune_on_a_moe_model(tmp_path, capsys, tiny_tokeniz
     )  # fmt: skip
     assert code == 0, err
     assert json.loads((tmp_path / "ppl.json").read_text())["perplexity"] > 1
+    code, out, err = run(  # experts, groups and channels priced against each other by the measured curves
+        capsys, "plan", "--importance", str(tmp_path / "importance"), "--expert-ratio", "0.25", "--ratio", "0.25",
+        "--experts", "per-layer", "--out", str(tmp_path / "plan-per-layer.json"),
+    )  # fmt: skip
+    assert code == 0, err
+    code, out, err = run(
+        capsys, "prune", "--model", str(tmp_path / "moe"), "--plan", str(tmp_path / "plan-per-layer.json"),
+        "--out", str(tmp_path / "pruned-per-layer"),
+    )  # fmt: skip
+    assert code == 0, err
+    per_layer = load_plan(tmp_path / "plan-per-layer.json")
+    assert per_layer.allocation == "per-layer" and per_layer.groups is not None
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned-per-layer")
+    assert expert_geometry_of(reloaded) == per_layer.pruned_geometry()
 
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
     for router in ("frozen", "trainable"):
