@@ -31,7 +31,7 @@ __all__ = ["score", "plan", "prune", "recover", "evaluate"]
 def score(
     model: nn.Module,
     calib_blocks: torch.Tensor,
-    criterion: str = "taylor",
+    criterion: str | None = None,
     *,
     curves: bool = True,
     batch_size: int = IMPORTANCE_BATCH_SIZE,
@@ -39,19 +39,25 @@ def score(
 ) -> Scores | ExpertScores:
     """Importance of every prunable unit of ``model`` on calibration token ids ``[blocks, seq_len]``.
 
-    Dense models: ``criterion`` scores GQA groups and MLP channels (taylor, fisher, magnitude, activation,
-    random), layers and sublayers are scored too, and ``curves`` measures each kind's loss curve (what the
-    default hybrid plans price kinds by). ``options``: those of ``gqa-prune importance`` (``layer_criteria``,
-    ``seed``, ``curve_blocks``, ``channel_multiple``, ``gradient_checkpointing``). A mixture of experts gets its
-    expert statistics (every expert criterion is chosen at ``plan`` time) and per-layer loss curves.
+    Dense models: ``criterion`` scores GQA groups and MLP channels (taylor by default, fisher, obs, magnitude,
+    activation, random), layers and sublayers are scored too, and ``curves`` measures each kind's loss curve
+    (what the default hybrid plans price kinds by). ``options``: those of ``gqa-prune importance``
+    (``layer_criteria``, ``seed``, ``curve_blocks``, ``channel_multiple``, ``gradient_checkpointing``). A mixture
+    of experts gets its expert statistics (every expert criterion is chosen at ``plan`` time; ``criterion``
+    taylor or fisher adds a backward per batch for those two) and per-layer loss curves of its experts, GQA
+    groups and shared-MLP channels.
     """
     if moe_family_for(model.config) is not None:
-        from .expert_importance import score_experts
+        from .expert_importance import needs_gradients, score_experts
 
-        return score_experts(model, calib_blocks, batch_size, curves, options.pop("curve_blocks", None))
+        gradients = needs_gradients(criterion)
+        return score_experts(model, calib_blocks, batch_size, curves, options.pop("curve_blocks", None), gradients)
+    from .choices import DEFAULT_UNIT_CRITERION
     from .importance import score as score_units
 
-    return score_units(model, calib_blocks, criterion, batch_size=batch_size, curves=curves, **options)
+    return score_units(
+        model, calib_blocks, criterion or DEFAULT_UNIT_CRITERION, batch_size=batch_size, curves=curves, **options
+    )
 
 
 def plan(scores: Scores | ExpertScores, ratio: float | None = 0.2, **settings) -> PruningPlan | ExpertPlan:

@@ -148,14 +148,9 @@ def _expert_importance(args: argparse.Namespace, model, blocks, calibration: dic
     """importance of a mixture-of-experts model: the expert statistics every expert criterion folds."""
     from . import expert_scores
     from .choices import EXPERT_CRITERIA, EXPERT_GRADIENT_CRITERIA
-    from .expert_importance import score_experts
+    from .expert_importance import needs_gradients, score_experts
 
-    if args.criterion is not None and args.criterion not in EXPERT_GRADIENT_CRITERIA:
-        raise GqaPruneError(
-            f"--criterion {args.criterion}: a mixture of experts is scored by its expert statistics; --criterion "
-            f"may be {' or '.join(EXPERT_GRADIENT_CRITERIA)} there (adds the experts' gradient scores)"
-        )
-    gradients = args.criterion is not None
+    gradients = needs_gradients(args.criterion)
     result = score_experts(
         model, blocks, batch_size=args.batch_size, curves=not args.no_curves, curve_blocks=args.curve_blocks,
         gradients=gradients,

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .blocks import check_blocks
+from .choices import EXPERT_GRADIENT_CRITERIA
 from .criteria.experts import (
     CHANNEL_STAT,
     DEFAULT_EXPERT_CRITERION,
@@ -166,6 +167,17 @@ class ExpertStatsCollector:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+def needs_gradients(criterion: str | None) -> bool:
+    """Whether ``importance --criterion`` on a mixture of experts asks for the gradient statistics (taylor,
+    fisher); None: forward-only. Other (dense) criteria are refused in one line."""
+    if criterion is not None and criterion not in EXPERT_GRADIENT_CRITERIA:
+        raise GqaPruneError(
+            f"--criterion {criterion}: a mixture of experts is scored by its expert statistics; --criterion "
+            f"may be {' or '.join(EXPERT_GRADIENT_CRITERIA)} there (adds the experts' gradient scores)"
+        )
+    return criterion is not None
 
 
 def score_experts(

@@ -43,6 +43,9 @@ def test_the_api_prunes_a_mixture_of_experts_as_the_cli_does():
     model = tiny_moe("qwen2_moe")
     blocks = calibration_ids(blocks=4, length=16)
     scores = gqa_prune.score(model, blocks)
+    assert "taylor" not in scores.stats and "taylor" in gqa_prune.score(model, blocks, "taylor", curves=False).stats
+    with pytest.raises(gqa_prune.errors.GqaPruneError, match="--criterion magnitude: a mixture of experts is scored"):
+        gqa_prune.score(model, blocks, "magnitude")
     plan = gqa_prune.plan(scores, ratio=0.5, expert_ratio=0.5, channel_multiple=1)
     assert isinstance(plan, ExpertPlan) and plan.width_ratio == 0.5 and plan.shared_channels is not None
     with pytest.raises(gqa_prune.errors.GqaPruneError, match="an expert plan removes whole experts"):
