@@ -19,9 +19,10 @@ all of them, the loss curves the first 8,192 tokens (the CLI's default).
         [--slicegpt /work/peers/TransformerCompression --slicegpt-python /work/peers/slicegpt-venv/bin/python]
         [--flap /work/peers/FLAP]
 
-Two more rows of the defaults: ``--refit-inputs`` (the full sequential refit) and iterative pruning in 2 and 3
+More rows of the defaults: ``--refit-inputs`` (the full sequential refit), iterative pruning in 2 and 3
 rounds (``gqa_prune.iterative``: each round re-scores the model pruned so far; the first round reuses the
-stored scores, the later rounds' scoring is timed in "plan + prune + refit").
+stored scores, the later rounds' scoring is timed in "plan + prune + refit"), and both levers combined (2 rounds,
+each refit with ``--refit-inputs``).
 
 With ``--slicegpt CHECKOUT --slicegpt-python PYTHON`` a SliceGPT row follows Torch-Pruning at every ratio,
 run in its own environment (``bench/slicegpt_peer.py`` says how to set it up and what is adapted): same model,
@@ -187,6 +188,12 @@ def main() -> None:
                 default_refit,
             )
             for k in (2, 3)
+        ),
+        (
+            "gqa-prune defaults, iterative (2 rounds) + full sequential refit (--refit-inputs)",
+            criterion,
+            dict(mode=default_settings.mode, steps=2),
+            replace(default_refit, inputs=True),
         ),
     ]
     columns = ["method", "ratio", "parameters", "PPL", "mean acc", "scoring", "plan + prune + refit", "recovery",
