@@ -17,7 +17,7 @@ in ``--cache`` (delete it to rebuild).
 The expert statistics and loss curves are cached beside the test bed (``importance-<blocks>x2048-c<curve
 blocks>``); delete that folder to measure them again. Asking for ``taylor`` or ``fisher`` records the statistics
 with a backward per batch (``importance --criterion taylor``) if the cached ones lack them (the curves are kept);
-``--width-per-layer`` measures the GQA group and shared-channel loss curves if the cached scores lack them.
+``--width-per-layer`` measures the GQA group, shared-channel and layer loss curves if the cached scores lack them.
 
 The peer, llm-compressor's REAP modifier, runs from its own virtual environment on the same test bed and the
 same calibration blocks (this script writes them beside the cached test bed): see bench/reap_peer.py.
@@ -40,8 +40,9 @@ from transformers import Qwen2MoeForCausalLM
 from gqa_prune import expert_scores
 from gqa_prune.choices import EXPERT_GRADIENT_CRITERIA
 from gqa_prune.criteria.experts import EXPERT_CRITERIA
-from gqa_prune.expert_importance import score_experts, width_loss_curves
+from gqa_prune.expert_importance import layer_loss_curves, score_experts, width_loss_curves
 from gqa_prune.expert_plan import build_expert_plan
+from gqa_prune.expert_scores import LAYER_KIND
 from gqa_prune.expert_surgery import apply_expert_plan
 from gqa_prune.moe import expert_geometry_of
 from gqa_prune.passes import frozen, mean_loss
@@ -106,7 +107,7 @@ def main() -> None:
             geometry = expert_geometry_of(model)
             counts = [geometry.experts[i] for i in geometry.moe_layers]
             heads = [geometry.kv_groups[i] for i in geometry.attention_layers]
-            experts = f"{min(counts)}-{max(counts)} (KV heads {min(heads)}-{max(heads)})"
+            experts = f"{min(counts)}-{max(counts)} (KV heads {min(heads)}-{max(heads)}, {len(counts)} layers)"
         rows.append({
             "method": method, "experts per layer": experts,
             "parameters": f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M",
@@ -136,16 +137,17 @@ def main() -> None:
                 print(f"expert statistics (gradients: {gradients}): {time.perf_counter() - started:.0f} s")
                 statistics["scores"].curves = curves
                 expert_scores.save(statistics["scores"], folder)
-        if args.width_per_layer and statistics and not statistics["scores"].width_curves:
+        if args.width_per_layer and statistics and LAYER_KIND not in statistics["scores"].width_curves:
             started = time.perf_counter()  # cached before they were measured: the same model and blocks
+            cached = statistics["scores"]
+            cached.geometry = expert_geometry_of(testbed)  # with the layer sizes older caches lack
             measure = list(bench.blocks[: args.curve_blocks].split(1))
             with frozen(testbed):
                 base = mean_loss(testbed, measure, torch.device("cpu"))
-                statistics["scores"].width_curves = width_loss_curves(
-                    testbed, statistics["scores"], measure, torch.device("cpu"), base
-                )
-            expert_scores.save(statistics["scores"], folder)
-            print(f"GQA group and shared-channel loss curves: {time.perf_counter() - started:.0f} s")
+                cached.width_curves = width_loss_curves(testbed, cached, measure, torch.device("cpu"), base)
+                cached.width_curves[LAYER_KIND] = layer_loss_curves(testbed, cached, measure, torch.device("cpu"), base)
+            expert_scores.save(cached, folder)
+            print(f"GQA group, shared-channel and layer loss curves: {time.perf_counter() - started:.0f} s")
         if not statistics:
             started = time.perf_counter()
             statistics["scores"] = score_experts(
@@ -158,8 +160,8 @@ def main() -> None:
             )
         return statistics["scores"]
 
-    def pruned(ratio: float, criterion: str, allocation: str, width_ratio: float = 0.0):
-        settings = ExpertPlanSettings(ratio, criterion, allocation, width_ratio=width_ratio)
+    def pruned(ratio: float, criterion: str, allocation: str, width_ratio: float = 0.0, whole_layers: bool = False):
+        settings = ExpertPlanSettings(ratio, criterion, allocation, width_ratio=width_ratio, whole_layers=whole_layers)
         return apply_expert_plan(copy.deepcopy(testbed), build_expert_plan(scores(), settings))
 
     runs = [(criterion, "uniform") for criterion in args.criteria.split(",") if criterion]
@@ -182,11 +184,12 @@ def main() -> None:
                 lambda: pruned(ratio, "reap", "uniform", width),
                 str(kept),
             )
-            if args.width_per_layer:
+            for whole_layers in (False, True) if args.width_per_layer else ():
+                layers = ", layers" if whole_layers else ""
                 add(
-                    f"reap (per-layer: experts, groups and shared channels priced together), as much removed as "
-                    f"{ratio:.0%} of experts + {width:.0%} of GQA groups and shared channels",
-                    lambda: pruned(ratio, "reap", "per-layer", width),
+                    f"reap (per-layer: experts, groups, shared channels{layers} priced together), as much removed "
+                    f"as {ratio:.0%} of experts + {width:.0%} of GQA groups and shared channels",
+                    lambda: pruned(ratio, "reap", "per-layer", width, whole_layers),
                     None,
                 )
     for folder in args.peer_dirs:

@@ -159,7 +159,10 @@ def split_by_curves(
 
 
 def split_by_steps(
-    curves: dict[Hashable, Callable[[float], float]], steps: dict[Hashable, Sequence[float]], target: float
+    curves: dict[Hashable, Callable[[float], float]],
+    steps: dict[Hashable, Sequence[float]],
+    target: float,
+    wholes: dict[Hashable, Sequence[Hashable]] | None = None,
 ) -> dict[Hashable, int]:
     """How many steps to take from each candidate (e.g. a kind of unit in one layer) so that about ``target``
     parameters go at the lowest summed loss: one step at a time from the candidate whose loss rises least per
@@ -168,23 +171,39 @@ def split_by_steps(
     ``steps[key]`` are the parameters removed after 1, 2, ... steps of that candidate (ascending; its last is
     the most it can give), ``curves[key](params)`` the loss of removing ``params``. A step is taken only while
     at least half of it fits in what remains of the target, so the total lands within half a step of it.
+    ``wholes`` maps a candidate that removes a whole (e.g. a layer, one step) to the candidates it contains: its
+    step is priced by what it adds to theirs taken so far (loss and parameters), and once taken they stop.
     Returns key -> steps taken (ties: the candidate listed first).
     """
+    wholes = wholes or {}
     taken = {key: 0 for key in curves}
+    closed: set[Hashable] = set()
+
+    def removed(key: Hashable) -> float:
+        return steps[key][taken[key] - 1] if taken[key] else 0.0
+
+    def next_step(key: Hashable) -> tuple[float, float]:
+        """(parameters, loss increase) of the candidate's next step."""
+        if key in wholes:
+            parts = [part for part in wholes[key] if part in curves]
+            size = steps[key][0] - sum(removed(part) for part in parts)
+            return size, curves[key](steps[key][0]) - sum(curves[part](removed(part)) for part in parts)
+        return steps[key][taken[key]] - removed(key), curves[key](steps[key][taken[key]]) - curves[key](removed(key))
+
     remaining = target
     while True:
-        best, best_price = None, None
-        for key, loss in curves.items():
-            if taken[key] >= len(steps[key]):
+        best, best_price, best_size = None, None, 0.0
+        for key in curves:
+            if key in closed or taken[key] >= len(steps[key]):
                 continue
-            before = steps[key][taken[key] - 1] if taken[key] else 0.0
-            size = steps[key][taken[key]] - before
-            if size > 2 * remaining + 1e-9:
+            size, increase = next_step(key)
+            if size <= 0 or size > 2 * remaining + 1e-9:
                 continue
-            price = (loss(steps[key][taken[key]]) - loss(before)) / size
-            if best_price is None or price < best_price:
-                best, best_price = key, price
+            if best_price is None or increase / size < best_price:
+                best, best_price, best_size = key, increase / size, size
         if best is None:
             return taken
-        remaining -= steps[best][taken[best]] - (steps[best][taken[best] - 1] if taken[best] else 0.0)
+        remaining -= best_size
         taken[best] += 1
+        if best in wholes:
+            closed.update([best, *wholes[best]])

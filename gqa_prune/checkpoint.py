@@ -263,7 +263,7 @@ def expert_model_card(plan, source: str, config_kind: str, model_name: str) -> s
         shared = [layer for layer, width in enumerate(before.shared_widths) if width]
         groups_row += (
             f"| shared-MLP channels | {_moe_span(before.shared_widths, shared)} | "
-            f"{_moe_span(after.shared_widths, shared)} |\n"
+            f"{_moe_span(after.shared_widths, [i for i, width in enumerate(after.shared_widths) if width])} |\n"
         )
     allocation = {
         "uniform": "every mixture-of-experts layer lost the same number of routed experts",
@@ -272,6 +272,11 @@ def expert_model_card(plan, source: str, config_kind: str, model_name: str) -> s
         + (", and between experts, GQA groups and shared-MLP channels," if plan.width_ratio else "")
         + " by each one's measured calibration loss per parameter, so layers lost different numbers",
     }[plan.allocation]
+    removed = (
+        f", but for the decoder layers removed whole ({', '.join(map(str, plan.removed_layers))}: original indices)"
+        if plan.removed_layers
+        else ""
+    )
     if config_kind == "stock":
         config_line = "stock (one expert count and width for every layer), so any tool loads it with no custom code"
         load_line = "AutoModelForCausalLM.from_pretrained(path)"
@@ -292,13 +297,14 @@ tags:
 
 Pruned by gqa-prune from `{source}`: {allocation}, the lowest-scored under `{plan.criterion}` on calibration
 data{channels}. {len(moe)} of {before.num_layers} layers have experts. {attention}
-layers and state-space layers are unchanged. Weights are not fine-tuned after pruning.
+layers and state-space layers are unchanged{removed}. Weights are not fine-tuned after pruning.
 
 | | before | after |
 |---|---:|---:|
 | parameters | {summary["params_before"]:,} | {summary["params_after"]:,} |
-| experts per MoE layer | {_moe_span(before.experts, moe)} | {_moe_span(after.experts, moe)} |
-| channels per expert | {_moe_span(before.widths, moe)} | {_moe_span(after.widths, moe)} |
+| experts per MoE layer | {_moe_span(before.experts, moe)} | {_moe_span(after.experts, after.moe_layers)} |
+| channels per expert | {_moe_span(before.widths, moe)} | {_moe_span(after.widths, after.moe_layers)} |
+| decoder layers | {before.num_layers} | {after.num_layers} |
 | experts routed per token | {before.top_k} | {before.top_k} |
 {groups_row}
 Asked for an expert ratio of {plan.expert_ratio}; removed {summary["achieved_expert_ratio"]:.2%} of the experts.

@@ -182,7 +182,7 @@ def _expert_plan(args: argparse.Namespace) -> None:
     settings = ExpertPlanSettings(
         expert_ratio=args.expert_ratio, criterion=args.expert_criterion, allocation=args.experts,
         channel_ratio=args.expert_channel_ratio, channel_multiple=args.channel_multiple, seed=args.seed,
-        width_ratio=args.ratio or 0.0,
+        width_ratio=args.ratio or 0.0, whole_layers=args.whole_layers,
     )  # fmt: skip
     settings.validate()  # before reading anything
     scores = expert_scores.load(args.importance)
@@ -199,6 +199,8 @@ def _expert_plan(args: argparse.Namespace) -> None:
     )
     if plan.shared_channels is not None:
         groups += f", shared-MLP channels {summary['shared_channels_before']} -> {summary['shared_channels_after']}"
+    if plan.removed_layers:
+        groups += f", layers {summary['layers_before']} -> {summary['layers_after']}"
     print(
         f"plan (experts {plan.allocation}, {plan.criterion}{channels}): remove {summary['achieved_expert_ratio']:.2%} "
         f"of the experts ({summary['experts_before']} -> {summary['experts_after']}{groups}; "
@@ -217,8 +219,16 @@ def cmd_plan(args: argparse.Namespace) -> None:
         _expert_plan(args)
         return
     scores = stored_scores.load(args.importance)
-    if args.expert_ratio is not None or args.expert_channel_ratio:
-        option = "--expert-ratio" if args.expert_ratio is not None else "--expert-channel-ratio"
+    if args.expert_ratio is not None or args.expert_channel_ratio or args.whole_layers:
+        option = next(
+            name
+            for name, given in (
+                ("--expert-ratio", args.expert_ratio is not None),
+                ("--expert-channel-ratio", args.expert_channel_ratio),
+                ("--whole-layers", args.whole_layers),
+            )
+            if given
+        )  # fmt: skip
         raise GqaPruneError(
             f"{option}: the model scored in {args.importance} has no mixture-of-experts layers "
             f"(family {scores.geometry.family})"
@@ -794,6 +804,12 @@ def build_parser() -> argparse.ArgumentParser:
         "ratios remove is split between layers (and with --ratio between experts, GQA groups and shared-MLP "
         "channels) by their measured loss per parameter; ranked: experts of all layers ranked together by the "
         "criterion (per-layer counts: the project's model class)",
+    )
+    plan.add_argument(
+        "--whole-layers",
+        action="store_true",
+        help="with --experts per-layer: whole decoder layers (attention, state-space or MoE) compete too, priced by "
+        "their measured loss of removing each one",
     )
     plan.add_argument(
         "--expert-channel-ratio",

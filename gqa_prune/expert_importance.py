@@ -3,8 +3,9 @@ records, per expert of every MoE layer, the statistics every expert criterion fo
 per GQA group of every attention layer the norm of what it writes through o_proj, and per channel of a shared
 MLP its Wanda-style score. Then, per MoE layer, a
 loss curve (``expert_loss_curves``): the measured calibration-loss increase of removing 25, 50, 75 % of that
-layer's experts alone (lowest REAP first), and likewise per attention layer for its GQA groups and per shared
-MLP for its channels (``width_loss_curves``), which `--experts per-layer` plans price layers and kinds by.
+layer's experts alone (lowest REAP first), likewise per attention layer for its GQA groups and per shared MLP
+for its channels (``width_loss_curves``), and of removing each decoder layer whole (``layer_loss_curves``), which
+`--experts per-layer` plans price layers and kinds by.
 
 Each expert's output on the tokens routed to it is recomputed by calling the layer's own experts module with
 that expert alone at gate 1, so the norm is exactly what the model's fused kernel computes before gating,
@@ -33,7 +34,7 @@ from .criteria.experts import (
 )
 from .errors import GqaPruneError
 from .expert_plan import EXPERT_CURVE_FRACTIONS, ExpertPlan
-from .expert_scores import ExpertScores
+from .expert_scores import LAYER_KIND, ExpertScores
 from .expert_surgery import masked_experts
 from .importance import CURVE_CEILING
 from .moe import MOE_FAMILIES, ExpertGeometry, attention_block, expert_geometry_of, moe_family_for
@@ -230,6 +231,7 @@ def score_experts(
             base = loss if measure is batches else mean_loss(model, measure, device)
             scores.curves = expert_loss_curves(model, scores, measure, device, base)
             scores.width_curves = width_loss_curves(model, scores, measure, device, base)
+            scores.width_curves[LAYER_KIND] = layer_loss_curves(model, scores, measure, device, base)
         scores.info["curve_blocks"] = int(sum(len(batch) for batch in measure))
     return scores
 
@@ -304,4 +306,25 @@ def width_loss_curves(
                 if increase > CURVE_CEILING:
                     break
             curves[kind][layer] = LossCurve(tuple(points))
+    return curves
+
+
+def layer_loss_curves(
+    model: nn.Module, scores: ExpertScores, batches, device, base_loss: float
+) -> dict[int, LossCurve]:
+    """Per decoder layer (attention, state-space or MoE alike), the measured calibration-loss increase of removing
+    it whole (it passes its input on, as an expert plan's reference removes it): one point, (its parameters,
+    nats); one forward each."""
+    geometry = scores.geometry
+    every_expert = tuple(tuple(range(count)) for count in geometry.experts)
+    curves = {}
+    for layer in tqdm(range(geometry.num_layers), desc="layer loss curves", unit="layer", leave=False):
+        probe = ExpertPlan(
+            geometry, 0.0, DEFAULT_EXPERT_CRITERION, every_expert, int(scores.info["parameters"]),
+            allocation="per-layer", removed_layers=(layer,),
+        )  # fmt: skip
+        with masked_experts(model, probe):
+            increase = mean_loss(model, batches, device) - base_loss
+        logger.info("layer loss curve, layer %d removed: loss +%.4f", layer, increase)
+        curves[layer] = LossCurve(((geometry.layer_params[layer], increase),))
     return curves

@@ -39,7 +39,7 @@ from .atomic import MARKER, write_text
 from .choices import EXPERT_ALLOCATIONS
 from .criteria.experts import EXPERT_CRITERIA, GROUP_STAT, SHARED_STAT
 from .errors import GqaPruneError
-from .expert_scores import ExpertScores
+from .expert_scores import LAYER_KIND, ExpertScores
 from .moe import MOE_FAMILIES, ExpertGeometry
 from .planning import PLAN_KIND, PruningPlan, top_units
 from .scores import LossCurve
@@ -66,6 +66,7 @@ class ExpertPlan:
     width_ratio: float = 0.0
     groups: tuple[tuple[int, ...], ...] | None = None  # per layer: kept GQA groups (empty: no attention; None: all)
     shared_channels: tuple[tuple[int, ...], ...] | None = None  # per layer: kept shared-MLP channels (likewise)
+    removed_layers: tuple[int, ...] = ()  # decoder layers removed whole (their units are listed as all kept)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -99,6 +100,29 @@ class ExpertPlan:
             self._validate_width_kind(
                 self.shared_channels, self.geometry.shared_widths, "shared-MLP channels", "shared MLP"
             )
+        if self.removed_layers:
+            self._validate_removed_layers()
+
+    def _validate_removed_layers(self) -> None:
+        """Removed layers: valid indices, not every layer, recorded layer sizes, their units all listed as kept."""
+        geometry = self.geometry
+        _check_indices(self.removed_layers, geometry.num_layers, "removed layers")
+        if len(geometry.layer_params) != geometry.num_layers:
+            raise GqaPruneError(
+                "plan removes layers but its geometry records no layer sizes; re-run `gqa-prune importance`"
+            )
+        if set(geometry.moe_layers) <= set(self.removed_layers):
+            raise GqaPruneError("plan removes every layer with experts; at least one must stay")
+        for layer in self.removed_layers:
+            listed = [(self.kept[layer], geometry.experts[layer])]
+            if self.groups is not None:
+                listed.append((self.groups[layer], geometry.kv_groups[layer]))
+            if self.shared_channels is not None:
+                listed.append((self.shared_channels[layer], geometry.shared_widths[layer]))
+            if self.channels is not None:
+                listed += [(channels, geometry.widths[layer]) for channels in self.channels[layer]]
+            if any(tuple(kept) != tuple(range(size)) for kept, size in listed):
+                raise GqaPruneError(f"layer {layer} is removed whole; its units must all be listed as kept")
 
     def _validate_width_kind(self, kept_per_layer, sizes: tuple[int, ...], what: str, owner: str) -> None:
         """Kept units of a dense width kind: valid indices, at least one where the layer has any, none where
@@ -142,16 +166,27 @@ class ExpertPlan:
         return len(self.channels[layer][0])
 
     def pruned_geometry(self) -> ExpertGeometry:
+        """The geometry of the pruned model (removed layers gone, the others renumbered in order)."""
         geometry = self.geometry
         kv_groups = geometry.kv_groups if self.groups is None else tuple(map(len, self.groups))
         shared = geometry.shared_widths if self.shared_channels is None else tuple(map(len, self.shared_channels))
-        return replace(
+        sliced = replace(
             geometry,
             experts=tuple(len(kept) for kept in self.kept),
             widths=tuple(self.kept_width(layer) for layer in range(geometry.num_layers)),
             kv_groups=kv_groups,
             shared_widths=shared,
         )
+        if geometry.layer_params:
+            sizes = geometry.layer_params
+            resized = tuple(size - _owned(geometry, i) + _owned(sliced, i) for i, size in enumerate(sizes))
+            sliced = replace(sliced, layer_params=resized)
+        kept_layers = [layer for layer in range(geometry.num_layers) if layer not in self.removed_layers]
+        per_layer = ("experts", "widths", "kv_groups", "shared_widths", "layer_params")
+        return replace(sliced, **{
+            name: tuple(getattr(sliced, name)[layer] for layer in kept_layers) if getattr(sliced, name) else ()
+            for name in per_layer
+        })  # fmt: skip
 
     @property
     def is_uniform(self) -> bool:
@@ -169,9 +204,15 @@ class ExpertPlan:
 
     @property
     def params_after(self) -> int:
-        before, after = self.geometry, self.pruned_geometry()
-        owned = ("expert_params", "group_params", "shared_params")
-        return self.params_before - sum(getattr(before, name) - getattr(after, name) for name in owned)
+        """Parameters of the pruned model: the units removed from kept layers and every removed layer's all."""
+        before = self.geometry
+        sliced = replace(self, removed_layers=()).pruned_geometry()
+        removed_units = sum(
+            _owned(before, layer) - _owned(sliced, layer)
+            for layer in range(before.num_layers)
+            if layer not in self.removed_layers
+        )
+        return self.params_before - removed_units - sum(before.layer_params[layer] for layer in self.removed_layers)
 
     def summary(self) -> dict:
         before, after = self.geometry, self.pruned_geometry()
@@ -187,6 +228,8 @@ class ExpertPlan:
             "kv_groups_after": sum(after.kv_groups),
             "shared_channels_before": sum(before.shared_widths),
             "shared_channels_after": sum(after.shared_widths),
+            "layers_before": before.num_layers,
+            "layers_after": after.num_layers,
         }
 
     # ------------------------------------------------------------------------------------------ JSON
@@ -207,6 +250,7 @@ class ExpertPlan:
             "kept_shared_channels": None
             if self.shared_channels is None
             else [list(kept) for kept in self.shared_channels],
+            "removed_layers": list(self.removed_layers),
             "kept_experts": [list(kept) for kept in self.kept],
             "kept_channels": None if self.channels is None else [[list(c) for c in layer] for layer in self.channels],
             MARKER: PLAN_KIND,
@@ -242,6 +286,7 @@ class ExpertPlan:
             width_ratio=float(data.get("width_ratio", 0.0)),
             groups=None if groups is None else tuple(tuple(kept) for kept in groups),
             shared_channels=None if shared is None else tuple(tuple(kept) for kept in shared),
+            removed_layers=tuple(data.get("removed_layers", ())),
         )
         stored = data.get("summary")
         if isinstance(stored, dict) and any(
@@ -254,6 +299,17 @@ class ExpertPlan:
 
     def save(self, path: str | os.PathLike) -> None:
         write_text(path, self.to_json(), PLAN_KIND)
+
+
+def _owned(geometry: ExpertGeometry, layer: int) -> int:
+    """Parameters of one layer's experts, GQA groups and shared-MLP channels under ``geometry``."""
+    groups = geometry.kv_groups[layer] if geometry.kv_groups else 0
+    shared = geometry.shared_widths[layer] if geometry.shared_widths else 0
+    return (
+        geometry.experts[layer] * geometry.params_per_expert(layer)
+        + groups * geometry.params_per_group
+        + shared * geometry.params_per_shared_channel
+    )
 
 
 def _check_indices(kept, size: int, where: str) -> None:
@@ -277,10 +333,11 @@ def build_expert_plan(scores: ExpertScores, settings: ExpertPlanSettings) -> Exp
         layer: criterion.scores(scores.layer_stats(layer), layer, settings.seed) for layer in geometry.moe_layers
     }
     priced_groups = priced_shared = None
+    removed_layers: tuple[int, ...] = ()
     if settings.allocation == "uniform":
         keep = _uniform_counts(geometry, settings.expert_ratio)
     elif settings.allocation == "per-layer":
-        keep, priced_groups, priced_shared = _priced_counts(scores, settings)
+        keep, priced_groups, priced_shared, removed_layers = _priced_counts(scores, settings)
     else:
         keep = _ranked_counts(geometry, settings.expert_ratio, layer_scores)
     kept = tuple(
@@ -288,7 +345,7 @@ def build_expert_plan(scores: ExpertScores, settings: ExpertPlanSettings) -> Exp
     )
     channels = None
     if settings.channel_ratio > 0:
-        channels = _kept_channels(scores, kept, settings.channel_ratio, settings.channel_multiple)
+        channels = _kept_channels(scores, kept, settings.channel_ratio, settings.channel_multiple, removed_layers)
     groups = shared = None
     if settings.width_ratio > 0 and priced_groups is not None:
         groups = _top_per_layer(scores, GROUP_STAT, priced_groups)
@@ -298,7 +355,7 @@ def build_expert_plan(scores: ExpertScores, settings: ExpertPlanSettings) -> Exp
         shared = _kept_shared_channels(scores, settings.width_ratio, settings.channel_multiple)
     return ExpertPlan(
         geometry, settings.expert_ratio, settings.criterion, kept, int(scores.info["parameters"]), settings.seed,
-        settings.allocation, settings.channel_ratio, channels, settings.width_ratio, groups, shared,
+        settings.allocation, settings.channel_ratio, channels, settings.width_ratio, groups, shared, removed_layers,
     )  # fmt: skip
 
 
@@ -385,14 +442,16 @@ def _uniform_counts(geometry: ExpertGeometry, ratio: float) -> dict[int, int]:
     return counts
 
 
-def _priced_counts(scores: ExpertScores, settings: ExpertPlanSettings) -> tuple[dict[int, int], dict, dict]:
+def _priced_counts(scores: ExpertScores, settings: ExpertPlanSettings) -> tuple[dict[int, int], dict, dict, tuple]:
     """``--experts per-layer``: the parameters the ratios remove (``expert_ratio`` of the expert parameters, and
     with ``width_ratio`` that share of the GQA groups' and shared-MLP channels' parameters too) go one unit at a
     time from the layer and kind whose measured loss rises least per parameter (optimal for convex curves:
     their lower hulls are). Each layer gives at most what its curve measured; an MoE layer keeps top-k experts,
     an attention layer one group, a shared MLP ``channel_multiple`` channels (kept widths stay multiples of it).
-    Returns kept experts per MoE layer and kept groups / shared channels per layer of those kinds that take part
-    (empty dicts without ``width_ratio``)."""
+    With ``whole_layers`` every decoder layer is a candidate too, priced by what removing it adds to what its
+    units gave so far. Returns kept experts per MoE layer, kept groups / shared channels per layer of those
+    kinds that take part (empty dicts without ``width_ratio``; a removed layer keeps all of its units, listed)
+    and the removed layers."""
     geometry = scores.geometry
     if any(layer not in scores.curves for layer in geometry.moe_layers):
         raise GqaPruneError(
@@ -431,7 +490,20 @@ def _priced_counts(scores: ExpertScores, settings: ExpertPlanSettings) -> tuple[
                 kept_sizes = [k * multiple for k in range(size // multiple, 0, -1) if k * multiple < size]
                 candidate(kind, layer, scores.width_curves[kind].get(layer), [size - k for k in kept_sizes],
                           _unit_params(geometry, kind))  # fmt: skip
-    taken = split_by_steps(curves, steps, target)
+    wholes = {}
+    if settings.whole_layers:
+        if LAYER_KIND not in scores.width_curves or len(geometry.layer_params) != geometry.num_layers:
+            raise GqaPruneError(
+                "--whole-layers prices layers by measured loss curves; these scores lack them (re-run `gqa-prune "
+                "importance` without --no-curves)"
+            )
+        for layer, curve in sorted(scores.width_curves[LAYER_KIND].items()):
+            curves[LAYER_KIND, layer], steps[LAYER_KIND, layer] = curve.loss, [geometry.layer_params[layer]]
+            wholes[LAYER_KIND, layer] = [key for key in curves if key[0] != LAYER_KIND and key[1] == layer]
+    taken = split_by_steps(curves, steps, target, wholes)
+    removed_layers = tuple(layer for (kind, layer), count in taken.items() if kind == LAYER_KIND and count)
+    for layer in removed_layers:  # a removed layer keeps nothing, so none of its units is counted apart
+        taken.update({key: 0 for key in wholes[LAYER_KIND, layer]})
     removed = sum(steps[key][count - 1] for key, count in taken.items() if count)
     if all(count == len(steps[key]) for key, count in taken.items()) and removed < target * (1 - 1e-9):
         raise GqaPruneError(
@@ -447,7 +519,7 @@ def _priced_counts(scores: ExpertScores, settings: ExpertPlanSettings) -> tuple[
                 count = taken[kind, layer]
                 removed_units = steps[kind, layer][count - 1] // _unit_params(geometry, kind) if count else 0
                 kept[kind][layer] = size - removed_units
-    return experts, kept.get(GROUP_STAT, {}), kept.get(SHARED_STAT, {})
+    return experts, kept.get(GROUP_STAT, {}), kept.get(SHARED_STAT, {}), removed_layers
 
 
 def _unit_params(geometry: ExpertGeometry, kind: str) -> int:
@@ -483,11 +555,14 @@ def _ranked_counts(geometry: ExpertGeometry, ratio: float, layer_scores: dict[in
 
 
 def _kept_channels(
-    scores: ExpertScores, kept: tuple[tuple[int, ...], ...], ratio: float, multiple: int
+    scores: ExpertScores, kept: tuple[tuple[int, ...], ...], ratio: float, multiple: int, removed_layers=()
 ) -> tuple[Channels, ...]:
     result = []
     for layer, experts in enumerate(kept):
         width = scores.geometry.widths[layer]
+        if layer in removed_layers:  # removed whole: its experts are listed with all their channels
+            result.append(tuple(tuple(range(width)) for _ in experts))
+            continue
         keep = (width - round(ratio * width)) // multiple * multiple
         if experts and keep < 1:
             raise GqaPruneError(

@@ -26,6 +26,7 @@ EXPERT_SCORES_FORMAT = "gqa-prune-expert-scores"
 EXPERT_SCORES_VERSION = 1
 EXPERT_TENSORS_FILE = "experts.safetensors"
 EXPERT_SCORES_FILE = "experts.json"
+LAYER_KIND = "layer"  # width_curves key: per decoder layer, removing it whole
 
 
 @dataclass
@@ -39,7 +40,8 @@ class ExpertScores:
     calibration_loss: float
     info: dict = field(default_factory=dict)
     curves: dict[int, LossCurve] = field(default_factory=dict)  # per MoE layer: removing its experts alone
-    # GROUP_STAT / SHARED_STAT -> per attention layer / shared MLP: removing its lowest-scored groups / channels
+    # GROUP_STAT / SHARED_STAT -> per attention layer / shared MLP: removing its lowest-scored groups / channels;
+    # LAYER_KIND -> per decoder layer: removing it whole (one point)
     width_curves: dict[str, dict[int, LossCurve]] = field(default_factory=dict)
 
     def layer_stats(self, layer: int) -> dict[str, torch.Tensor]:
@@ -73,7 +75,11 @@ class ExpertScores:
             if layer not in self.geometry.moe_layers:
                 raise GqaPruneError(f"{where}: a loss curve of layer {layer}, which has no experts")
             curve.check(f"{where}: expert loss curve of layer {layer}")
-        sizes = {GROUP_STAT: self.geometry.kv_groups, SHARED_STAT: self.geometry.shared_widths}
+        sizes = {
+            GROUP_STAT: self.geometry.kv_groups,
+            SHARED_STAT: self.geometry.shared_widths,
+            LAYER_KIND: (1,) * self.geometry.num_layers,
+        }
         for kind, per_layer in self.width_curves.items():
             if kind not in sizes:
                 raise GqaPruneError(f"{where}: loss curves of unknown kind {kind!r} (known: {', '.join(sizes)})")

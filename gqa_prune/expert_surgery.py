@@ -20,6 +20,7 @@ from .arch import FamilyAdapter, Geometry
 from .errors import GqaPruneError
 from .expert_plan import ExpertPlan
 from .moe import MOE_FAMILIES, ExpertGeometry, MoeFamily, attention_block, expert_geometry_of, moe_family_for
+from .surgery import cut_layer_lists
 from .units.expert import EXPERT
 from .units.expert_channel import EXPERT_CHANNEL
 from .units.gqa_group import GQA_GROUP
@@ -34,8 +35,10 @@ def check_expert_plan_fits(plan: ExpertPlan, model: nn.Module) -> None:
     """The plan must have been built for exactly this model: family, experts and widths per layer, top-k,
     parameters per expert and channel, and the parameter count."""
     geometry = expert_geometry_of(model)
-    recorded = (_GROUP_FIELDS if plan.geometry.kv_groups else ()) + (
-        _SHARED_FIELDS if plan.geometry.shared_widths else ()
+    recorded = (
+        (_GROUP_FIELDS if plan.geometry.kv_groups else ())
+        + (_SHARED_FIELDS if plan.geometry.shared_widths else ())
+        + (("layer_params",) if plan.geometry.layer_params else ())
     )
     for name in _GEOMETRY_FIELDS + recorded:
         planned, actual = getattr(plan.geometry, name), getattr(geometry, name)
@@ -109,8 +112,29 @@ def apply_expert_plan(model: nn.Module, plan: ExpertPlan) -> nn.Module:
                 _slice_sinks(attention_block(layer), kept, attention.heads_per_group)
         for _, layer, kept in _width_layers(model, plan, plan.shared_channels):
             SHARED_CHANNEL.slice(layer, family, kept)
+    if plan.removed_layers:
+        _remove_layers(model, family, plan.removed_layers)
     set_expert_config(model.config, family, plan.pruned_geometry())
     return model
+
+
+def _remove_layers(model: nn.Module, family: MoeFamily, removed: tuple[int, ...]) -> None:
+    """Delete whole decoder layers; renumber what the caches index by layer (attention and state-space blocks);
+    cut the config's per-layer lists, and say which of the remaining layers have a dense MLP (Qwen-MoE's
+    ``mlp_only_layers`` and ``decoder_sparse_step`` are positional)."""
+    layers = family.decoder_layers(model)
+    kept = tuple(index for index in range(len(layers)) if index not in removed)
+    dense = [position for position, index in enumerate(kept) if family.sparse_block(layers[index]) is None]
+    for index in sorted(removed, reverse=True):
+        del layers[index]
+    for position, layer in enumerate(layers):
+        for module in layer.modules():
+            if "layer_idx" in vars(module):
+                module.layer_idx = position
+    cut_layer_lists(model.config, kept)
+    if hasattr(model.config, "mlp_only_layers"):
+        model.config.mlp_only_layers = dense
+        model.config.decoder_sparse_step = 1
 
 
 def set_expert_config(config, family: MoeFamily, geometry: ExpertGeometry) -> None:
@@ -141,11 +165,16 @@ def set_expert_config(config, family: MoeFamily, geometry: ExpertGeometry) -> No
         config.per_layer_config = per_layer
 
 
+def _bypass(layer: nn.Module, args, kwargs, output) -> torch.Tensor:
+    """Forward hook: the decoder layer passes its input on unchanged (what removing it does)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 @contextlib.contextmanager
 def masked_experts(model: nn.Module, plan: ExpertPlan) -> Iterator[nn.Module]:
-    """Reference: within the block, no token of ``model`` is routed to an expert the plan removes, and the
+    """Reference: within the block, no token of ``model`` is routed to an expert the plan removes, the
     channels, GQA groups and shared-MLP channels it removes add nothing (their output projections' columns
-    are zeroed, and restored on exit)."""
+    are zeroed, and restored on exit), and every layer it removes passes its input on unchanged."""
     check_expert_plan_fits(plan, model)
     family = moe_family_for(model.config)
     handles, saved = [], []
@@ -171,6 +200,8 @@ def masked_experts(model: nn.Module, plan: ExpertPlan) -> Iterator[nn.Module]:
         saved.append((output, output.detach().clone()))
         with torch.no_grad():
             SHARED_CHANNEL.mask(layer, family, kept)
+    for index in plan.removed_layers:
+        handles.append(family.decoder_layers(model)[index].register_forward_hook(_bypass, with_kwargs=True))
     try:
         yield model
     finally:

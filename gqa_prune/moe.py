@@ -275,6 +275,7 @@ class ExpertGeometry:
     params_per_group: int = 0
     shared_widths: tuple[int, ...] = ()
     params_per_shared_channel: int = 0
+    layer_params: tuple[int, ...] = ()  # per decoder layer: all its parameters (empty when not recorded)
 
     @property
     def num_layers(self) -> int:
@@ -313,6 +314,7 @@ class ExpertGeometry:
             "widths": list(self.widths),
             "kv_groups": list(self.kv_groups),
             "shared_widths": list(self.shared_widths),
+            "layer_params": list(self.layer_params),
         }
 
     @classmethod
@@ -323,7 +325,7 @@ class ExpertGeometry:
                 int(data["params_per_channel"]), int(data["expert_fixed_params"]),
                 tuple(data.get("kv_groups", ())), int(data.get("heads_per_group", 0)), int(data.get("head_dim", 0)),
                 int(data.get("params_per_group", 0)), tuple(data.get("shared_widths", ())),
-                int(data.get("params_per_shared_channel", 0)),
+                int(data.get("params_per_shared_channel", 0)), tuple(data.get("layer_params", ())),
             )  # fmt: skip
         except (KeyError, TypeError, ValueError) as error:
             raise GqaPruneError(f"expert geometry is malformed ({error!r})") from error
@@ -374,9 +376,11 @@ def expert_geometry_of(model: nn.Module) -> ExpertGeometry:
     if owned is None:
         raise GqaPruneError(f"this {family.family} model has no layer with experts")
     per_channel, fixed = owned
+    layers = family.decoder_layers(model)
     return ExpertGeometry(
         family.family, int(model.config.num_experts_per_tok), tuple(counts), tuple(widths), per_channel, fixed,
-        **attention_shape(family.decoder_layers(model)), **_shared_shape(family, family.decoder_layers(model)),
+        **attention_shape(layers), **_shared_shape(family, layers),
+        layer_params=tuple(sum(parameter.numel() for parameter in layer.parameters()) for layer in layers),
     )  # fmt: skip
 
 

@@ -75,15 +75,16 @@ class LossCurve:
     def check(self, where: str) -> None:
         """Trust a curve only when well-formed: finite losses at strictly ascending, positive parameter counts,
         rising with them up to measurement noise (a later point may lie at most ``CURVE_DROP_TOLERANCE`` nats,
-        plus that fraction of the highest loss so far, below it)."""
+        plus that fraction of the highest loss so far, below it). The first point may lie below 0: removing a unit
+        can lower the calibration loss (the hull then prices it as free)."""
         params = [point[0] for point in self.points]
         if any(count <= 0 for count in params) or params != sorted(set(params)):
             raise GqaPruneError(f"{where}: parameter counts {params} must be positive and strictly ascending")
-        highest = 0.0
+        highest = -math.inf
         for count, loss in self.points:
             if not math.isfinite(loss):
                 raise GqaPruneError(f"{where}: loss {loss} at {count:,} parameters removed is not a finite number")
-            if loss < highest - CURVE_DROP_TOLERANCE * (1 + highest):
+            if loss < highest - CURVE_DROP_TOLERANCE * (1 + max(highest, 0.0)):
                 raise GqaPruneError(
                     f"{where}: loss {loss:.4g} at {count:,} parameters removed falls below the {highest:.4g} of a "
                     "smaller removal; a removal curve rises with what it removes"

@@ -61,6 +61,7 @@ class ExpertPlanSettings:
     channel_multiple: int = 128
     seed: int = 0
     width_ratio: float = 0.0  # of GQA groups and shared-MLP channels (`plan --ratio` on a MoE's scores)
+    whole_layers: bool = False  # per-layer allocation: whole decoder layers compete too (`plan --whole-layers`)
 
     def validate(self) -> None:
         """Refuse bad values in one line (a ``SettingError`` naming the field)."""
@@ -82,6 +83,12 @@ class ExpertPlanSettings:
             )
         if self.channel_multiple < 1:
             raise SettingError(f"channel_multiple must be >= 1, got {self.channel_multiple}", field="channel_multiple")
+        if self.whole_layers and self.allocation != "per-layer":
+            raise SettingError(
+                f"--whole-layers prices layers against experts by measured loss curves: it needs --experts per-layer, "
+                f"not {self.allocation}",
+                field="whole_layers",
+            )
 
 
 @dataclass(frozen=True)

@@ -89,18 +89,27 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
     return model
 
 
+def cut_layer_lists(config, kept_layers: tuple[int, ...]) -> None:
+    """The config of a model that keeps only ``kept_layers`` (original indices): the layer count and the lists
+    indexed by layer (``layer_types``) cut to them; ``per_layer_config`` dropped (indices change: the caller
+    rebuilds it)."""
+    if len(kept_layers) == config.num_hidden_layers:
+        return
+    config.per_layer_config = None
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[index] for index in kept_layers]
+    config.num_hidden_layers = len(kept_layers)
+    if hasattr(config, "max_window_layers"):  # Qwen2: layer_types already says which layers slide
+        config.max_window_layers = min(config.max_window_layers, config.num_hidden_layers)
+
+
 def set_config_shapes(config, geometry: Geometry, kept_layers: tuple[int, ...] | None = None) -> None:
     """Describe the pruned shape in the config: global sizes when all layers agree and are whole, else
     ``per_layer_config`` (sizes, and ``skip`` for removed sublayers). ``kept_layers`` are the original
     indices of the layers that remain (per-layer lists such as ``layer_types`` are cut to them)."""
     config.head_dim = geometry.head_dim  # explicit: hidden_size // num_attention_heads no longer holds
-    if kept_layers is not None and len(kept_layers) != config.num_hidden_layers:
-        config.per_layer_config = None  # indices change; rebuilt below
-        if getattr(config, "layer_types", None) is not None:
-            config.layer_types = [config.layer_types[index] for index in kept_layers]
-        config.num_hidden_layers = len(kept_layers)
-        if hasattr(config, "max_window_layers"):  # Qwen2: layer_types already says which layers slide
-            config.max_window_layers = min(config.max_window_layers, config.num_hidden_layers)
+    if kept_layers is not None:
+        cut_layer_lists(config, kept_layers)
     whole = all(geometry.has_attention(i) and geometry.has_mlp(i) for i in range(geometry.num_layers))
     shapes = set(zip(geometry.kv_groups, geometry.intermediate_sizes))
     gqa, mlp = WIDTH_KINDS[0], WIDTH_KINDS[1]

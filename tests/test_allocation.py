@@ -81,3 +81,18 @@ def test_split_by_steps_takes_the_cheapest_parameters_first_and_lands_within_hal
     assert split_by_steps(curves, steps, 0) == {"a": 0, "b": 0}
     assert split_by_steps(curves, steps, 1000) == {"a": 4, "b": 4}  # every step, no more
     assert split_by_steps({"a": curves["a"]}, {"a": []}, 30) == {"a": 0}  # nothing to give
+
+
+def test_a_whole_is_priced_by_what_it_adds_to_its_parts_taken_so_far_and_closes_them():
+    """ "layer" (one step of 20 parameters, loss 2) contains "a" (steps of 5 parameters, 0.05 nats per parameter
+    up to 10, then 0.5); "b" (steps of 10) costs 0.12 per parameter. For 20 parameters: a's two cheap steps
+    (10 parameters, 0.5 nats), then the layer adds 10 more parameters for 1.5 nats (0.15 per parameter) and b
+    10 for 1.2 (0.12): b is cheaper and the layer stays. Made cheaper (loss 1.4: 0.09 per parameter once a's
+    steps are taken) the layer goes instead of b, and a takes no further step."""
+    a = lambda p: 0.05 * p if p <= 10 else 0.5 + 0.5 * (p - 10)  # noqa: E731
+    steps = {"a": [5, 10, 15], "b": [10, 20], "layer": [20]}
+    curves = {"a": a, "b": lambda p: 0.12 * p, "layer": lambda p: 2.0}
+    assert split_by_steps(curves, steps, 20, {"layer": ["a"]}) == {"a": 2, "b": 1, "layer": 0}
+    curves["layer"] = lambda p: 1.4
+    assert split_by_steps(curves, steps, 20, {"layer": ["a"]}) == {"a": 2, "b": 0, "layer": 1}
+    assert split_by_steps(curves, steps, 40, {"layer": ["a"]}) == {"a": 2, "b": 2, "layer": 1}  # a stays closed

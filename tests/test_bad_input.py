@@ -294,6 +294,7 @@ CASES = [
     ("MoE layout gqa-prune does not know", lambda w, o: ["importance", "--model", w / "phimoe", "--calib", w / "calib.safetensors", "--out", o], "unsupported mixture-of-experts layout 'phimoe'"),
     ("expert ratio leaving fewer experts than top-k", lambda w, o: ["plan", "--importance", w / "moe-importance", "--expert-ratio", "0.8", "--out", o], "keeps 1 of layer 0's 6 experts, fewer than the 2"),
     ("expert ratio on a dense model", lambda w, o: ["plan", "--importance", w / "importance", "--expert-ratio", "0.25", "--out", o], "--expert-ratio: the model scored in"),
+    ("whole MoE layers on a dense model", lambda w, o: ["plan", "--importance", w / "importance", "--ratio", "0.2", "--whole-layers", "--out", o], "--whole-layers: the model scored in"),
     ("plan without --ratio", lambda w, o: ["plan", "--importance", w / "importance", "--out", o], "plan: give --ratio"),
     ("expert channels on a dense model", lambda w, o: ["plan", "--importance", w / "importance", "--expert-channel-ratio", "0.5", "--out", o], "--expert-channel-ratio: the model scored in"),
     ("expert channels narrower than the multiple", lambda w, o: ["plan", "--importance", w / "moe-importance", "--expert-ratio", "0.25", "--expert-channel-ratio", "0.5", "--out", o], "keeps no channel of layer 0's 24-channel experts in multiples of 128"),

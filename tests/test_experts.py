@@ -453,6 +453,74 @@ def test_per_layer_group_counts_and_shared_widths_equal_their_masked_reference_a
     assert expert_geometry_of(reloaded) == plan.pruned_geometry()
 
 
+@pytest.mark.parametrize("family", MOE_FAMILY_NAMES)
+def test_a_removed_layer_equals_its_bypassed_reference_and_reloads_in_stock_transformers(
+    family, tmp_path, tiny_tokenizer
+):
+    """Layer 0 removed whole (a Mamba layer in Granite; before Qwen2-MoE's dense layer, which becomes layer 0)
+    and two experts of every remaining MoE layer: the pruned model equals the dense one with layer 0 passing its
+    input on, reloads with no remote code (layer_types, mlp_only_layers renumbered), and decodes with its KV
+    cache as it runs whole sequences (the caches' layer indices follow the new numbering)."""
+    model = tiny_moe(family, vocab_size=len(tiny_tokenizer))
+    geometry = expert_geometry_of(model)
+    kept = tuple(
+        tuple(range(count if layer == 0 or not count else count - 2)) for layer, count in enumerate(geometry.experts)
+    )
+    plan = ExpertPlan(
+        geometry, 1 / 3, "reap", kept, parameter_count(model), allocation="per-layer", removed_layers=(0,)
+    )
+    ids = calibration_ids(blocks=2, length=12, seed=9)
+    pruned, masked = _pruned_and_masked(model, plan, ids)
+    assert len(pruned.model.layers) == 2 and plan.summary()["layers_after"] == 2
+    save_pruned(pruned, tiny_tokenizer, plan, tmp_path / "pruned", source="org/tiny-moe")
+    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert "auto_map" not in config and config["num_hidden_layers"] == 2
+    assert load_plan(tmp_path / "pruned" / "pruning_plan.json") == plan
+    if "layer_types" in model.config.to_dict() and model.config.layer_types is not None:
+        assert config["layer_types"] == list(model.config.layer_types[1:])
+    if family == "qwen2_moe":
+        assert config["mlp_only_layers"] == [0]  # the dense layer 1 is now layer 0
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()  # no trust_remote_code
+    assert type(reloaded) is type(model)
+    torch.testing.assert_close(_logits(reloaded, ids), masked, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        prefix = reloaded(input_ids=ids[:, :-1], use_cache=True)
+        step = reloaded(input_ids=ids[:, -1:], past_key_values=prefix.past_key_values, use_cache=True).logits
+    torch.testing.assert_close(step[:, -1], masked[:, -1], rtol=0, atol=1e-4)
+
+
+def test_layer_loss_curves_are_what_removing_each_layer_costs_and_cheap_layers_go_whole():
+    """A layer's curve point = its parameters and the calibration loss of the model without it, minus the dense
+    loss. With --whole-layers a layer whose removal costs less per parameter than its units goes whole."""
+    model = tiny_moe("mixtral")
+    blocks = calibration_ids(blocks=4, length=16)
+    scores = score_experts(copy.deepcopy(model), blocks, batch_size=2)
+    geometry, cpu = scores.geometry, torch.device("cpu")
+    base = mean_loss(model, list(blocks.split(2)), cpu)
+    every = tuple(tuple(range(count)) for count in geometry.experts)
+    for layer, curve in scores.width_curves["layer"].items():
+        plan = ExpertPlan(geometry, 0.0, "reap", every, scores.info["parameters"], allocation="per-layer",
+                          removed_layers=(layer,))  # fmt: skip
+        pruned = apply_expert_plan(copy.deepcopy(model), plan)
+        assert curve.points[0][0] == geometry.layer_params[layer] == plan.params_before - plan.params_after
+        assert curve.points[0][1] == pytest.approx(mean_loss(pruned, list(blocks.split(2)), cpu) - base, abs=1e-5)
+    scores.curves = {
+        layer: LossCurve(tuple((n * geometry.params_per_expert(layer), 1.0 * n) for n in (2, 3, 4)))
+        for layer in range(3)
+    }
+    scores.width_curves["layer"] = {
+        layer: LossCurve(((geometry.layer_params[layer], 5.0 if layer != 1 else 0.01),)) for layer in range(3)
+    }
+    plan = _plan(scores, 0.25, allocation="per-layer", whole_layers=True)
+    assert plan.removed_layers == (1,) and plan.kept[1] == tuple(range(6))
+    assert _plan(scores, 0.25, allocation="per-layer").removed_layers == ()
+    with pytest.raises(
+        GqaPruneError,
+        match="--whole-layers prices layers against experts by measured loss curves: it needs --experts per-layer",
+    ):
+        _plan(scores, 0.25, whole_layers=True)
+
+
 def test_expert_plans_round_trip_through_json_and_refuse_fewer_experts_than_top_k(tmp_path):
     scores = _scores(tiny_moe("olmoe"))
     plan = _plan(scores, 1 / 3, "ean")
@@ -469,6 +537,16 @@ def test_expert_plans_round_trip_through_json_and_refuse_fewer_experts_than_top_
         channels = list(with_channels.channels)
         channels[0] = ((0, 1),) + channels[0][1:]
         replace(with_channels, channels=tuple(channels))
+    whole = replace(plan, kept=tuple(tuple(range(6)) for _ in range(3)), allocation="per-layer")
+    with pytest.raises(GqaPruneError, match="layer 1 is removed whole; its units must all be listed as kept"):
+        replace(plan, allocation="per-layer", removed_layers=(1,))
+    with pytest.raises(GqaPruneError, match="plan removes every layer with experts; at least one must stay"):
+        replace(whole, removed_layers=(0, 1, 2))
+    with pytest.raises(GqaPruneError, match=r"removed layers must be sorted, unique indices in 0..2"):
+        replace(whole, removed_layers=(3,))
+    older = replace(whole, geometry=replace(whole.geometry, layer_params=()))
+    with pytest.raises(GqaPruneError, match="plan removes layers but its geometry records no layer sizes"):
+        replace(older, removed_layers=(1,))
 
 
 def test_expert_scores_round_trip_through_their_folder(tmp_path):
@@ -477,7 +555,7 @@ def test_expert_scores_round_trip_through_their_folder(tmp_path):
     loaded = expert_scores.load(tmp_path / "importance")
     assert loaded.geometry == scores.geometry and loaded.calibration_loss == scores.calibration_loss
     assert loaded.curves == scores.curves and len(scores.curves) == 2
-    assert loaded.width_curves == scores.width_curves and sorted(scores.width_curves) == ["group", "shared"]
+    assert loaded.width_curves == scores.width_curves and sorted(scores.width_curves) == ["group", "layer", "shared"]
     for name, per_layer in scores.stats.items():
         assert all(torch.equal(a, b) for a, b in zip(loaded.stats[name], per_layer))
     record = json.loads((tmp_path / "importance" / "experts.json").read_text())
@@ -527,9 +605,9 @@ def test_cli_importance_plan_prune_on_a_moe_model(tmp_path, capsys, tiny_tokeniz
     )  # fmt: skip
     assert code == 0, err
     assert json.loads((tmp_path / "ppl.json").read_text())["perplexity"] > 1
-    code, out, err = run(  # experts, groups and channels priced against each other by the measured curves
+    code, out, err = run(  # experts, groups, channels and layers priced against each other by the measured curves
         capsys, "plan", "--importance", str(tmp_path / "importance"), "--expert-ratio", "0.25", "--ratio", "0.25",
-        "--experts", "per-layer", "--out", str(tmp_path / "plan-per-layer.json"),
+        "--experts", "per-layer", "--whole-layers", "--out", str(tmp_path / "plan-per-layer.json"),
     )  # fmt: skip
     assert code == 0, err
     code, out, err = run(
@@ -659,3 +737,11 @@ def test_cli_expert_gradient_scores_are_asked_for_by_criterion(tmp_path, capsys,
                          "taylor", *plan)  # fmt: skip
     assert code == 0, err
     assert load_plan(tmp_path / "plan.json").criterion == "taylor"
+    code, out, err = run(capsys, "plan", "--importance", str(tmp_path / "importance-None"), "--whole-layers",
+                         "--expert-ratio", "0.5", "--out", str(tmp_path / "layers.json"))  # fmt: skip
+    assert_one_line_error(code, err, "--whole-layers prices layers against experts by measured loss curves: it needs")
+    code, out, err = run(capsys, "plan", "--importance", str(tmp_path / "importance-None"), "--whole-layers",
+                         "--experts", "per-layer", "--expert-ratio", "0.5",
+                         "--out", str(tmp_path / "layers.json"))  # fmt: skip
+    assert_one_line_error(code, err, "--experts per-layer prices layers by measured loss curves; these scores lack")
+    assert not (tmp_path / "layers.json").exists()

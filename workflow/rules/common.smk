@@ -383,6 +383,7 @@ def expert_plan_settings(criterion: str, ratio: float) -> ExpertPlanSettings:
         channel_multiple=PLANS["channel_multiple"],
         seed=EXPERT_PLANS["seed"],
         width_ratio=EXPERT_PLANS["width_ratio"],
+        whole_layers=EXPERT_PLANS["whole_layers"],
     )
 
 
@@ -397,6 +398,7 @@ def plan_args(variant: str) -> str:
             "--experts": settings.allocation,
             "--expert-channel-ratio": settings.channel_ratio,
             "--ratio": settings.width_ratio or None,
+            "--whole-layers": settings.whole_layers,
             "--channel-multiple": settings.channel_multiple,
             "--seed": settings.seed,
         })
