@@ -350,14 +350,20 @@ def test_a_planted_silent_group_is_removed_first_and_olmoe_groups_are_refused():
         _plan(_scores(tiny_moe("olmoe")), 0.25, width_ratio=0.5)
 
 
+def _scored_with_dense_loss(family: str) -> tuple:
+    """A tiny model of ``family``, 4 calibration blocks, its expert scores (with every loss curve) and its dense
+    calibration loss on those blocks in batches of 2, as the curves measure it."""
+    model = tiny_moe(family)
+    blocks = calibration_ids(blocks=4, length=16)
+    scores = score_experts(copy.deepcopy(model), blocks, batch_size=2)
+    return model, blocks, scores, mean_loss(model, list(blocks.split(2)), torch.device("cpu"))
+
+
 def test_width_loss_curves_are_what_removing_a_layers_groups_or_shared_channels_alone_costs():
     """A group / shared-channel curve point = the calibration loss of the model with that layer's lowest-scored
     groups / channels physically removed (nothing else), minus the dense loss."""
-    model = tiny_moe("qwen2_moe")
-    blocks = calibration_ids(blocks=4, length=16)
-    scores = score_experts(copy.deepcopy(model), blocks, batch_size=2)
+    model, blocks, scores, base = _scored_with_dense_loss("qwen2_moe")
     geometry, cpu = scores.geometry, torch.device("cpu")
-    base = mean_loss(model, list(blocks.split(2)), cpu)
     every = tuple(tuple(range(count)) for count in geometry.experts)
     kinds = {
         "group": ("groups", geometry.kv_groups, geometry.params_per_group, [1]),  # 2 groups: one must stay
@@ -492,11 +498,8 @@ def test_a_removed_layer_equals_its_bypassed_reference_and_reloads_in_stock_tran
 def test_layer_loss_curves_are_what_removing_each_layer_costs_and_cheap_layers_go_whole():
     """A layer's curve point = its parameters and the calibration loss of the model without it, minus the dense
     loss. With --whole-layers a layer whose removal costs less per parameter than its units goes whole."""
-    model = tiny_moe("mixtral")
-    blocks = calibration_ids(blocks=4, length=16)
-    scores = score_experts(copy.deepcopy(model), blocks, batch_size=2)
+    model, blocks, scores, base = _scored_with_dense_loss("mixtral")
     geometry, cpu = scores.geometry, torch.device("cpu")
-    base = mean_loss(model, list(blocks.split(2)), cpu)
     every = tuple(tuple(range(count)) for count in geometry.experts)
     for layer, curve in scores.width_curves["layer"].items():
         plan = ExpertPlan(geometry, 0.0, "reap", every, scores.info["parameters"], allocation="per-layer",
