@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from huggingface_hub.errors import StrictDataclassError
@@ -193,7 +194,10 @@ def save_pruned(
     ``kind`` is the sub-command named in the output's marker (prune, recover).
     """
     if isinstance(plan, ExpertPlan):  # a mixture of experts: stock config unless per-layer counts or widths
-        if expert_geometry_of(model) != plan.pruned_geometry():
+        expected, actual = plan.pruned_geometry(), expert_geometry_of(model)
+        if not expected.layer_params:  # a plan from scores written before layer sizes were recorded
+            actual = replace(actual, layer_params=())
+        if actual != expected:
             raise ValueError("model experts do not match the plan's pruned experts; apply the plan before saving")
         config_kind = to_expert_export_form(model)
         summary, card = plan.summary(), expert_model_card(plan, source, config_kind, Path(out_dir).name)

@@ -552,7 +552,7 @@ def test_expert_plans_round_trip_through_json_and_refuse_fewer_experts_than_top_
         replace(older, removed_layers=(1,))
 
 
-def test_expert_scores_round_trip_through_their_folder(tmp_path):
+def test_expert_scores_round_trip_through_their_folder(tmp_path, tiny_tokenizer):
     scores = _scores(tiny_moe("qwen2_moe"))
     expert_scores.save(scores, tmp_path / "importance")
     loaded = expert_scores.load(tmp_path / "importance")
@@ -568,6 +568,13 @@ def test_expert_scores_round_trip_through_their_folder(tmp_path):
     (tmp_path / "importance" / "experts.json").write_text(json.dumps(record))
     older = expert_scores.load(tmp_path / "importance")
     assert _plan(older, 0.5).kept == _plan(scores, 0.5).kept
+    record = {**record, "geometry": scores.geometry.to_dict()}
+    del record["geometry"]["layer_params"]  # as written before layer sizes were recorded: its plans still save
+    (tmp_path / "importance" / "experts.json").write_text(json.dumps(record))
+    oldest = _plan(expert_scores.load(tmp_path / "importance"), 0.5)
+    assert oldest.geometry.layer_params == () and oldest.kept == _plan(scores, 0.5).kept
+    model = apply_expert_plan(tiny_moe("qwen2_moe"), oldest)  # the model scored above
+    save_pruned(model, tiny_tokenizer, oldest, tmp_path / "pruned", source="org/tiny-moe")
     with pytest.raises(GqaPruneError, match="written before GQA groups were recorded"):
         _plan(older, 0.5, width_ratio=0.5)
 
