@@ -172,8 +172,8 @@ def split_by_steps(
     the most it can give), ``curves[key](params)`` the loss of removing ``params``. A step is taken only while
     at least half of it fits in what remains of the target, so the total lands within half a step of it.
     ``wholes`` maps a candidate that removes a whole (e.g. a layer, one step) to the candidates it contains: its
-    step is priced by what it adds to theirs taken so far (loss and parameters), and once taken they stop.
-    Returns key -> steps taken (ties: the candidate listed first).
+    step is priced by what it adds to theirs taken so far (loss and parameters), and once taken they stop and
+    count no step (the whole includes them). Returns key -> steps taken (ties: the candidate listed first).
     """
     wholes = wholes or {}
     taken = {key: 0 for key in curves}
@@ -207,3 +207,4 @@ def split_by_steps(
         taken[best] += 1
         if best in wholes:
             closed.update([best, *wholes[best]])
+            taken.update({part: 0 for part in wholes[best] if part in taken})

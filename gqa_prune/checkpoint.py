@@ -195,8 +195,8 @@ def save_pruned(
     """
     if isinstance(plan, ExpertPlan):  # a mixture of experts: stock config unless per-layer counts or widths
         expected, actual = plan.pruned_geometry(), expert_geometry_of(model)
-        if not expected.layer_params:  # a plan from scores written before layer sizes were recorded
-            actual = replace(actual, layer_params=())
+        unrecorded = {name: () for name in ("layer_params", "sublayer_params") if not getattr(expected, name)}
+        actual = replace(actual, **unrecorded)  # a plan from scores written before layer sizes were recorded
         if actual != expected:
             raise ValueError("model experts do not match the plan's pruned experts; apply the plan before saving")
         config_kind = to_expert_export_form(model)

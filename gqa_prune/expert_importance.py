@@ -37,7 +37,7 @@ from .expert_plan import EXPERT_CURVE_FRACTIONS, ExpertPlan
 from .expert_scores import LAYER_KIND, ExpertScores
 from .expert_surgery import masked_experts
 from .importance import CURVE_CEILING
-from .moe import MOE_FAMILIES, ExpertGeometry, attention_block, expert_geometry_of, moe_family_for
+from .moe import MOE_FAMILIES, SUBLAYERS, ExpertGeometry, attention_block, expert_geometry_of, moe_family_for
 from .passes import forward_backward, frozen, mean_loss
 from .planning import top_units
 from .scores import LossCurve
@@ -232,6 +232,7 @@ def score_experts(
             scores.curves = expert_loss_curves(model, scores, measure, device, base)
             scores.width_curves = width_loss_curves(model, scores, measure, device, base)
             scores.width_curves[LAYER_KIND] = layer_loss_curves(model, scores, measure, device, base)
+            scores.width_curves.update(sublayer_loss_curves(model, scores, measure, device, base))
         scores.info["curve_blocks"] = int(sum(len(batch) for batch in measure))
     return scores
 
@@ -316,15 +317,42 @@ def layer_loss_curves(
     it whole (it passes its input on, as an expert plan's reference removes it): one point, (its parameters,
     nats); one forward each."""
     geometry = scores.geometry
-    every_expert = tuple(tuple(range(count)) for count in geometry.experts)
     curves = {}
     for layer in tqdm(range(geometry.num_layers), desc="layer loss curves", unit="layer", leave=False):
-        probe = ExpertPlan(
-            geometry, 0.0, DEFAULT_EXPERT_CRITERION, every_expert, int(scores.info["parameters"]),
-            allocation="per-layer", removed_layers=(layer,),
-        )  # fmt: skip
-        with masked_experts(model, probe):
-            increase = mean_loss(model, batches, device) - base_loss
+        increase = _removal_loss(model, scores, batches, device, base_loss, removed_layers=(layer,))
         logger.info("layer loss curve, layer %d removed: loss +%.4f", layer, increase)
         curves[layer] = LossCurve(((geometry.layer_params[layer], increase),))
     return curves
+
+
+def sublayer_loss_curves(
+    model: nn.Module, scores: ExpertScores, batches, device, base_loss: float
+) -> dict[str, dict[int, LossCurve]]:
+    """Per MoE layer, the measured calibration-loss increase of removing its MoE block (routed experts with any
+    shared expert or shared MLP; ``"mlp"``), and per attention layer of removing its attention block, where the
+    model's layers share one attention type (else single attention blocks cannot go): one point each, (the
+    sublayer's parameters, nats), the block adding nothing as an expert plan's reference removes it."""
+    geometry = scores.geometry
+    candidates = [(layer, "mlp") for layer in geometry.moe_layers]
+    if len(set(getattr(model.config, "layer_types", None) or ["full_attention"])) == 1:
+        candidates += [
+            (layer, "attention") for layer in range(geometry.num_layers) if geometry.sublayer_params[layer][0]
+        ]
+    curves: dict[str, dict[int, LossCurve]] = {name: {} for name in SUBLAYERS}
+    for layer, name in tqdm(sorted(candidates), desc="sublayer loss curves", unit="sublayer", leave=False):
+        increase = _removal_loss(model, scores, batches, device, base_loss, removed_sublayers=((layer, name),))
+        logger.info("sublayer loss curve, layer %d without its %s block: loss +%.4f", layer, name, increase)
+        curves[name][layer] = LossCurve(((geometry.sublayer_params[layer][SUBLAYERS.index(name)], increase),))
+    return {name: per_layer for name, per_layer in curves.items() if per_layer}
+
+
+def _removal_loss(model: nn.Module, scores: ExpertScores, batches, device, base_loss: float, **removed) -> float:
+    """The calibration-loss increase of an expert plan that removes only ``removed`` (layers or sublayers)."""
+    geometry = scores.geometry
+    every_expert = tuple(tuple(range(count)) for count in geometry.experts)
+    probe = ExpertPlan(
+        geometry, 0.0, DEFAULT_EXPERT_CRITERION, every_expert, int(scores.info["parameters"]), allocation="per-layer",
+        **removed,
+    )  # fmt: skip
+    with masked_experts(model, probe):
+        return mean_loss(model, batches, device) - base_loss

@@ -40,7 +40,7 @@ from .choices import EXPERT_ALLOCATIONS
 from .criteria.experts import EXPERT_CRITERIA, GROUP_STAT, SHARED_STAT
 from .errors import GqaPruneError
 from .expert_scores import LAYER_KIND, ExpertScores
-from .moe import MOE_FAMILIES, ExpertGeometry
+from .moe import MOE_FAMILIES, SUBLAYERS, ExpertGeometry
 from .planning import PLAN_KIND, PruningPlan, top_units
 from .scores import LossCurve
 from .settings import ExpertPlanSettings
@@ -67,6 +67,8 @@ class ExpertPlan:
     groups: tuple[tuple[int, ...], ...] | None = None  # per layer: kept GQA groups (empty: no attention; None: all)
     shared_channels: tuple[tuple[int, ...], ...] | None = None  # per layer: kept shared-MLP channels (likewise)
     removed_layers: tuple[int, ...] = ()  # decoder layers removed whole (their units are listed as all kept)
+    # (layer, SUBLAYERS name): an attention block or a MoE block removed from a kept layer (its units listed as kept)
+    removed_sublayers: tuple[tuple[int, str], ...] = ()
 
     def __post_init__(self) -> None:
         self.validate()
@@ -102,6 +104,8 @@ class ExpertPlan:
             )
         if self.removed_layers:
             self._validate_removed_layers()
+        if self.removed_sublayers:
+            self._validate_removed_sublayers()
 
     def _validate_removed_layers(self) -> None:
         """Removed layers: valid indices, not every layer, recorded layer sizes, their units all listed as kept."""
@@ -114,15 +118,51 @@ class ExpertPlan:
         if set(geometry.moe_layers) <= set(self.removed_layers):
             raise GqaPruneError("plan removes every layer with experts; at least one must stay")
         for layer in self.removed_layers:
-            listed = [(self.kept[layer], geometry.experts[layer])]
-            if self.groups is not None:
-                listed.append((self.groups[layer], geometry.kv_groups[layer]))
+            self._check_listed_whole(layer, SUBLAYERS, f"layer {layer} is removed whole")
+
+    def _check_listed_whole(self, layer: int, sublayers: tuple[str, ...], what: str) -> None:
+        """The units of ``layer`` that belong to ``sublayers`` must all be listed as kept."""
+        geometry = self.geometry
+        listed = []
+        if "attention" in sublayers and self.groups is not None:
+            listed.append((self.groups[layer], geometry.kv_groups[layer]))
+        if "mlp" in sublayers:
+            listed.append((self.kept[layer], geometry.experts[layer]))
             if self.shared_channels is not None:
                 listed.append((self.shared_channels[layer], geometry.shared_widths[layer]))
             if self.channels is not None:
                 listed += [(channels, geometry.widths[layer]) for channels in self.channels[layer]]
-            if any(tuple(kept) != tuple(range(size)) for kept, size in listed):
-                raise GqaPruneError(f"layer {layer} is removed whole; its units must all be listed as kept")
+        if any(tuple(kept) != tuple(range(size)) for kept, size in listed):
+            raise GqaPruneError(f"{what}; its units must all be listed as kept")
+
+    def _validate_removed_sublayers(self) -> None:
+        """Removed sublayers: sorted (layer, name) pairs of recorded, present sublayers of kept layers, not both
+        of one layer (that is the layer), their units all listed as kept, some MoE block left."""
+        geometry = self.geometry
+        if len(geometry.sublayer_params) != geometry.num_layers:
+            raise GqaPruneError(
+                "plan removes sublayers but its geometry records no sublayer sizes; re-run `gqa-prune importance`"
+            )
+        pairs = [tuple(pair) for pair in self.removed_sublayers]
+        if pairs != sorted(set(pairs)):
+            raise GqaPruneError(f"removed sublayers must be sorted, unique (layer, name) pairs, got {pairs!r}")
+        for layer, name in pairs:
+            if not (isinstance(layer, int) and 0 <= layer < geometry.num_layers) or name not in SUBLAYERS:
+                raise GqaPruneError(
+                    f"removed sublayer ({layer!r}, {name!r}): give a layer in 0..{geometry.num_layers - 1} and one "
+                    f"of {', '.join(SUBLAYERS)}"
+                )
+            if layer in self.removed_layers:
+                raise GqaPruneError(f"layer {layer} is removed whole; it cannot also lose its {name} sublayer")
+            if not geometry.sublayer_params[layer][SUBLAYERS.index(name)]:
+                raise GqaPruneError(f"layer {layer} has no {name} sublayer to remove")
+            self._check_listed_whole(layer, (name,), f"layer {layer} loses its {name} sublayer")
+        layers = [layer for layer, _ in pairs]
+        if len(set(layers)) != len(layers):
+            raise GqaPruneError("removed sublayers name both sublayers of a layer; remove the layer instead")
+        without_moe = set(self.removed_layers) | {layer for layer, name in pairs if name == "mlp"}
+        if set(geometry.moe_layers) <= without_moe:
+            raise GqaPruneError("plan removes every MoE block; at least one must stay")
 
     def _validate_width_kind(self, kept_per_layer, sizes: tuple[int, ...], what: str, owner: str) -> None:
         """Kept units of a dense width kind: valid indices, at least one where the layer has any, none where
@@ -165,24 +205,39 @@ class ExpertPlan:
             return self.geometry.widths[layer] if self.kept[layer] else 0
         return len(self.channels[layer][0])
 
-    def pruned_geometry(self) -> ExpertGeometry:
-        """The geometry of the pruned model (removed layers gone, the others renumbered in order)."""
+    def _sliced_geometry(self) -> ExpertGeometry:
+        """The geometry after the units go (every layer and sublayer still there, its units as listed)."""
         geometry = self.geometry
         kv_groups = geometry.kv_groups if self.groups is None else tuple(map(len, self.groups))
         shared = geometry.shared_widths if self.shared_channels is None else tuple(map(len, self.shared_channels))
-        sliced = replace(
+        return replace(
             geometry,
             experts=tuple(len(kept) for kept in self.kept),
             widths=tuple(self.kept_width(layer) for layer in range(geometry.num_layers)),
             kv_groups=kv_groups,
             shared_widths=shared,
         )
-        if geometry.layer_params:
-            sizes = geometry.layer_params
-            resized = tuple(size - _owned(geometry, i) + _owned(sliced, i) for i, size in enumerate(sizes))
-            sliced = replace(sliced, layer_params=resized)
+
+    def pruned_geometry(self) -> ExpertGeometry:
+        """The geometry of the pruned model (removed sublayers' units and sizes zero, removed layers gone, the
+        others renumbered in order)."""
+        geometry, sliced = self.geometry, self._sliced_geometry()
+
+        def shrunk(size: int, layer: int, sublayers: tuple[str, ...] = SUBLAYERS) -> int:
+            return size - _owned(geometry, layer, sublayers) + _owned(sliced, layer, sublayers)
+
+        sliced = replace(
+            sliced,
+            layer_params=tuple(shrunk(size, i) for i, size in enumerate(geometry.layer_params)),
+            sublayer_params=tuple(
+                tuple(shrunk(size, i, (name,)) for name, size in zip(SUBLAYERS, sizes))
+                for i, sizes in enumerate(geometry.sublayer_params)
+            ),
+        )
+        if self.removed_sublayers:
+            sliced = _without_sublayers(sliced, self.removed_sublayers)
         kept_layers = [layer for layer in range(geometry.num_layers) if layer not in self.removed_layers]
-        per_layer = ("experts", "widths", "kv_groups", "shared_widths", "layer_params")
+        per_layer = ("experts", "widths", "kv_groups", "shared_widths", "layer_params", "sublayer_params")
         return replace(sliced, **{
             name: tuple(getattr(sliced, name)[layer] for layer in kept_layers) if getattr(sliced, name) else ()
             for name in per_layer
@@ -191,7 +246,9 @@ class ExpertPlan:
     @property
     def is_uniform(self) -> bool:
         """One expert count and width for every MoE layer, one GQA group count for every attention layer and one
-        width for every shared MLP (a stock config describes it)."""
+        width for every shared MLP, and no layer short of a sublayer (a stock config describes it)."""
+        if self.removed_sublayers:
+            return False
         pruned = self.pruned_geometry()
         moe, shared = pruned.moe_layers, [i for i, width in enumerate(pruned.shared_widths) if width]
         return all(
@@ -205,14 +262,17 @@ class ExpertPlan:
     @property
     def params_after(self) -> int:
         """Parameters of the pruned model: the units removed from kept layers and every removed layer's all."""
-        before = self.geometry
-        sliced = replace(self, removed_layers=()).pruned_geometry()
+        before, sliced = self.geometry, self._sliced_geometry()
         removed_units = sum(
             _owned(before, layer) - _owned(sliced, layer)
             for layer in range(before.num_layers)
             if layer not in self.removed_layers
         )
-        return self.params_before - removed_units - sum(before.layer_params[layer] for layer in self.removed_layers)
+        removed_sublayers = sum(
+            before.sublayer_params[layer][SUBLAYERS.index(name)] for layer, name in self.removed_sublayers
+        )
+        removed_layers = sum(before.layer_params[layer] for layer in self.removed_layers)
+        return self.params_before - removed_units - removed_sublayers - removed_layers
 
     def summary(self) -> dict:
         before, after = self.geometry, self.pruned_geometry()
@@ -230,6 +290,7 @@ class ExpertPlan:
             "shared_channels_after": sum(after.shared_widths),
             "layers_before": before.num_layers,
             "layers_after": after.num_layers,
+            "sublayers_removed": len(self.removed_sublayers),
         }
 
     # ------------------------------------------------------------------------------------------ JSON
@@ -251,6 +312,7 @@ class ExpertPlan:
             if self.shared_channels is None
             else [list(kept) for kept in self.shared_channels],
             "removed_layers": list(self.removed_layers),
+            "removed_sublayers": [list(pair) for pair in self.removed_sublayers],
             "kept_experts": [list(kept) for kept in self.kept],
             "kept_channels": None if self.channels is None else [[list(c) for c in layer] for layer in self.channels],
             MARKER: PLAN_KIND,
@@ -287,6 +349,7 @@ class ExpertPlan:
             groups=None if groups is None else tuple(tuple(kept) for kept in groups),
             shared_channels=None if shared is None else tuple(tuple(kept) for kept in shared),
             removed_layers=tuple(data.get("removed_layers", ())),
+            removed_sublayers=tuple(tuple(pair) for pair in data.get("removed_sublayers", ())),
         )
         stored = data.get("summary")
         if isinstance(stored, dict) and any(
@@ -301,15 +364,35 @@ class ExpertPlan:
         write_text(path, self.to_json(), PLAN_KIND)
 
 
-def _owned(geometry: ExpertGeometry, layer: int) -> int:
-    """Parameters of one layer's experts, GQA groups and shared-MLP channels under ``geometry``."""
-    groups = geometry.kv_groups[layer] if geometry.kv_groups else 0
-    shared = geometry.shared_widths[layer] if geometry.shared_widths else 0
-    return (
-        geometry.experts[layer] * geometry.params_per_expert(layer)
-        + groups * geometry.params_per_group
-        + shared * geometry.params_per_shared_channel
-    )
+def _owned(geometry: ExpertGeometry, layer: int, sublayers: tuple[str, ...] = SUBLAYERS) -> int:
+    """Parameters of one layer's GQA groups (the attention sublayer) and experts and shared-MLP channels (the
+    MLP sublayer) under ``geometry``, of the ``sublayers`` named."""
+    owned = 0
+    if "attention" in sublayers and geometry.kv_groups:
+        owned += geometry.kv_groups[layer] * geometry.params_per_group
+    if "mlp" in sublayers:
+        shared = geometry.shared_widths[layer] if geometry.shared_widths else 0
+        owned += (
+            geometry.experts[layer] * geometry.params_per_expert(layer) + shared * geometry.params_per_shared_channel
+        )
+    return owned
+
+
+def _without_sublayers(geometry: ExpertGeometry, removed: tuple[tuple[int, str], ...]) -> ExpertGeometry:
+    """``geometry`` with the units of the removed sublayers zero and their parameters gone from the layer sizes."""
+    lists = {name: list(getattr(geometry, name)) for name in ("experts", "widths", "kv_groups", "shared_widths")}
+    sizes, sublayer_sizes = list(geometry.layer_params), [list(pair) for pair in geometry.sublayer_params]
+    for layer, name in removed:
+        zeroed = ("kv_groups",) if name == "attention" else ("experts", "widths", "shared_widths")
+        for kind in zeroed:
+            if lists[kind]:
+                lists[kind][layer] = 0
+        sizes[layer] -= sublayer_sizes[layer][SUBLAYERS.index(name)]
+        sublayer_sizes[layer][SUBLAYERS.index(name)] = 0
+    return replace(
+        geometry, **{name: tuple(values) for name, values in lists.items()}, layer_params=tuple(sizes),
+        sublayer_params=tuple(map(tuple, sublayer_sizes)),
+    )  # fmt: skip
 
 
 def _check_indices(kept, size: int, where: str) -> None:
@@ -334,10 +417,11 @@ def build_expert_plan(scores: ExpertScores, settings: ExpertPlanSettings) -> Exp
     }
     priced_groups = priced_shared = None
     removed_layers: tuple[int, ...] = ()
+    removed_sublayers: tuple[tuple[int, str], ...] = ()
     if settings.allocation == "uniform":
         keep = _uniform_counts(geometry, settings.expert_ratio)
     elif settings.allocation == "per-layer":
-        keep, priced_groups, priced_shared, removed_layers = _priced_counts(scores, settings)
+        keep, priced_groups, priced_shared, removed_layers, removed_sublayers = _priced_counts(scores, settings)
     else:
         keep = _ranked_counts(geometry, settings.expert_ratio, layer_scores)
     kept = tuple(
@@ -345,7 +429,8 @@ def build_expert_plan(scores: ExpertScores, settings: ExpertPlanSettings) -> Exp
     )
     channels = None
     if settings.channel_ratio > 0:
-        channels = _kept_channels(scores, kept, settings.channel_ratio, settings.channel_multiple, removed_layers)
+        whole = {*removed_layers, *(layer for layer, name in removed_sublayers if name == "mlp")}
+        channels = _kept_channels(scores, kept, settings.channel_ratio, settings.channel_multiple, whole)
     groups = shared = None
     if settings.width_ratio > 0 and priced_groups is not None:
         groups = _top_per_layer(scores, GROUP_STAT, priced_groups)
@@ -356,6 +441,7 @@ def build_expert_plan(scores: ExpertScores, settings: ExpertPlanSettings) -> Exp
     return ExpertPlan(
         geometry, settings.expert_ratio, settings.criterion, kept, int(scores.info["parameters"]), settings.seed,
         settings.allocation, settings.channel_ratio, channels, settings.width_ratio, groups, shared, removed_layers,
+        removed_sublayers,
     )  # fmt: skip
 
 
@@ -490,20 +576,8 @@ def _priced_counts(scores: ExpertScores, settings: ExpertPlanSettings) -> tuple[
                 kept_sizes = [k * multiple for k in range(size // multiple, 0, -1) if k * multiple < size]
                 candidate(kind, layer, scores.width_curves[kind].get(layer), [size - k for k in kept_sizes],
                           _unit_params(geometry, kind))  # fmt: skip
-    wholes = {}
-    if settings.whole_layers:
-        if LAYER_KIND not in scores.width_curves or len(geometry.layer_params) != geometry.num_layers:
-            raise GqaPruneError(
-                "--whole-layers prices layers by measured loss curves; these scores lack them (re-run `gqa-prune "
-                "importance` without --no-curves)"
-            )
-        for layer, curve in sorted(scores.width_curves[LAYER_KIND].items()):
-            curves[LAYER_KIND, layer], steps[LAYER_KIND, layer] = curve.loss, [geometry.layer_params[layer]]
-            wholes[LAYER_KIND, layer] = [key for key in curves if key[0] != LAYER_KIND and key[1] == layer]
+    wholes = _whole_candidates(scores, curves, steps) if settings.whole_layers else {}
     taken = split_by_steps(curves, steps, target, wholes)
-    removed_layers = tuple(layer for (kind, layer), count in taken.items() if kind == LAYER_KIND and count)
-    for layer in removed_layers:  # a removed layer keeps nothing, so none of its units is counted apart
-        taken.update({key: 0 for key in wholes[LAYER_KIND, layer]})
     removed = sum(steps[key][count - 1] for key, count in taken.items() if count)
     if all(count == len(steps[key]) for key, count in taken.items()) and removed < target * (1 - 1e-9):
         raise GqaPruneError(
@@ -511,6 +585,10 @@ def _priced_counts(scores: ExpertScores, settings: ExpertPlanSettings) -> tuple[
             f"{removed:,} (up to {max(EXPERT_CURVE_FRACTIONS):.0%} of each layer's units, every layer keeping "
             f"{geometry.top_k} experts and one GQA group); use --experts uniform or ranked"
         )
+    removed_layers = {layer for (kind, layer), count in taken.items() if kind == LAYER_KIND and count}
+    sublayers = sorted((layer, kind) for (kind, layer), count in taken.items() if kind in SUBLAYERS and count)
+    removed_layers |= {layer for layer, kind in sublayers if (layer, _other(kind)) in sublayers}  # both: the layer
+    removed_sublayers = tuple((layer, kind) for layer, kind in sublayers if layer not in removed_layers)
     experts = {layer: geometry.experts[layer] - taken[EXPERT_KIND, layer] for layer in geometry.moe_layers}
     kept: dict[str, dict[int, int]] = {kind: {} for kind in sizes}
     for kind, per_layer in sizes.items():
@@ -519,7 +597,39 @@ def _priced_counts(scores: ExpertScores, settings: ExpertPlanSettings) -> tuple[
                 count = taken[kind, layer]
                 removed_units = steps[kind, layer][count - 1] // _unit_params(geometry, kind) if count else 0
                 kept[kind][layer] = size - removed_units
-    return experts, kept.get(GROUP_STAT, {}), kept.get(SHARED_STAT, {}), removed_layers
+    return (
+        experts,
+        kept.get(GROUP_STAT, {}),
+        kept.get(SHARED_STAT, {}),
+        tuple(sorted(removed_layers)),
+        removed_sublayers,
+    )
+
+
+def _other(sublayer: str) -> str:
+    return SUBLAYERS[1 - SUBLAYERS.index(sublayer)]
+
+
+def _whole_candidates(scores: ExpertScores, curves: dict, steps: dict) -> dict:
+    """``--whole-layers``: every measured sublayer (attention block, MoE block) and decoder layer joins the
+    candidates (in place), one step each; returns each one's parts (what it contains: a sublayer its units, a
+    layer its units and sublayers), for split_by_steps' ``wholes``."""
+    geometry = scores.geometry
+    if LAYER_KIND not in scores.width_curves or len(geometry.layer_params) != geometry.num_layers:
+        raise GqaPruneError(
+            "--whole-layers prices layers by measured loss curves; these scores lack them (re-run `gqa-prune "
+            "importance` without --no-curves)"
+        )
+    wholes = {}
+    units = {"attention": (GROUP_STAT,), "mlp": (EXPERT_KIND, SHARED_STAT)}
+    for index, name in enumerate(SUBLAYERS):
+        for layer, curve in sorted(scores.width_curves.get(name, {}).items()):
+            curves[name, layer], steps[name, layer] = curve.loss, [geometry.sublayer_params[layer][index]]
+            wholes[name, layer] = [key for key in curves if key[0] in units[name] and key[1] == layer]
+    for layer, curve in sorted(scores.width_curves[LAYER_KIND].items()):
+        curves[LAYER_KIND, layer], steps[LAYER_KIND, layer] = curve.loss, [geometry.layer_params[layer]]
+        wholes[LAYER_KIND, layer] = [key for key in curves if key[0] != LAYER_KIND and key[1] == layer]
+    return wholes
 
 
 def _unit_params(geometry: ExpertGeometry, kind: str) -> int:
@@ -555,12 +665,12 @@ def _ranked_counts(geometry: ExpertGeometry, ratio: float, layer_scores: dict[in
 
 
 def _kept_channels(
-    scores: ExpertScores, kept: tuple[tuple[int, ...], ...], ratio: float, multiple: int, removed_layers=()
+    scores: ExpertScores, kept: tuple[tuple[int, ...], ...], ratio: float, multiple: int, whole_layers=()
 ) -> tuple[Channels, ...]:
     result = []
     for layer, experts in enumerate(kept):
         width = scores.geometry.widths[layer]
-        if layer in removed_layers:  # removed whole: its experts are listed with all their channels
+        if layer in whole_layers:  # its MoE block goes whole: its experts are listed with all their channels
             result.append(tuple(tuple(range(width)) for _ in experts))
             continue
         keep = (width - round(ratio * width)) // multiple * multiple

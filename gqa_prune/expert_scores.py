@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from .atomic import atomic_dir
 from .criteria.experts import CHANNEL_STAT, EXPERT_STATS, GRADIENT_STATS, GROUP_STAT, SHARED_STAT
 from .errors import GqaPruneError
-from .moe import ExpertGeometry
+from .moe import SUBLAYERS, ExpertGeometry
 from .scores import LossCurve
 
 EXPERT_SCORES_FORMAT = "gqa-prune-expert-scores"
@@ -41,7 +41,8 @@ class ExpertScores:
     info: dict = field(default_factory=dict)
     curves: dict[int, LossCurve] = field(default_factory=dict)  # per MoE layer: removing its experts alone
     # GROUP_STAT / SHARED_STAT -> per attention layer / shared MLP: removing its lowest-scored groups / channels;
-    # LAYER_KIND -> per decoder layer: removing it whole (one point)
+    # LAYER_KIND -> per decoder layer: removing it whole (one point); SUBLAYERS names -> per layer: removing its
+    # attention block / its MoE block (one point; attention only where the model has one attention type)
     width_curves: dict[str, dict[int, LossCurve]] = field(default_factory=dict)
 
     def layer_stats(self, layer: int) -> dict[str, torch.Tensor]:
@@ -79,6 +80,7 @@ class ExpertScores:
             GROUP_STAT: self.geometry.kv_groups,
             SHARED_STAT: self.geometry.shared_widths,
             LAYER_KIND: (1,) * self.geometry.num_layers,
+            **{name: tuple(sizes[i] for sizes in self.geometry.sublayer_params) for i, name in enumerate(SUBLAYERS)},
         }
         for kind, per_layer in self.width_curves.items():
             if kind not in sizes:

@@ -19,8 +19,17 @@ from torch import nn
 from .arch import FamilyAdapter, Geometry
 from .errors import GqaPruneError
 from .expert_plan import ExpertPlan
-from .moe import MOE_FAMILIES, ExpertGeometry, MoeFamily, attention_block, expert_geometry_of, moe_family_for
-from .surgery import cut_layer_lists
+from .modeling_gqa_prune import PRUNED_DECODER_LAYERS, assign_cache_indices, skip_sublayer
+from .moe import (
+    MOE_FAMILIES,
+    ExpertGeometry,
+    MoeFamily,
+    attention_block,
+    expert_geometry_of,
+    moe_family_for,
+    sublayer_parts,
+)
+from .surgery import check_attention_removable, cut_layer_lists
 from .units.expert import EXPERT
 from .units.expert_channel import EXPERT_CHANNEL
 from .units.gqa_group import GQA_GROUP
@@ -39,6 +48,7 @@ def check_expert_plan_fits(plan: ExpertPlan, model: nn.Module) -> None:
         (_GROUP_FIELDS if plan.geometry.kv_groups else ())
         + (_SHARED_FIELDS if plan.geometry.shared_widths else ())
         + (("layer_params",) if plan.geometry.layer_params else ())
+        + (("sublayer_params",) if plan.geometry.sublayer_params else ())
     )
     for name in _GEOMETRY_FIELDS + recorded:
         planned, actual = getattr(plan.geometry, name), getattr(geometry, name)
@@ -96,10 +106,12 @@ def _slice_sinks(attention: nn.Module, kept: tuple[int, ...], heads_per_group: i
 
 def apply_expert_plan(model: nn.Module, plan: ExpertPlan) -> nn.Module:
     """Physically keep only the planned experts and channels of every MoE layer, the planned GQA groups of
-    every attention layer and the planned channels of every shared MLP (in place); the config says the new
-    counts (global values when every MoE layer agrees, else ``per_layer_config``)."""
+    every attention layer and the planned channels of every shared MLP, and remove the planned sublayers and
+    layers (in place); the config says the new counts (global values when every MoE layer agrees, else
+    ``per_layer_config``, which also lists removed sublayers as ``skip``)."""
     check_expert_plan_fits(plan, model)
     family = moe_family_for(model.config)
+    _check_sublayers_removable(model.config, plan)
     with torch.no_grad():
         for index, block, kept in _blocks(model, family, plan):
             EXPERT.slice(block, family, kept)
@@ -112,10 +124,30 @@ def apply_expert_plan(model: nn.Module, plan: ExpertPlan) -> nn.Module:
                 _slice_sinks(attention_block(layer), kept, attention.heads_per_group)
         for _, layer, kept in _width_layers(model, plan, plan.shared_channels):
             SHARED_CHANNEL.slice(layer, family, kept)
+    layers = family.decoder_layers(model)
+    for index, name in plan.removed_sublayers:  # the class first: it knows which attributes make the sublayer
+        layers[index].__class__ = PRUNED_DECODER_LAYERS[family.family]
+        skip_sublayer(layers[index], name)
     if plan.removed_layers:
         _remove_layers(model, family, plan.removed_layers)
-    set_expert_config(model.config, family, plan.pruned_geometry())
+    if any(name == "attention" for _, name in plan.removed_sublayers):
+        assign_cache_indices(layers)
+    set_expert_config(model.config, family, plan.pruned_geometry(), _skips(plan))
     return model
+
+
+def _check_sublayers_removable(config, plan: ExpertPlan) -> None:
+    if any(name == "attention" for _, name in plan.removed_sublayers):
+        check_attention_removable(config, instead="--whole-layers removes them whole")
+
+
+def _skips(plan: ExpertPlan) -> dict[int, list[str]]:
+    """Removed sublayers by their layer's index in the pruned model (removed layers no longer counted)."""
+    kept = [layer for layer in range(plan.geometry.num_layers) if layer not in plan.removed_layers]
+    skips: dict[int, list[str]] = {}
+    for layer, name in plan.removed_sublayers:
+        skips.setdefault(kept.index(layer), []).append(name)
+    return skips
 
 
 def _remove_layers(model: nn.Module, family: MoeFamily, removed: tuple[int, ...]) -> None:
@@ -137,11 +169,13 @@ def _remove_layers(model: nn.Module, family: MoeFamily, removed: tuple[int, ...]
         model.config.decoder_sparse_step = 1
 
 
-def set_expert_config(config, family: MoeFamily, geometry: ExpertGeometry) -> None:
+def set_expert_config(
+    config, family: MoeFamily, geometry: ExpertGeometry, skips: dict[int, list[str]] | None = None
+) -> None:
     """Record expert counts and widths, attention heads and shared-MLP widths: one global value for each kind
-    whose layers all agree (when every kind agrees, a stock config), else that kind per layer in
-    ``per_layer_config`` (the project's model class builds each layer from its entry; the global values of
-    that kind stay the dense model's)."""
+    whose layers all agree (when every kind agrees and no sublayer is removed, a stock config), else that kind
+    per layer in ``per_layer_config`` (the project's model class builds each layer from its entry; the global
+    values of that kind stay the dense model's); ``skips``: per layer, the sublayers it lacks."""
     if geometry.attention_layers:
         config.head_dim = geometry.head_dim  # explicit: hidden_size // num_attention_heads no longer holds
     hpg = geometry.heads_per_group
@@ -160,6 +194,8 @@ def set_expert_config(config, family: MoeFamily, geometry: ExpertGeometry) -> No
         else:
             for index, values in entries.items():
                 per_layer[index].update(values)
+    for index, names in (skips or {}).items():
+        per_layer[index]["skip"] = list(names)
     if any(per_layer.values()):
         config.allow_global_per_layer_attribute_access = True
         config.per_layer_config = per_layer
@@ -170,11 +206,20 @@ def _bypass(layer: nn.Module, args, kwargs, output) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+def _silence(block: nn.Module, args, output):
+    """Forward hook: the block adds nothing to the residual stream (what removing its sublayer does); what it
+    returns beside its output (attention weights, gpt-oss's router scores) stays."""
+    if isinstance(output, tuple):
+        return (torch.zeros_like(output[0]), *output[1:])
+    return torch.zeros_like(output)
+
+
 @contextlib.contextmanager
 def masked_experts(model: nn.Module, plan: ExpertPlan) -> Iterator[nn.Module]:
     """Reference: within the block, no token of ``model`` is routed to an expert the plan removes, the
     channels, GQA groups and shared-MLP channels it removes add nothing (their output projections' columns
-    are zeroed, and restored on exit), and every layer it removes passes its input on unchanged."""
+    are zeroed, and restored on exit), every sublayer it removes adds nothing (its blocks' outputs are zero)
+    and every layer it removes passes its input on unchanged."""
     check_expert_plan_fits(plan, model)
     family = moe_family_for(model.config)
     handles, saved = [], []
@@ -202,6 +247,10 @@ def masked_experts(model: nn.Module, plan: ExpertPlan) -> Iterator[nn.Module]:
             SHARED_CHANNEL.mask(layer, family, kept)
     for index in plan.removed_layers:
         handles.append(family.decoder_layers(model)[index].register_forward_hook(_bypass, with_kwargs=True))
+    for index, name in plan.removed_sublayers:
+        layer = family.decoder_layers(model)[index]
+        blocks = [getattr(layer, attribute) for attribute in sublayer_parts(family, name)[:-1]]  # the norm stays
+        handles += [block.register_forward_hook(_silence) for block in blocks if block is not None]
     try:
         yield model
     finally:

@@ -6,7 +6,8 @@ A pruned model whose decoder layers differ in shape records the per-layer sizes 
 stock Llama / Mistral / Qwen2 / Qwen3 causal-LM classes with one change: each decoder layer is built from
 its own resolved layer config, without the sublayers it skips (the residual stream passes them unchanged).
 The mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss, GraniteMoeHybrid) get the same
-change, so that layers may keep different numbers of experts (``num_experts``) and expert widths.
+change, so that layers may keep different numbers of experts (``num_experts``) and expert widths, and lose their
+attention block or their whole MoE block (``"mlp"``: the routed experts with any shared expert or shared MLP).
 Their config classes also accept head counts that do not divide ``hidden_size`` (``head_dim`` is explicit),
 which stock ``LlamaConfig`` refuses.
 
@@ -96,9 +97,14 @@ def _skipped(layer_config) -> set[str]:
     return set(getattr(layer_config, "skip", None) or ())
 
 
+def sublayer_attributes(layer: nn.Module, name: str) -> tuple[str, ...]:
+    """The attributes of a decoder layer that make up sublayer ``name`` (its block(s), then the norm in front)."""
+    return getattr(layer, "skippable_sublayers", SKIPPABLE_SUBLAYERS)[name]
+
+
 def skip_sublayer(layer: nn.Module, name: str) -> None:
     """Remove a decoder layer's attention or MLP block and the norm in front of it."""
-    for attribute in SKIPPABLE_SUBLAYERS[name]:
+    for attribute in sublayer_attributes(layer, name):
         setattr(layer, attribute, None)
 
 
@@ -167,6 +173,38 @@ class _SkippableSublayersMixin:
             hidden_states = hidden_states + attention_output
         if self.mlp is not None:
             hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states
+
+
+class _SkippableMoeSublayersMixin:
+    """A mixture-of-experts decoder layer that may lack its attention block or its MoE block (the norm in front
+    of a skipped block is None too): the residual stream passes what is absent. A whole layer runs the stock
+    code; otherwise the stock order of operations, including Granite's ``residual_multiplier`` and gpt-oss's
+    MLP that also returns its router scores."""
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self.input_layernorm is not None and self.post_attention_layernorm is not None:
+            return super().forward(hidden_states, **kwargs)
+        scale = getattr(self, "residual_multiplier", 1.0)
+        if self.input_layernorm is not None:
+            mixed = self.input_layernorm(hidden_states)
+            if getattr(self, "mamba", None) is not None:  # Granite's state-space layers, called as the stock layer does
+                extra = {k: v for k, v in kwargs.items() if k not in ("use_cache", "position_embeddings")}
+                extra["cache_params"] = extra.pop("past_key_values", None)
+                mixed = self.mamba(hidden_states=mixed, **extra)
+            else:
+                mixed, _ = self.self_attn(hidden_states=mixed, **kwargs)
+            hidden_states = hidden_states + mixed * scale
+        if self.post_attention_layernorm is not None:
+            normed = self.post_attention_layernorm(hidden_states)
+            if hasattr(self, "block_sparse_moe"):  # Granite: routed experts beside a dense shared MLP
+                fed = self.shared_mlp(normed)
+                if self.block_sparse_moe is not None:
+                    fed = self.block_sparse_moe(normed) + fed
+            else:
+                fed = self.mlp(normed)
+                fed = fed[0] if isinstance(fed, tuple) else fed  # gpt-oss: (output, router scores)
+            hidden_states = hidden_states + fed * scale
         return hidden_states
 
 
@@ -268,37 +306,49 @@ PRUNED_CLASSES = {
 }
 
 
-def _moe_classes(name: str, config_class: type, model_class: type, decoder_layer_class: type) -> tuple[type, type]:
+def _moe_classes(
+    name: str, config_class: type, model_class: type, decoder_layer_class: type, mlp_attributes: tuple[str, ...]
+) -> tuple[type, type]:
     """The pruned classes of a mixture-of-experts family: per-layer expert counts and widths from
-    ``per_layer_config`` (every layer keeps its sublayers; the stock decoder layer builds from its own config)."""
+    ``per_layer_config``, and decoder layers that may skip their attention block or their MoE block (whose
+    attributes, norm last, are ``mlp_attributes``)."""
+    skippable = {**SKIPPABLE_SUBLAYERS, "mlp": mlp_attributes}
+    pruned_layer = type(f"GQAPruned{name}DecoderLayer", (_SkippableMoeSublayersMixin, decoder_layer_class), {
+        "skippable_sublayers": skippable, "__module__": __name__,
+    })  # fmt: skip
     pruned_config = strict(
         type(f"GQAPruned{name}Config", (_HeadLayoutValidationMixin, config_class), {
             "model_type": f"gqa_pruned_{config_class.model_type}", "__module__": __name__,
         })
     )  # fmt: skip
     pruned_model = type(f"GQAPruned{name}ForCausalLM", (_PerLayerShapesMixin, model_class), {
-        "config_class": pruned_config, "_decoder_layer_class": decoder_layer_class, "__module__": __name__,
+        "config_class": pruned_config, "_decoder_layer_class": pruned_layer, "__module__": __name__,
     })  # fmt: skip
     return pruned_config, pruned_model
 
 
+_MOE_BLOCK = SKIPPABLE_SUBLAYERS["mlp"]  # the MoE block sits where a dense model's MLP does
 GQAPrunedMixtralConfig, GQAPrunedMixtralForCausalLM = _moe_classes(
-    "Mixtral", MixtralConfig, MixtralForCausalLM, MixtralDecoderLayer
+    "Mixtral", MixtralConfig, MixtralForCausalLM, MixtralDecoderLayer, _MOE_BLOCK
 )
 GQAPrunedQwen2MoeConfig, GQAPrunedQwen2MoeForCausalLM = _moe_classes(
-    "Qwen2Moe", Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen2MoeDecoderLayer
+    "Qwen2Moe", Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen2MoeDecoderLayer, _MOE_BLOCK
 )
 GQAPrunedQwen3MoeConfig, GQAPrunedQwen3MoeForCausalLM = _moe_classes(
-    "Qwen3Moe", Qwen3MoeConfig, Qwen3MoeForCausalLM, Qwen3MoeDecoderLayer
+    "Qwen3Moe", Qwen3MoeConfig, Qwen3MoeForCausalLM, Qwen3MoeDecoderLayer, _MOE_BLOCK
 )
 GQAPrunedOlmoeConfig, GQAPrunedOlmoeForCausalLM = _moe_classes(
-    "Olmoe", OlmoeConfig, OlmoeForCausalLM, OlmoeDecoderLayer
+    "Olmoe", OlmoeConfig, OlmoeForCausalLM, OlmoeDecoderLayer, _MOE_BLOCK
 )
 GQAPrunedGptOssConfig, GQAPrunedGptOssForCausalLM = _moe_classes(
-    "GptOss", GptOssConfig, GptOssForCausalLM, GptOssDecoderLayer
+    "GptOss", GptOssConfig, GptOssForCausalLM, GptOssDecoderLayer, _MOE_BLOCK
 )
 GQAPrunedGraniteMoeHybridConfig, GQAPrunedGraniteMoeHybridForCausalLM = _moe_classes(
-    "GraniteMoeHybrid", GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, GraniteMoeHybridDecoderLayer
+    "GraniteMoeHybrid",
+    GraniteMoeHybridConfig,
+    GraniteMoeHybridForCausalLM,
+    GraniteMoeHybridDecoderLayer,
+    ("block_sparse_moe", "shared_mlp", "post_attention_layernorm"),
 )
 # mixture-of-experts family (model_type) -> (config class, causal-LM class) for per-layer expert counts and widths
 PRUNED_MOE_CLASSES = {
@@ -309,7 +359,8 @@ PRUNED_MOE_CLASSES = {
     "gpt_oss": (GQAPrunedGptOssConfig, GQAPrunedGptOssForCausalLM),
     "granitemoehybrid": (GQAPrunedGraniteMoeHybridConfig, GQAPrunedGraniteMoeHybridForCausalLM),
 }
-# family name -> decoder layer that runs without a skipped sublayer; read by gqa_prune.arch
+# family name -> decoder layer that runs without a skipped sublayer; read by gqa_prune.arch and expert surgery
 PRUNED_DECODER_LAYERS = {
-    family: model_class._decoder_layer_class for family, (_, model_class) in PRUNED_CLASSES.items()
+    family: model_class._decoder_layer_class
+    for family, (_, model_class) in {**PRUNED_CLASSES, **PRUNED_MOE_CLASSES}.items()
 }

@@ -33,6 +33,7 @@ from transformers import (
 )
 
 from .errors import GqaPruneError
+from .modeling_gqa_prune import PRUNED_DECODER_LAYERS, sublayer_attributes
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,9 @@ MOE_FAMILIES = {
 ATTENTION_ATTR = "self_attn"  # the attention block of a decoder layer (absent on state-space layers)
 PRUNED_PREFIX = "gqa_pruned_"  # model_type of the project's classes: gqa_pruned_<stock model_type>
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+# the sublayers a plan may remove from a decoder layer (per_layer_config "skip" names): the attention block, and
+# the MoE block (routed experts with any shared expert / shared MLP), each with the norm in front of it
+SUBLAYERS = ("attention", "mlp")
 
 
 def is_moe_type(model_type: str | None) -> bool:
@@ -276,6 +280,9 @@ class ExpertGeometry:
     shared_widths: tuple[int, ...] = ()
     params_per_shared_channel: int = 0
     layer_params: tuple[int, ...] = ()  # per decoder layer: all its parameters (empty when not recorded)
+    # per decoder layer: the parameters of each of its SUBLAYERS (0 where absent, e.g. a Mamba layer's attention;
+    # empty when not recorded)
+    sublayer_params: tuple[tuple[int, ...], ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -315,6 +322,7 @@ class ExpertGeometry:
             "kv_groups": list(self.kv_groups),
             "shared_widths": list(self.shared_widths),
             "layer_params": list(self.layer_params),
+            "sublayer_params": [list(sizes) for sizes in self.sublayer_params],
         }
 
     @classmethod
@@ -326,6 +334,7 @@ class ExpertGeometry:
                 tuple(data.get("kv_groups", ())), int(data.get("heads_per_group", 0)), int(data.get("head_dim", 0)),
                 int(data.get("params_per_group", 0)), tuple(data.get("shared_widths", ())),
                 int(data.get("params_per_shared_channel", 0)), tuple(data.get("layer_params", ())),
+                tuple(tuple(sizes) for sizes in data.get("sublayer_params", ())),
             )  # fmt: skip
         except (KeyError, TypeError, ValueError) as error:
             raise GqaPruneError(f"expert geometry is malformed ({error!r})") from error
@@ -381,7 +390,25 @@ def expert_geometry_of(model: nn.Module) -> ExpertGeometry:
         family.family, int(model.config.num_experts_per_tok), tuple(counts), tuple(widths), per_channel, fixed,
         **attention_shape(layers), **_shared_shape(family, layers),
         layer_params=tuple(sum(parameter.numel() for parameter in layer.parameters()) for layer in layers),
+        sublayer_params=tuple(_sublayer_sizes(family, layer) for layer in layers),
     )  # fmt: skip
+
+
+def _sublayer_sizes(family: MoeFamily, layer: nn.Module) -> tuple[int, ...]:
+    """Parameters of each of a decoder layer's SUBLAYERS: its block(s) and the norm in front (0 without the
+    block: a Mamba layer has no attention to remove, a removed sublayer nothing left)."""
+    sizes = []
+    for name in SUBLAYERS:
+        modules = [getattr(layer, attribute, None) for attribute in sublayer_parts(family, name)]
+        sizes.append(
+            0 if modules[0] is None else sum(p.numel() for m in modules if m is not None for p in m.parameters())
+        )
+    return tuple(sizes)
+
+
+def sublayer_parts(family: MoeFamily, name: str) -> tuple[str, ...]:
+    """The decoder-layer attributes that make up sublayer ``name`` in ``family`` (block(s) first, norm last)."""
+    return sublayer_attributes(PRUNED_DECODER_LAYERS[family.family], name)
 
 
 def attention_block(layer: nn.Module) -> nn.Module | None:

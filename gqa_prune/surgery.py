@@ -53,13 +53,19 @@ def check_plan_fits(plan: PruningPlan, model: nn.Module) -> Geometry:
     return geometry
 
 
-def _check_attention_types(config, plan: PruningPlan) -> None:
-    removes_attention = any(not layer.keeps("attn") and not layer.removes_layer for layer in plan.layers)
-    if removes_attention and len(set(getattr(config, "layer_types", None) or ["full_attention"])) > 1:
+def check_attention_removable(config, instead: str = "--mode depth") -> None:
+    """Single attention sublayers can go only where every layer has the same attention type (the KV cache is
+    renumbered over the layers that keep one)."""
+    if len(set(getattr(config, "layer_types", None) or ["full_attention"])) > 1:
         raise GqaPruneError(
             "this model mixes attention types across layers (layer_types); removing single attention sublayers "
-            "is supported only when every layer has the same type (remove whole layers instead: --mode depth)"
+            f"is supported only when every layer has the same type (remove whole layers instead: {instead})"
         )
+
+
+def _check_attention_types(config, plan: PruningPlan) -> None:
+    if any(not layer.keeps("attn") and not layer.removes_layer for layer in plan.layers):
+        check_attention_removable(config)
 
 
 def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:

@@ -88,11 +88,21 @@ def test_a_whole_is_priced_by_what_it_adds_to_its_parts_taken_so_far_and_closes_
     up to 10, then 0.5); "b" (steps of 10) costs 0.12 per parameter. For 20 parameters: a's two cheap steps
     (10 parameters, 0.5 nats), then the layer adds 10 more parameters for 1.5 nats (0.15 per parameter) and b
     10 for 1.2 (0.12): b is cheaper and the layer stays. Made cheaper (loss 1.4: 0.09 per parameter once a's
-    steps are taken) the layer goes instead of b, and a takes no further step."""
+    steps are taken) the layer goes instead of b, and a takes no further step (and counts none: the layer holds
+    it). A whole inside a whole (a sublayer in its layer) is a part like any other."""
     a = lambda p: 0.05 * p if p <= 10 else 0.5 + 0.5 * (p - 10)  # noqa: E731
     steps = {"a": [5, 10, 15], "b": [10, 20], "layer": [20]}
     curves = {"a": a, "b": lambda p: 0.12 * p, "layer": lambda p: 2.0}
     assert split_by_steps(curves, steps, 20, {"layer": ["a"]}) == {"a": 2, "b": 1, "layer": 0}
     curves["layer"] = lambda p: 1.4
-    assert split_by_steps(curves, steps, 20, {"layer": ["a"]}) == {"a": 2, "b": 0, "layer": 1}
-    assert split_by_steps(curves, steps, 40, {"layer": ["a"]}) == {"a": 2, "b": 2, "layer": 1}  # a stays closed
+    assert split_by_steps(curves, steps, 20, {"layer": ["a"]}) == {"a": 0, "b": 0, "layer": 1}
+    assert split_by_steps(curves, steps, 40, {"layer": ["a"]}) == {"a": 0, "b": 2, "layer": 1}  # a stays closed
+    # "half" (a sublayer: 10 parameters for 0.2 nats, 0.02 per parameter) holds b and goes first; then a's two
+    # cheap steps. A cheap layer (0.5 nats) instead adds 10 parameters to half's for 0.3 nats (0.03 per
+    # parameter, below a's 0.05) and goes, holding half and a.
+    curves = {"a": a, "b": lambda p: 0.12 * p, "half": lambda p: 0.2, "layer": lambda p: 5.0}
+    steps = {"a": [5, 10, 15], "b": [10, 20], "half": [10], "layer": [20]}
+    wholes = {"half": ["b"], "layer": ["a", "b", "half"]}
+    assert split_by_steps(curves, steps, 20, wholes) == {"a": 2, "b": 0, "half": 1, "layer": 0}
+    curves["layer"] = lambda p: 0.5
+    assert split_by_steps(curves, steps, 20, wholes) == {"a": 0, "b": 0, "half": 0, "layer": 1}

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 from conftest import DATA_DIR
-from helpers import MOE_FAMILY_NAMES, calibration_ids, parameter_count, tiny_moe
+from helpers import MOE_FAMILY_NAMES, calibration_ids, logits_in_fresh_process, parameter_count, tiny_moe
 from test_cli import assert_one_line_error, run
 from transformers import AutoModelForCausalLM
 
@@ -495,6 +495,85 @@ def test_a_removed_layer_equals_its_bypassed_reference_and_reloads_in_stock_tran
     torch.testing.assert_close(step[:, -1], masked[:, -1], rtol=0, atol=1e-4)
 
 
+# families whose layers share one attention type: a single attention block can go (gpt-oss alternates sliding
+# and full attention, Granite attention and Mamba layers: they lose MoE blocks or whole layers only)
+SUBLAYER_ATTENTION_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+
+@pytest.mark.parametrize("family", MOE_FAMILY_NAMES)
+def test_removed_sublayers_equal_their_silenced_reference_and_reload_through_the_projects_class(
+    family, tmp_path, tiny_tokenizer
+):
+    """Layer 0's MoE block (routed experts, shared expert or shared MLP, and its norm) removed, and, where the
+    attention types allow, layer 2's attention block, plus two experts of layer 2: the pruned model equals the
+    dense one with those blocks adding nothing, reloads through the project's class (per_layer_config "skip")
+    and decodes with its KV cache as it runs whole sequences (attention blocks renumbered)."""
+    model = tiny_moe(family, vocab_size=len(tiny_tokenizer))
+    geometry = expert_geometry_of(model)
+    kept = tuple(tuple(range(count - 2 if layer == 2 else count)) for layer, count in enumerate(geometry.experts))
+    removed = ((0, "mlp"), (2, "attention")) if family in SUBLAYER_ATTENTION_FAMILIES else ((0, "mlp"),)
+    plan = ExpertPlan(
+        geometry, 0.0, "reap", kept, parameter_count(model), allocation="per-layer", removed_sublayers=removed
+    )
+    assert plan.params_before - plan.params_after == sum(
+        geometry.sublayer_params[layer][("attention", "mlp").index(name)] for layer, name in removed
+    ) + 2 * geometry.params_per_expert(2)
+    ids = calibration_ids(blocks=2, length=12, seed=10)
+    pruned, masked = _pruned_and_masked(model, plan, ids)
+    assert pruned.model.layers[0].post_attention_layernorm is None and not plan.is_uniform
+    save_pruned(pruned, tiny_tokenizer, plan, tmp_path / "pruned", source="org/tiny-moe")
+    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert config["model_type"] == f"gqa_pruned_{family}" and config["per_layer_config"]["0"]["skip"] == ["mlp"]
+    assert load_plan(tmp_path / "pruned" / "pruning_plan.json") == plan
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()  # the classes of `import gqa_prune`
+    torch.testing.assert_close(_logits(reloaded, ids), masked, rtol=0, atol=1e-5)
+    assert expert_geometry_of(reloaded) == plan.pruned_geometry()
+    with torch.no_grad():
+        prefix = reloaded(input_ids=ids[:, :-1], use_cache=True)
+        step = reloaded(input_ids=ids[:, -1:], past_key_values=prefix.past_key_values, use_cache=True).logits
+    torch.testing.assert_close(step[:, -1], masked[:, -1], rtol=0, atol=1e-4)
+    shipped, module, _ = logits_in_fresh_process(  # the modeling file beside the weights, without gqa_prune
+        tmp_path, ids, f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'pruned')!r}, "
+        "trust_remote_code=True).eval()",
+    )  # fmt: skip
+    assert "modeling_gqa_prune" in module
+    torch.testing.assert_close(shipped, masked, rtol=0, atol=1e-5)
+
+
+def test_removed_sublayers_are_refused_where_they_cannot_go():
+    """One line each: an attention block of a model mixing attention types, a Mamba layer's attention, both
+    blocks of a layer, every MoE block, a sublayer of a removed layer, units of a removed block not listed whole,
+    geometry without sublayer sizes."""
+    model = tiny_moe("gpt_oss")
+    geometry = expert_geometry_of(model)
+    every = tuple(tuple(range(count)) for count in geometry.experts)
+    plan = ExpertPlan(geometry, 0.0, "reap", every, parameter_count(model), allocation="per-layer")
+    with pytest.raises(GqaPruneError, match=r"mixes attention types .* \(remove whole layers instead: --whole-layers"):
+        apply_expert_plan(copy.deepcopy(model), replace(plan, removed_sublayers=((1, "attention"),)))
+    refusals = {
+        ((0, "attention"), (0, "mlp")): "name both sublayers of a layer; remove the layer instead",
+        ((0, "mlp"), (1, "mlp"), (2, "mlp")): "removes every MoE block; at least one must stay",
+        ((0, "norm"),): r"removed sublayer \(0, 'norm'\): give a layer in 0..2 and one of attention, mlp",
+        ((1, "mlp"), (0, "mlp")): "must be sorted, unique",
+    }
+    for removed, message in refusals.items():
+        with pytest.raises(GqaPruneError, match=message):
+            replace(plan, removed_sublayers=removed)
+    with pytest.raises(GqaPruneError, match="layer 1 is removed whole; it cannot also lose its mlp sublayer"):
+        replace(plan, removed_layers=(1,), removed_sublayers=((1, "mlp"),))
+    fewer = tuple(tuple(range(count - 1 if layer == 0 else count)) for layer, count in enumerate(geometry.experts))
+    with pytest.raises(GqaPruneError, match="layer 0 loses its mlp sublayer; its units must all be listed as kept"):
+        replace(plan, kept=fewer, removed_sublayers=((0, "mlp"),))
+    with pytest.raises(GqaPruneError, match="records no sublayer sizes"):
+        replace(plan, geometry=replace(geometry, sublayer_params=()), removed_sublayers=((0, "mlp"),))
+    hybrid = tiny_moe("granitemoehybrid")
+    hybrid_geometry = expert_geometry_of(hybrid)
+    every = tuple(tuple(range(count)) for count in hybrid_geometry.experts)
+    with pytest.raises(GqaPruneError, match="layer 0 has no attention sublayer to remove"):
+        ExpertPlan(hybrid_geometry, 0.0, "reap", every, parameter_count(hybrid), allocation="per-layer",
+                   removed_sublayers=((0, "attention"),))  # fmt: skip
+
+
 def test_layer_loss_curves_are_what_removing_each_layer_costs_and_cheap_layers_go_whole():
     """A layer's curve point = its parameters and the calibration loss of the model without it, minus the dense
     loss. With --whole-layers a layer whose removal costs less per parameter than its units goes whole."""
@@ -514,6 +593,7 @@ def test_layer_loss_curves_are_what_removing_each_layer_costs_and_cheap_layers_g
     scores.width_curves["layer"] = {
         layer: LossCurve(((geometry.layer_params[layer], 5.0 if layer != 1 else 0.01),)) for layer in range(3)
     }
+    del scores.width_curves["attention"], scores.width_curves["mlp"]  # the layers alone compete with experts
     plan = _plan(scores, 0.25, allocation="per-layer", whole_layers=True)
     assert plan.removed_layers == (1,) and plan.kept[1] == tuple(range(6))
     assert _plan(scores, 0.25, allocation="per-layer").removed_layers == ()
@@ -522,6 +602,44 @@ def test_layer_loss_curves_are_what_removing_each_layer_costs_and_cheap_layers_g
         match="--whole-layers prices layers against experts by measured loss curves: it needs --experts per-layer",
     ):
         _plan(scores, 0.25, whole_layers=True)
+
+
+def test_sublayer_loss_curves_are_what_removing_each_block_costs_and_cheap_blocks_go():
+    """A sublayer's curve point = its parameters and the calibration loss of the model without that attention or
+    MoE block (physically removed), minus the dense loss; Qwen2-MoE's dense layer 1 has no MoE block to measure.
+    With --whole-layers a block cheaper per parameter than its units goes alone; both blocks of one layer going
+    make that layer a removed layer."""
+    model, blocks, scores, base = _scored_with_dense_loss("qwen2_moe")
+    geometry, cpu = scores.geometry, torch.device("cpu")
+    assert sorted(scores.width_curves["mlp"]) == [0, 2] and sorted(scores.width_curves["attention"]) == [0, 1, 2]
+    every = tuple(tuple(range(count)) for count in geometry.experts)
+    for index, name in enumerate(("attention", "mlp")):
+        for layer, curve in scores.width_curves[name].items():
+            plan = ExpertPlan(geometry, 0.0, "reap", every, scores.info["parameters"], allocation="per-layer",
+                              removed_sublayers=((layer, name),))  # fmt: skip
+            pruned = apply_expert_plan(copy.deepcopy(model), plan)
+            assert (
+                curve.points[0][0] == geometry.sublayer_params[layer][index] == plan.params_before - plan.params_after
+            )
+            assert curve.points[0][1] == pytest.approx(mean_loss(pruned, list(blocks.split(2)), cpu) - base, abs=1e-5)
+    expensive = {layer: LossCurve(((size, 50.0),)) for layer, size in enumerate(geometry.layer_params)}
+    scores.curves = {
+        layer: LossCurve(tuple((n * geometry.params_per_expert(layer), 1.0 * n) for n in (2, 3, 4)))
+        for layer in geometry.moe_layers
+    }
+    scores.width_curves["layer"] = expensive
+    scores.width_curves["mlp"] = {layer: LossCurve(((geometry.sublayer_params[layer][1], 9.0),)) for layer in (0, 2)}
+    scores.width_curves["mlp"][2] = LossCurve(((geometry.sublayer_params[2][1], 0.01),))
+    scores.width_curves["attention"] = {
+        layer: LossCurve(((geometry.sublayer_params[layer][0], 0.01 if layer == 1 else 9.0),)) for layer in range(3)
+    }
+    plan = _plan(scores, 0.75, allocation="per-layer", whole_layers=True)  # layer 2's MoE block, then attention 1
+    assert plan.removed_sublayers == ((1, "attention"), (2, "mlp")) and plan.removed_layers == ()
+    assert plan.kept[2] == tuple(range(6)) and plan.summary()["sublayers_removed"] == 2
+    scores.width_curves["attention"][2] = LossCurve(((geometry.sublayer_params[2][0], 0.005),))
+    plan = _plan(scores, 0.75, allocation="per-layer", whole_layers=True)  # then attention 2 instead
+    assert plan.removed_layers == (2,) and plan.removed_sublayers == ()
+    assert _plan(scores, 0.5, allocation="per-layer").removed_sublayers == ()
 
 
 def test_expert_plans_round_trip_through_json_and_refuse_fewer_experts_than_top_k(tmp_path):
@@ -558,7 +676,13 @@ def test_expert_scores_round_trip_through_their_folder(tmp_path, tiny_tokenizer)
     loaded = expert_scores.load(tmp_path / "importance")
     assert loaded.geometry == scores.geometry and loaded.calibration_loss == scores.calibration_loss
     assert loaded.curves == scores.curves and len(scores.curves) == 2
-    assert loaded.width_curves == scores.width_curves and sorted(scores.width_curves) == ["group", "layer", "shared"]
+    assert loaded.width_curves == scores.width_curves and sorted(scores.width_curves) == [
+        "attention",
+        "group",
+        "layer",
+        "mlp",
+        "shared",
+    ]
     for name, per_layer in scores.stats.items():
         assert all(torch.equal(a, b) for a, b in zip(loaded.stats[name], per_layer))
     record = json.loads((tmp_path / "importance" / "experts.json").read_text())
@@ -569,7 +693,8 @@ def test_expert_scores_round_trip_through_their_folder(tmp_path, tiny_tokenizer)
     older = expert_scores.load(tmp_path / "importance")
     assert _plan(older, 0.5).kept == _plan(scores, 0.5).kept
     record = {**record, "geometry": scores.geometry.to_dict()}
-    del record["geometry"]["layer_params"]  # as written before layer sizes were recorded: its plans still save
+    del record["geometry"]["layer_params"], record["geometry"]["sublayer_params"]  # as written before layer sizes
+    # were recorded: its plans still save
     (tmp_path / "importance" / "experts.json").write_text(json.dumps(record))
     oldest = _plan(expert_scores.load(tmp_path / "importance"), 0.5)
     assert oldest.geometry.layer_params == () and oldest.kept == _plan(scores, 0.5).kept
