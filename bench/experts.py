@@ -10,14 +10,16 @@ Every row uses the same model, the same expert statistics (one `gqa-prune import
 in ``--cache`` (delete it to rebuild).
 
     python bench/experts.py [--ratios 0.25,0.5,0.75] [--per-layer reap,frequency] [--ranked reap,frequency]
-        [--width-ratios 0.25] [--width-per-layer] [--blocks 8] [--curve-blocks 2] [--max-tokens 16384]
+        [--width-ratios 0.25] [--width-per-layer] [--expert-channel-ratio 0.25 --channel-multiple 16]
+        [--blocks 8] [--curve-blocks 2] [--max-tokens 16384]
         [--json rows.json]
         [--peer-dirs DIR ...]
 
 The expert statistics and loss curves are cached beside the test bed (``importance-<blocks>x2048-c<curve
 blocks>``); delete that folder to measure them again. Asking for ``taylor`` or ``fisher`` records the statistics
 with a backward per batch (``importance --criterion taylor``) if the cached ones lack them (the curves are kept);
-``--width-per-layer`` measures the GQA group, shared-channel and layer loss curves if the cached scores lack them.
+``--width-per-layer`` measures the GQA group, shared-channel, layer and sublayer loss curves if the cached scores
+lack them, and with ``--expert-channel-ratio`` the expert-channel curves.
 
 The peer, llm-compressor's REAP modifier, runs from its own virtual environment on the same test bed and the
 same calibration blocks (this script writes them beside the cached test bed): see bench/reap_peer.py.
@@ -40,7 +42,13 @@ from transformers import Qwen2MoeForCausalLM
 from gqa_prune import expert_scores
 from gqa_prune.choices import EXPERT_GRADIENT_CRITERIA
 from gqa_prune.criteria.experts import EXPERT_CRITERIA
-from gqa_prune.expert_importance import layer_loss_curves, score_experts, width_loss_curves
+from gqa_prune.expert_importance import (
+    expert_channel_loss_curves,
+    layer_loss_curves,
+    score_experts,
+    sublayer_loss_curves,
+    width_loss_curves,
+)
 from gqa_prune.expert_plan import build_expert_plan
 from gqa_prune.expert_scores import LAYER_KIND
 from gqa_prune.expert_surgery import apply_expert_plan
@@ -65,6 +73,11 @@ def main() -> None:
         help="also every width ratio with --experts per-layer: experts, GQA groups and shared channels priced "
         "against each other by their loss curves, per layer",
     )  # fmt: skip
+    parser.add_argument(
+        "--expert-channel-ratio", type=float, default=0.0,
+        help="with --width-per-layer: also rows removing this share of expert channels, uniform and priced per layer",
+    )  # fmt: skip
+    parser.add_argument("--channel-multiple", type=int, default=16, help="kept expert widths in multiples of this")
     parser.add_argument("--curve-blocks", type=int, default=2, help="of those blocks, how many the loss curves use")
     parser.add_argument("--blocks", type=int, default=8, help="C4 calibration blocks of 2048 tokens")
     parser.add_argument("--testbed-blocks", type=int, default=4, help="of those, how many build the test bed")
@@ -148,6 +161,27 @@ def main() -> None:
                 cached.width_curves[LAYER_KIND] = layer_loss_curves(testbed, cached, measure, torch.device("cpu"), base)
             expert_scores.save(cached, folder)
             print(f"GQA group, shared-channel and layer loss curves: {time.perf_counter() - started:.0f} s")
+        if args.width_per_layer and statistics and "mlp" not in statistics["scores"].width_curves:
+            started = time.perf_counter()  # cached before sublayers were measured: the same model and blocks
+            cached = statistics["scores"]
+            cached.geometry = expert_geometry_of(testbed)  # with the sublayer sizes older caches lack
+            measure = list(bench.blocks[: args.curve_blocks].split(1))
+            with frozen(testbed):
+                base = mean_loss(testbed, measure, torch.device("cpu"))
+                cached.width_curves.update(sublayer_loss_curves(testbed, cached, measure, torch.device("cpu"), base))
+            expert_scores.save(cached, folder)
+            print(f"attention-block and MoE-block loss curves: {time.perf_counter() - started:.0f} s")
+        if args.expert_channel_ratio and statistics and "channel" not in statistics["scores"].width_curves:
+            started = time.perf_counter()  # cached before expert channels were measured: the same model and blocks
+            cached = statistics["scores"]
+            measure = list(bench.blocks[: args.curve_blocks].split(1))
+            with frozen(testbed):
+                base = mean_loss(testbed, measure, torch.device("cpu"))
+                cached.width_curves["channel"] = expert_channel_loss_curves(
+                    testbed, cached, measure, torch.device("cpu"), base
+                )
+            expert_scores.save(cached, folder)
+            print(f"expert-channel loss curves: {time.perf_counter() - started:.0f} s")
         if not statistics:
             started = time.perf_counter()
             statistics["scores"] = score_experts(
@@ -160,8 +194,8 @@ def main() -> None:
             )
         return statistics["scores"]
 
-    def pruned(ratio: float, criterion: str, allocation: str, width_ratio: float = 0.0, whole_layers: bool = False):
-        settings = ExpertPlanSettings(ratio, criterion, allocation, width_ratio=width_ratio, whole_layers=whole_layers)
+    def pruned(ratio: float, criterion: str, allocation: str, width_ratio: float = 0.0, **options):
+        settings = ExpertPlanSettings(ratio, criterion, allocation, width_ratio=width_ratio, **options)
         return apply_expert_plan(copy.deepcopy(testbed), build_expert_plan(scores(), settings))
 
     runs = [(criterion, "uniform") for criterion in args.criteria.split(",") if criterion]
@@ -185,11 +219,27 @@ def main() -> None:
                 str(kept),
             )
             for whole_layers in (False, True) if args.width_per_layer else ():
-                layers = ", layers" if whole_layers else ""
+                layers = ", layers and sublayers" if whole_layers else ""
                 add(
                     f"reap (per-layer: experts, groups, shared channels{layers} priced together), as much removed "
                     f"as {ratio:.0%} of experts + {width:.0%} of GQA groups and shared channels",
-                    lambda: pruned(ratio, "reap", "per-layer", width, whole_layers),
+                    lambda: pruned(ratio, "reap", "per-layer", width, whole_layers=whole_layers),
+                    None,
+                )
+            channel = args.expert_channel_ratio
+            if channel and args.width_per_layer:
+                options = {"channel_ratio": channel, "channel_multiple": args.channel_multiple}
+                add(
+                    f"reap (uniform), {ratio:.0%} of experts + {width:.0%} of GQA groups and shared channels + "
+                    f"{channel:.0%} of expert channels removed",
+                    lambda: pruned(ratio, "reap", "uniform", width, **options),
+                    str(kept),
+                )
+                add(
+                    f"reap (per-layer: experts, expert channels, groups, shared channels, layers and sublayers priced "
+                    f"together), as much removed as {ratio:.0%} of experts + {width:.0%} of GQA groups and shared "
+                    f"channels + {channel:.0%} of expert channels",
+                    lambda: pruned(ratio, "reap", "per-layer", width, whole_layers=True, **options),
                     None,
                 )
     for folder in args.peer_dirs:

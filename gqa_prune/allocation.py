@@ -169,7 +169,8 @@ def split_by_steps(
     parameter (optimal when each curve is convex, as loss-curve hulls are).
 
     ``steps[key]`` are the parameters removed after 1, 2, ... steps of that candidate (ascending; its last is
-    the most it can give), ``curves[key](params)`` the loss of removing ``params``. A step is taken only while
+    the most it can give; none: never a candidate, its curve is never called), ``curves[key](params)`` the loss
+    of removing ``params`` (0 at 0). A step is taken only while
     at least half of it fits in what remains of the target, so the total lands within half a step of it.
     ``wholes`` maps a candidate that removes a whole (e.g. a layer, one step) to the candidates it contains: its
     step is priced by what it adds to theirs taken so far (loss and parameters), and once taken they stop and
@@ -185,7 +186,7 @@ def split_by_steps(
     def next_step(key: Hashable) -> tuple[float, float]:
         """(parameters, loss increase) of the candidate's next step."""
         if key in wholes:
-            parts = [part for part in wholes[key] if part in curves]
+            parts = [part for part in wholes[key] if taken.get(part)]  # a part's curve passes (0, 0)
             size = steps[key][0] - sum(removed(part) for part in parts)
             return size, curves[key](steps[key][0]) - sum(curves[part](removed(part)) for part in parts)
         return steps[key][taken[key]] - removed(key), curves[key](steps[key][taken[key]]) - curves[key](removed(key))

@@ -281,12 +281,18 @@ def expert_model_card(plan, source: str, config_kind: str, model_name: str) -> s
         if plan.removed_layers
         else ""
     )
+    if plan.removed_sublayers:
+        blocks = ", ".join(
+            f"{layer} {'attention' if name == 'attention' else 'MoE'}" for layer, name in plan.removed_sublayers
+        )
+        removed += f"; single blocks removed (the residual stream passes them): {blocks} (original layer indices)"
     if config_kind == "stock":
         config_line = "stock (one expert count and width for every layer), so any tool loads it with no custom code"
         load_line = "AutoModelForCausalLM.from_pretrained(path)"
     else:
         config_line = (
-            "per-layer expert counts, widths or attention heads in `per_layer_config`, model class in "
+            "per-layer expert counts, widths, attention heads or removed blocks (`skip`) in `per_layer_config`, "
+            "model class in "
             "`modeling_gqa_prune.py` (stock transformers does not build per-layer shapes of these yet)"
         )
         load_line = "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # or `import gqa_prune` first"

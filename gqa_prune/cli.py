@@ -201,6 +201,8 @@ def _expert_plan(args: argparse.Namespace) -> None:
         groups += f", shared-MLP channels {summary['shared_channels_before']} -> {summary['shared_channels_after']}"
     if plan.removed_layers:
         groups += f", layers {summary['layers_before']} -> {summary['layers_after']}"
+    if plan.removed_sublayers:
+        groups += f", {summary['sublayers_removed']} single attention / MoE blocks removed"
     print(
         f"plan (experts {plan.allocation}, {plan.criterion}{channels}): remove {summary['achieved_expert_ratio']:.2%} "
         f"of the experts ({summary['experts_before']} -> {summary['experts_after']}{groups}; "
@@ -808,14 +810,17 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--whole-layers",
         action="store_true",
-        help="with --experts per-layer: whole decoder layers (attention, state-space or MoE) compete too, priced by "
-        "their measured loss of removing each one",
+        help="with --experts per-layer: whole decoder layers (attention, state-space or MoE) and their single blocks "
+        "(an attention block where all layers share one attention type; a MoE block with its shared expert) compete "
+        "too, priced by the measured loss of removing each one",
     )
     plan.add_argument(
         "--expert-channel-ratio",
         type=_ratio,
         default=0.0,
-        help="fraction of every kept expert's intermediate channels to remove (widths in --channel-multiple)",
+        help="fraction of the experts' intermediate channels to remove (widths in --channel-multiple): the same "
+        "share of every kept expert, or with --experts per-layer that share of their parameters, priced per layer "
+        "against the other kinds",
     )
     plan.add_argument("--seed", type=int, default=0, help="seed of the random expert criterion")
     plan.add_argument(

@@ -4,8 +4,9 @@ per GQA group of every attention layer the norm of what it writes through o_proj
 MLP its Wanda-style score. Then, per MoE layer, a
 loss curve (``expert_loss_curves``): the measured calibration-loss increase of removing 25, 50, 75 % of that
 layer's experts alone (lowest REAP first), likewise per attention layer for its GQA groups and per shared MLP
-for its channels (``width_loss_curves``), and of removing each decoder layer whole (``layer_loss_curves``), which
-`--experts per-layer` plans price layers and kinds by.
+for its channels (``width_loss_curves``), of removing each decoder layer whole (``layer_loss_curves``) and each
+attention block and MoE block alone (``sublayer_loss_curves``), which `--experts per-layer` plans price layers and
+kinds by.
 
 Each expert's output on the tokens routed to it is recomputed by calling the layer's own experts module with
 that expert alone at gate 1, so the norm is exactly what the model's fused kernel computes before gating,
@@ -231,6 +232,7 @@ def score_experts(
             base = loss if measure is batches else mean_loss(model, measure, device)
             scores.curves = expert_loss_curves(model, scores, measure, device, base)
             scores.width_curves = width_loss_curves(model, scores, measure, device, base)
+            scores.width_curves[CHANNEL_STAT] = expert_channel_loss_curves(model, scores, measure, device, base)
             scores.width_curves[LAYER_KIND] = layer_loss_curves(model, scores, measure, device, base)
             scores.width_curves.update(sublayer_loss_curves(model, scores, measure, device, base))
         scores.info["curve_blocks"] = int(sum(len(batch) for batch in measure))
@@ -260,6 +262,40 @@ def expert_loss_curves(
                 handle.remove()
             points.append((removed * geometry.params_per_expert(layer), increase))
             logger.info("expert loss curve, layer %d: %d experts removed, loss +%.4f", layer, removed, increase)
+            if increase > CURVE_CEILING:
+                break
+        curves[layer] = LossCurve(tuple(points))
+    return curves
+
+
+def expert_channel_loss_curves(
+    model: nn.Module, scores: ExpertScores, batches, device, base_loss: float
+) -> dict[int, LossCurve]:
+    """Per MoE layer, the measured calibration-loss increase of removing ``EXPERT_CURVE_FRACTIONS`` of the
+    intermediate channels of every one of its experts (each expert its lowest channel statistics, at least one
+    kept), masked as an expert plan's reference masks them: (parameters removed, nats). One forward each; a
+    layer stops once its loss rose by ``CURVE_CEILING``."""
+    geometry = scores.geometry
+    every_expert = tuple(tuple(range(count)) for count in geometry.experts)
+    curves = {}
+    for layer in tqdm(geometry.moe_layers, desc="expert channel loss curves", unit="layer", leave=False):
+        width, experts = geometry.widths[layer], geometry.experts[layer]
+        points: list[tuple[int, float]] = []
+        for removed in _removal_counts(width, 1):
+            channels = [tuple(tuple(range(w)) for _ in kept) for w, kept in zip(geometry.widths, every_expert)]
+            channels[layer] = tuple(
+                top_units(scores.stats[CHANNEL_STAT][layer][expert], width - removed) for expert in range(experts)
+            )
+            probe = ExpertPlan(
+                geometry, 0.0, DEFAULT_EXPERT_CRITERION, every_expert, int(scores.info["parameters"]),
+                allocation="per-layer", channels=tuple(channels),
+            )  # fmt: skip
+            with masked_experts(model, probe):
+                increase = mean_loss(model, batches, device) - base_loss
+            points.append((removed * experts * geometry.params_per_channel, increase))
+            logger.info(
+                "expert channel loss curve, layer %d: %d of %d removed, loss +%.4f", layer, removed, width, increase
+            )
             if increase > CURVE_CEILING:
                 break
         curves[layer] = LossCurve(tuple(points))

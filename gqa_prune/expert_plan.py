@@ -11,7 +11,8 @@ criterion's value instead. Either way the checkpoint then records per-layer coun
 loads through the project's modeling file. A layer keeps at least ``num_experts_per_tok`` experts.
 
 Expert channels: ``channel_ratio`` removes ``round(channel_ratio x width)`` intermediate channels of every kept
-expert (each expert its own lowest-scored ones; the fused expert tensors need one width per layer).
+expert (each expert its own lowest-scored ones; the fused expert tensors need one width per layer); with
+``per-layer`` that share of the expert channels' parameters instead, each layer's width priced by its curve.
 
 The width kinds a dense model has too (``width_ratio``, `plan --ratio`): ``round(width_ratio x KV heads)`` GQA
 groups (a KV head with its query heads) of every attention layer, those that write least to the residual
@@ -37,7 +38,7 @@ import torch
 from .allocation import split_by_steps
 from .atomic import MARKER, write_text
 from .choices import EXPERT_ALLOCATIONS
-from .criteria.experts import EXPERT_CRITERIA, GROUP_STAT, SHARED_STAT
+from .criteria.experts import CHANNEL_STAT, EXPERT_CRITERIA, GROUP_STAT, SHARED_STAT
 from .errors import GqaPruneError
 from .expert_scores import LAYER_KIND, ExpertScores
 from .moe import MOE_FAMILIES, SUBLAYERS, ExpertGeometry
@@ -415,13 +416,14 @@ def build_expert_plan(scores: ExpertScores, settings: ExpertPlanSettings) -> Exp
     layer_scores = {
         layer: criterion.scores(scores.layer_stats(layer), layer, settings.seed) for layer in geometry.moe_layers
     }
-    priced_groups = priced_shared = None
+    priced_groups = priced_shared = priced_widths = None
     removed_layers: tuple[int, ...] = ()
     removed_sublayers: tuple[tuple[int, str], ...] = ()
     if settings.allocation == "uniform":
         keep = _uniform_counts(geometry, settings.expert_ratio)
     elif settings.allocation == "per-layer":
-        keep, priced_groups, priced_shared, removed_layers, removed_sublayers = _priced_counts(scores, settings)
+        priced = _priced_counts(scores, settings)
+        keep, priced_groups, priced_shared, priced_widths, removed_layers, removed_sublayers = priced
     else:
         keep = _ranked_counts(geometry, settings.expert_ratio, layer_scores)
     kept = tuple(
@@ -430,7 +432,7 @@ def build_expert_plan(scores: ExpertScores, settings: ExpertPlanSettings) -> Exp
     channels = None
     if settings.channel_ratio > 0:
         whole = {*removed_layers, *(layer for layer, name in removed_sublayers if name == "mlp")}
-        channels = _kept_channels(scores, kept, settings.channel_ratio, settings.channel_multiple, whole)
+        channels = _kept_channels(scores, kept, settings, whole, priced_widths)
     groups = shared = None
     if settings.width_ratio > 0 and priced_groups is not None:
         groups = _top_per_layer(scores, GROUP_STAT, priced_groups)
@@ -528,16 +530,16 @@ def _uniform_counts(geometry: ExpertGeometry, ratio: float) -> dict[int, int]:
     return counts
 
 
-def _priced_counts(scores: ExpertScores, settings: ExpertPlanSettings) -> tuple[dict[int, int], dict, dict, tuple]:
-    """``--experts per-layer``: the parameters the ratios remove (``expert_ratio`` of the expert parameters, and
-    with ``width_ratio`` that share of the GQA groups' and shared-MLP channels' parameters too) go one unit at a
-    time from the layer and kind whose measured loss rises least per parameter (optimal for convex curves:
-    their lower hulls are). Each layer gives at most what its curve measured; an MoE layer keeps top-k experts,
-    an attention layer one group, a shared MLP ``channel_multiple`` channels (kept widths stay multiples of it).
-    With ``whole_layers`` every decoder layer is a candidate too, priced by what removing it adds to what its
-    units gave so far. Returns kept experts per MoE layer, kept groups / shared channels per layer of those
-    kinds that take part (empty dicts without ``width_ratio``; a removed layer keeps all of its units, listed)
-    and the removed layers."""
+def _priced_counts(scores: ExpertScores, settings: ExpertPlanSettings) -> tuple:
+    """``--experts per-layer``: the parameters the ratios remove (``expert_ratio`` of the expert parameters; with
+    ``width_ratio`` that share of the GQA groups' and shared-MLP channels' parameters; with ``channel_ratio``
+    that share of the expert channels' parameters) go one unit at a time from the layer and kind whose measured
+    loss rises least per parameter (optimal for convex curves: their lower hulls are). Each layer gives at most
+    what its curve measured; an MoE layer keeps top-k experts, an attention layer one group, a shared MLP and
+    every expert ``channel_multiple`` channels (kept widths stay multiples of it). With ``whole_layers`` every
+    decoder layer and its single blocks are candidates too, priced by what removing them adds to what their
+    units gave so far. Returns kept experts per MoE layer; kept groups / shared channels / channels per expert
+    per layer of the kinds that take part (None for the others); the removed layers and sublayers."""
     geometry = scores.geometry
     if any(layer not in scores.curves for layer in geometry.moe_layers):
         raise GqaPruneError(
@@ -548,7 +550,8 @@ def _priced_counts(scores: ExpertScores, settings: ExpertPlanSettings) -> tuple[
     steps: dict[tuple[str, int], list[int]] = {}
 
     def candidate(kind: str, layer: int, curve: LossCurve | None, removed_units: list[int], unit_params: int) -> None:
-        curves[kind, layer] = curve.loss if curve is not None else (lambda params: float("inf"))
+        """A layer's units of one kind: steps up to what its curve measured (none without a curve)."""
+        curves[kind, layer] = curve.loss if curve is not None else None
         reach = curve.max_params if curve is not None else 0
         steps[kind, layer] = [n * unit_params for n in removed_units if n * unit_params <= reach]
 
@@ -557,27 +560,33 @@ def _priced_counts(scores: ExpertScores, settings: ExpertPlanSettings) -> tuple[
         candidate(EXPERT_KIND, layer, scores.curves[layer], list(range(1, experts - geometry.top_k + 1)),
                   geometry.params_per_expert(layer))  # fmt: skip
     target = settings.expert_ratio * geometry.expert_params
-    sizes: dict[str, tuple[int, ...]] = {}
+    sizes: dict[str, tuple[int, ...]] = {}  # the width kinds that take part: per layer, how many units
     if settings.width_ratio > 0:
         _check_groups_recorded(scores)
         sizes[GROUP_STAT] = geometry.kv_groups
         if _has_shared_mlps(scores):
             sizes[SHARED_STAT] = geometry.shared_widths
         target += settings.width_ratio * (geometry.group_params + geometry.shared_params)
+    if settings.channel_ratio > 0:
+        sizes[CHANNEL_STAT] = geometry.widths
+        target += settings.channel_ratio * sum(
+            geometry.experts[layer] * geometry.widths[layer] * geometry.params_per_channel
+            for layer in geometry.moe_layers
+        )
     for kind, per_layer in sizes.items():
         if kind not in scores.width_curves:
             raise GqaPruneError(
-                "--experts per-layer with --ratio prices GQA groups and shared-MLP channels by measured loss curves; "
-                "these scores lack them (re-run `gqa-prune importance` without --no-curves)"
+                f"--experts per-layer prices {_KIND_NAMES[kind]} by measured loss curves; these scores lack them "
+                "(re-run `gqa-prune importance` without --no-curves)"
             )
         multiple = 1 if kind == GROUP_STAT else settings.channel_multiple
         for layer, size in enumerate(per_layer):
             if size:
                 kept_sizes = [k * multiple for k in range(size // multiple, 0, -1) if k * multiple < size]
                 candidate(kind, layer, scores.width_curves[kind].get(layer), [size - k for k in kept_sizes],
-                          _unit_params(geometry, kind))  # fmt: skip
+                          _unit_params(geometry, kind, layer))  # fmt: skip
     wholes = _whole_candidates(scores, curves, steps) if settings.whole_layers else {}
-    taken = split_by_steps(curves, steps, target, wholes)
+    taken = _split_counting_overlap(geometry, curves, steps, target, wholes)
     removed = sum(steps[key][count - 1] for key, count in taken.items() if count)
     if all(count == len(steps[key]) for key, count in taken.items()) and removed < target * (1 - 1e-9):
         raise GqaPruneError(
@@ -594,16 +603,44 @@ def _priced_counts(scores: ExpertScores, settings: ExpertPlanSettings) -> tuple[
     for kind, per_layer in sizes.items():
         for layer, size in enumerate(per_layer):
             if size:
-                count = taken[kind, layer]
-                removed_units = steps[kind, layer][count - 1] // _unit_params(geometry, kind) if count else 0
-                kept[kind][layer] = size - removed_units
+                kept[kind][layer] = size - _units_taken(geometry, steps, taken, kind, layer)
     return (
-        experts,
-        kept.get(GROUP_STAT, {}),
-        kept.get(SHARED_STAT, {}),
-        tuple(sorted(removed_layers)),
-        removed_sublayers,
-    )
+        experts, kept.get(GROUP_STAT, {}), kept.get(SHARED_STAT, {}), kept.get(CHANNEL_STAT),
+        tuple(sorted(removed_layers)), removed_sublayers,
+    )  # fmt: skip
+
+
+_KIND_NAMES = {GROUP_STAT: "GQA groups", SHARED_STAT: "shared-MLP channels", CHANNEL_STAT: "expert channels"}
+
+
+def _units_taken(geometry: ExpertGeometry, steps: dict, taken: dict, kind: str, layer: int) -> int:
+    count = taken[kind, layer]
+    return steps[kind, layer][count - 1] // _unit_params(geometry, kind, layer) if count else 0
+
+
+def _split_counting_overlap(geometry: ExpertGeometry, curves: dict, steps: dict, target: float, wholes: dict) -> dict:
+    """split_by_steps, with the target raised by what the candidates count twice: a channel step is priced at
+    all of the layer's experts, so the channels of the experts the same plan removes are counted again. The
+    target grows by that overlap until the plan removes what the ratios name (a few rounds)."""
+    extra = 0.0
+    for _ in range(8):
+        taken = split_by_steps(curves, steps, target + extra, wholes)
+        overlap = sum(
+            taken[EXPERT_KIND, layer] * _units_taken(geometry, steps, taken, CHANNEL_STAT, layer)
+            * geometry.params_per_channel
+            for layer in geometry.moe_layers if (CHANNEL_STAT, layer) in steps
+        )  # fmt: skip
+        if overlap == extra:
+            break
+        extra = overlap
+    return taken
+
+
+def _unit_params(geometry: ExpertGeometry, kind: str, layer: int) -> int:
+    """Parameters one unit of a width kind owns: a group, a shared channel, or a channel of every expert."""
+    if kind == CHANNEL_STAT:
+        return geometry.experts[layer] * geometry.params_per_channel
+    return geometry.params_per_group if kind == GROUP_STAT else geometry.params_per_shared_channel
 
 
 def _other(sublayer: str) -> str:
@@ -621,7 +658,7 @@ def _whole_candidates(scores: ExpertScores, curves: dict, steps: dict) -> dict:
             "importance` without --no-curves)"
         )
     wholes = {}
-    units = {"attention": (GROUP_STAT,), "mlp": (EXPERT_KIND, SHARED_STAT)}
+    units = {"attention": (GROUP_STAT,), "mlp": (EXPERT_KIND, SHARED_STAT, CHANNEL_STAT)}
     for index, name in enumerate(SUBLAYERS):
         for layer, curve in sorted(scores.width_curves.get(name, {}).items()):
             curves[name, layer], steps[name, layer] = curve.loss, [geometry.sublayer_params[layer][index]]
@@ -630,10 +667,6 @@ def _whole_candidates(scores: ExpertScores, curves: dict, steps: dict) -> dict:
         curves[LAYER_KIND, layer], steps[LAYER_KIND, layer] = curve.loss, [geometry.layer_params[layer]]
         wholes[LAYER_KIND, layer] = [key for key in curves if key[0] != LAYER_KIND and key[1] == layer]
     return wholes
-
-
-def _unit_params(geometry: ExpertGeometry, kind: str) -> int:
-    return geometry.params_per_group if kind == GROUP_STAT else geometry.params_per_shared_channel
 
 
 def _ranked_counts(geometry: ExpertGeometry, ratio: float, layer_scores: dict[int, torch.Tensor]) -> dict[int, int]:
@@ -665,15 +698,22 @@ def _ranked_counts(geometry: ExpertGeometry, ratio: float, layer_scores: dict[in
 
 
 def _kept_channels(
-    scores: ExpertScores, kept: tuple[tuple[int, ...], ...], ratio: float, multiple: int, whole_layers=()
+    scores: ExpertScores,
+    kept: tuple[tuple[int, ...], ...],
+    settings: ExpertPlanSettings,
+    whole_layers=(),
+    widths: dict[int, int] | None = None,
 ) -> tuple[Channels, ...]:
+    """Per layer, per kept expert, its highest-scored channels: ``widths[layer]`` of them where the per-layer
+    pricing chose the widths, else ``width - round(channel_ratio x width)`` rounded down to ``channel_multiple``."""
+    ratio, multiple = settings.channel_ratio, settings.channel_multiple
     result = []
     for layer, experts in enumerate(kept):
         width = scores.geometry.widths[layer]
         if layer in whole_layers:  # its MoE block goes whole: its experts are listed with all their channels
             result.append(tuple(tuple(range(width)) for _ in experts))
             continue
-        keep = (width - round(ratio * width)) // multiple * multiple
+        keep = widths.get(layer, width) if widths is not None else (width - round(ratio * width)) // multiple * multiple
         if experts and keep < 1:
             raise GqaPruneError(
                 f"--expert-channel-ratio {ratio} keeps no channel of layer {layer}'s {width}-channel experts in "

@@ -40,7 +40,8 @@ class ExpertScores:
     calibration_loss: float
     info: dict = field(default_factory=dict)
     curves: dict[int, LossCurve] = field(default_factory=dict)  # per MoE layer: removing its experts alone
-    # GROUP_STAT / SHARED_STAT -> per attention layer / shared MLP: removing its lowest-scored groups / channels;
+    # GROUP_STAT / SHARED_STAT / CHANNEL_STAT -> per attention layer / shared MLP / MoE layer: removing its
+    # lowest-scored groups / channels / channels of every expert;
     # LAYER_KIND -> per decoder layer: removing it whole (one point); SUBLAYERS names -> per layer: removing its
     # attention block / its MoE block (one point; attention only where the model has one attention type)
     width_curves: dict[str, dict[int, LossCurve]] = field(default_factory=dict)
@@ -79,6 +80,7 @@ class ExpertScores:
         sizes = {
             GROUP_STAT: self.geometry.kv_groups,
             SHARED_STAT: self.geometry.shared_widths,
+            CHANNEL_STAT: self.geometry.widths,
             LAYER_KIND: (1,) * self.geometry.num_layers,
             **{name: tuple(sizes[i] for sizes in self.geometry.sublayer_params) for i, name in enumerate(SUBLAYERS)},
         }

@@ -61,7 +61,7 @@ class ExpertPlanSettings:
     channel_multiple: int = 128
     seed: int = 0
     width_ratio: float = 0.0  # of GQA groups and shared-MLP channels (`plan --ratio` on a MoE's scores)
-    whole_layers: bool = False  # per-layer allocation: whole decoder layers compete too (`plan --whole-layers`)
+    whole_layers: bool = False  # per-layer allocation: layers and single blocks compete too (`plan --whole-layers`)
 
     def validate(self) -> None:
         """Refuse bad values in one line (a ``SettingError`` naming the field)."""

@@ -382,6 +382,48 @@ def test_width_loss_curves_are_what_removing_a_layers_groups_or_shared_channels_
             )  # fmt: skip
             pruned = apply_expert_plan(copy.deepcopy(model), plan)
             assert increase == pytest.approx(mean_loss(pruned, list(blocks.split(2)), cpu) - base, abs=1e-5)
+    assert sorted(scores.width_curves["channel"]) == list(geometry.moe_layers)  # every expert's channels at once
+    for layer, curve in scores.width_curves["channel"].items():
+        per_channel = geometry.experts[layer] * geometry.params_per_channel
+        assert [params // per_channel for params, _ in curve.points] == [4, 8, 12]  # of 16 per expert
+        channels = [tuple(tuple(range(width)) for _ in kept) for width, kept in zip(geometry.widths, every)]
+        channels[layer] = tuple(top_units(stat, 4) for stat in scores.stats["channel"][layer])  # 12 removed
+        plan = ExpertPlan(geometry, 0.0, "reap", every, scores.info["parameters"], allocation="per-layer",
+                          channels=tuple(channels))  # fmt: skip
+        pruned = apply_expert_plan(copy.deepcopy(model), plan)
+        assert curve.points[-1][1] == pytest.approx(mean_loss(pruned, list(blocks.split(2)), cpu) - base, abs=1e-5)
+
+
+def test_per_layer_plans_price_expert_channels_against_experts_counting_their_overlap():
+    """--experts per-layer with --expert-channel-ratio: expert channels compete per layer too (a step: one
+    --channel-multiple of channels from every expert of the layer). Hand-set curves: layer 2's channels are
+    nearly free up to half, its experts and layer 0's channels dear, layer 0's experts cheap. Experts and
+    channels going from the same layer would count the removed experts' channels twice; the plan raises its
+    target by that overlap, so it removes what the ratios name within half a step."""
+    scores = _scores(tiny_moe("qwen2_moe"))
+    geometry = scores.geometry
+    expert, per_channel = geometry.params_per_expert(0), 6 * geometry.params_per_channel  # a channel of 6 experts
+    scores.curves = {
+        layer: LossCurve(tuple((n * expert, n * nats) for n in (2, 3, 4))) for layer, nats in ((0, 0.1), (2, 5.0))
+    }
+    scores.width_curves["channel"] = {
+        0: LossCurve(((4 * per_channel, 8.0), (8 * per_channel, 16.0))),
+        2: LossCurve(((4 * per_channel, 0.01), (8 * per_channel, 0.02), (12 * per_channel, 9.0))),
+    }
+    plan = _plan(scores, 0.25, allocation="per-layer", channel_ratio=0.25, channel_multiple=4)
+    # 0.25 x 18,816 expert + 0.25 x 18,432 channel parameters = 9,312: layer 2's 8 cheap channels of every expert
+    # (4,608), then layer 0's experts (1,568 each) while at least half a step remains
+    assert [len(kept) for kept in plan.kept] == [3, 0, 6]
+    assert [plan.kept_width(layer) for layer in (0, 2)] == [16, 8] and not plan.is_uniform
+    assert plan.params_before - plan.params_after == 8 * per_channel + 3 * expert
+    scores.curves[2] = LossCurve(tuple((n * expert, n * 0.001) for n in (2, 3, 4)))  # layer 2's experts now free
+    plan = _plan(scores, 0.25, allocation="per-layer", channel_ratio=0.25, channel_multiple=4)
+    removed_experts, width = 6 - len(plan.kept[2]), plan.kept_width(2)
+    assert removed_experts and width < 16  # both from layer 2: its channels are counted once, in kept experts
+    assert abs(plan.params_before - plan.params_after - 9312) <= expert / 2
+    del scores.width_curves["channel"]
+    with pytest.raises(GqaPruneError, match="--experts per-layer prices expert channels by measured loss curves"):
+        _plan(scores, 0.25, allocation="per-layer", channel_ratio=0.25, channel_multiple=4)
 
 
 def test_per_layer_plans_price_gqa_groups_and_shared_channels_against_experts():
@@ -416,7 +458,9 @@ def test_per_layer_plans_price_gqa_groups_and_shared_channels_against_experts():
     assert plan.params_before - plan.params_after == group + 11 * channel + 3 * expert
     assert not plan.is_uniform
     scores.width_curves = {}
-    with pytest.raises(GqaPruneError, match="--experts per-layer with --ratio prices GQA groups"):
+    with pytest.raises(
+        GqaPruneError, match="--experts per-layer prices GQA groups by measured loss curves; these scores lack them"
+    ):
         _plan(scores, 0.25, allocation="per-layer", width_ratio=0.2)
 
 
