@@ -136,6 +136,22 @@ def main() -> None:
     wanted = {*args.criteria.split(","), *args.per_layer.split(","), *args.ranked.split(",")}
     gradients = bool(wanted & set(EXPERT_GRADIENT_CRITERIA))
 
+    def top_up(asked: bool, kind: str, label: str, folder: Path, measures) -> None:
+        """Measure the loss curves the cached scores lack (cached before they existed; the same model and
+        blocks), each of ``measures`` returning kind -> per-layer curves, and save them."""
+        if not (asked and statistics and kind not in statistics["scores"].width_curves):
+            return
+        started, cpu = time.perf_counter(), torch.device("cpu")
+        cached = statistics["scores"]
+        cached.geometry = expert_geometry_of(testbed)  # with the layer and sublayer sizes older caches lack
+        measure = list(bench.blocks[: args.curve_blocks].split(1))
+        with frozen(testbed):
+            base = mean_loss(testbed, measure, cpu)
+            for curves_of in measures:
+                cached.width_curves.update(curves_of(testbed, cached, measure, cpu, base))
+        expert_scores.save(cached, folder)
+        print(f"{label} loss curves: {time.perf_counter() - started:.0f} s")
+
     def scores():
         folder = cache / f"importance-{args.blocks}x2048-c{args.curve_blocks}"
         if not statistics and expert_scores.is_expert_folder(folder):
@@ -150,38 +166,13 @@ def main() -> None:
                 print(f"expert statistics (gradients: {gradients}): {time.perf_counter() - started:.0f} s")
                 statistics["scores"].curves = curves
                 expert_scores.save(statistics["scores"], folder)
-        if args.width_per_layer and statistics and LAYER_KIND not in statistics["scores"].width_curves:
-            started = time.perf_counter()  # cached before they were measured: the same model and blocks
-            cached = statistics["scores"]
-            cached.geometry = expert_geometry_of(testbed)  # with the layer sizes older caches lack
-            measure = list(bench.blocks[: args.curve_blocks].split(1))
-            with frozen(testbed):
-                base = mean_loss(testbed, measure, torch.device("cpu"))
-                cached.width_curves = width_loss_curves(testbed, cached, measure, torch.device("cpu"), base)
-                cached.width_curves[LAYER_KIND] = layer_loss_curves(testbed, cached, measure, torch.device("cpu"), base)
-            expert_scores.save(cached, folder)
-            print(f"GQA group, shared-channel and layer loss curves: {time.perf_counter() - started:.0f} s")
-        if args.width_per_layer and statistics and "mlp" not in statistics["scores"].width_curves:
-            started = time.perf_counter()  # cached before sublayers were measured: the same model and blocks
-            cached = statistics["scores"]
-            cached.geometry = expert_geometry_of(testbed)  # with the sublayer sizes older caches lack
-            measure = list(bench.blocks[: args.curve_blocks].split(1))
-            with frozen(testbed):
-                base = mean_loss(testbed, measure, torch.device("cpu"))
-                cached.width_curves.update(sublayer_loss_curves(testbed, cached, measure, torch.device("cpu"), base))
-            expert_scores.save(cached, folder)
-            print(f"attention-block and MoE-block loss curves: {time.perf_counter() - started:.0f} s")
-        if args.expert_channel_ratio and statistics and "channel" not in statistics["scores"].width_curves:
-            started = time.perf_counter()  # cached before expert channels were measured: the same model and blocks
-            cached = statistics["scores"]
-            measure = list(bench.blocks[: args.curve_blocks].split(1))
-            with frozen(testbed):
-                base = mean_loss(testbed, measure, torch.device("cpu"))
-                cached.width_curves["channel"] = expert_channel_loss_curves(
-                    testbed, cached, measure, torch.device("cpu"), base
-                )
-            expert_scores.save(cached, folder)
-            print(f"expert-channel loss curves: {time.perf_counter() - started:.0f} s")
+        top_up(args.width_per_layer, LAYER_KIND, "GQA group, shared-channel and layer", folder, [
+            width_loss_curves, lambda *inputs: {LAYER_KIND: layer_loss_curves(*inputs)},
+        ])  # fmt: skip
+        top_up(args.width_per_layer, "mlp", "attention-block and MoE-block", folder, [sublayer_loss_curves])
+        top_up(args.expert_channel_ratio > 0, "channel", "expert-channel", folder, [
+            lambda *inputs: {"channel": expert_channel_loss_curves(*inputs)},
+        ])  # fmt: skip
         if not statistics:
             started = time.perf_counter()
             statistics["scores"] = score_experts(

@@ -720,13 +720,8 @@ def test_expert_scores_round_trip_through_their_folder(tmp_path, tiny_tokenizer)
     loaded = expert_scores.load(tmp_path / "importance")
     assert loaded.geometry == scores.geometry and loaded.calibration_loss == scores.calibration_loss
     assert loaded.curves == scores.curves and len(scores.curves) == 2
-    assert loaded.width_curves == scores.width_curves and sorted(scores.width_curves) == [
-        "attention",
-        "group",
-        "layer",
-        "mlp",
-        "shared",
-    ]
+    kinds = ["attention", "channel", "group", "layer", "mlp", "shared"]
+    assert loaded.width_curves == scores.width_curves and sorted(scores.width_curves) == kinds
     for name, per_layer in scores.stats.items():
         assert all(torch.equal(a, b) for a, b in zip(loaded.stats[name], per_layer))
     record = json.loads((tmp_path / "importance" / "experts.json").read_text())
@@ -817,6 +812,35 @@ def test_cli_importance_plan_prune_on_a_moe_model(tmp_path, capsys, tiny_tokeniz
             f"routers {'frozen' if router == 'frozen' else 'trained in full'}"
             in (tmp_path / f"recovered-{router}" / "README.md").read_text()
         )
+
+
+def test_cli_prunes_and_recovers_a_moe_model_short_of_single_blocks(tmp_path, capsys, tiny_tokenizer):
+    """A plan without layer 0's MoE block and layer 1's attention block: prune writes the project's per-layer
+    config, recover trains LoRA on what is left and saves a checkpoint that reloads without those blocks."""
+    model = tiny_moe("mixtral", vocab_size=len(tiny_tokenizer))
+    _saved_with_calibration(model, tiny_tokenizer, tmp_path)
+    geometry = expert_geometry_of(model)
+    every = tuple(tuple(range(count)) for count in geometry.experts)
+    plan = ExpertPlan(geometry, 0.0, "reap", every, parameter_count(model), allocation="per-layer",
+                      removed_sublayers=((0, "mlp"), (1, "attention")))  # fmt: skip
+    plan.save(tmp_path / "plan.json")
+    code, out, err = run(
+        capsys, "prune", "--model", str(tmp_path / "moe"), "--plan", str(tmp_path / "plan.json"),
+        "--out", str(tmp_path / "pruned"),
+    )  # fmt: skip
+    assert code == 0, err
+    assert "per-layer config" in out and "0 MoE, 1 attention" in (tmp_path / "pruned" / "README.md").read_text()
+    code, out, err = run(
+        capsys, "recover", "--model", str(tmp_path / "pruned"), "--train-blocks", str(tmp_path / "calib.safetensors"),
+        "--steps", "2", "--warmup-steps", "0", "--lr", "0.01", "--device", "cpu", "--out", str(tmp_path / "recovered"),
+    )  # fmt: skip
+    assert code == 0, err
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    recovered = AutoModelForCausalLM.from_pretrained(tmp_path / "recovered")
+    assert recovered.model.layers[0].mlp is None and recovered.model.layers[1].self_attn is None
+    assert expert_geometry_of(recovered) == plan.pruned_geometry()
+    changed = recovered.model.layers[2].mlp.experts.gate_up_proj
+    assert not torch.equal(changed, pruned.model.layers[2].mlp.experts.gate_up_proj)  # LoRA reached the experts
 
 
 def _gates_scaled(model, masks: list[torch.Tensor]):
