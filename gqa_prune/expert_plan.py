@@ -580,6 +580,11 @@ def _priced_counts(scores: ExpertScores, settings: ExpertPlanSettings) -> tuple:
                 "(re-run `gqa-prune importance` without --no-curves)"
             )
         multiple = 1 if kind == GROUP_STAT else settings.channel_multiple
+        if kind == CHANNEL_STAT and not any(size >= 2 * multiple for size in per_layer):
+            raise GqaPruneError(
+                f"--expert-channel-ratio {settings.channel_ratio}: experts of {max(per_layer)} channels cannot lose "
+                f"channels in multiples of {multiple} (--channel-multiple) and keep one multiple"
+            )
         for layer, size in enumerate(per_layer):
             if size:
                 kept_sizes = [k * multiple for k in range(size // multiple, 0, -1) if k * multiple < size]

@@ -421,6 +421,8 @@ def test_per_layer_plans_price_expert_channels_against_experts_counting_their_ov
     removed_experts, width = 6 - len(plan.kept[2]), plan.kept_width(2)
     assert removed_experts and width < 16  # both from layer 2: its channels are counted once, in kept experts
     assert abs(plan.params_before - plan.params_after - 9312) <= expert / 2
+    with pytest.raises(GqaPruneError, match=r"experts of 16 channels cannot lose channels in multiples of 16 \("):
+        _plan(scores, 0.25, allocation="per-layer", channel_ratio=0.25, channel_multiple=16)
     del scores.width_curves["channel"]
     with pytest.raises(GqaPruneError, match="--experts per-layer prices expert channels by measured loss curves"):
         _plan(scores, 0.25, allocation="per-layer", channel_ratio=0.25, channel_multiple=4)
