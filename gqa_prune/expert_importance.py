@@ -43,6 +43,7 @@ from .passes import forward_backward, frozen, mean_loss
 from .planning import top_units
 from .scores import LossCurve
 from .settings import CURVE_TOKENS, IMPORTANCE_BATCH_SIZE
+from .surgery import mixes_attention_types
 from .units.expert import EXPERT
 
 logger = logging.getLogger(__name__)
@@ -370,7 +371,7 @@ def sublayer_loss_curves(
     sublayer's parameters, nats), the block adding nothing as an expert plan's reference removes it."""
     geometry = scores.geometry
     candidates = [(layer, "mlp") for layer in geometry.moe_layers]
-    if len(set(getattr(model.config, "layer_types", None) or ["full_attention"])) == 1:
+    if not mixes_attention_types(model.config):
         candidates += [
             (layer, "attention") for layer in range(geometry.num_layers) if geometry.sublayer_params[layer][0]
         ]

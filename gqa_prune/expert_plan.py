@@ -416,27 +416,25 @@ def build_expert_plan(scores: ExpertScores, settings: ExpertPlanSettings) -> Exp
     layer_scores = {
         layer: criterion.scores(scores.layer_stats(layer), layer, settings.seed) for layer in geometry.moe_layers
     }
-    priced_groups = priced_shared = priced_widths = None
-    removed_layers: tuple[int, ...] = ()
-    removed_sublayers: tuple[tuple[int, str], ...] = ()
+    priced = _priced_counts(scores, settings) if settings.allocation == "per-layer" else PricedCounts({})
     if settings.allocation == "uniform":
         keep = _uniform_counts(geometry, settings.expert_ratio)
     elif settings.allocation == "per-layer":
-        priced = _priced_counts(scores, settings)
-        keep, priced_groups, priced_shared, priced_widths, removed_layers, removed_sublayers = priced
+        keep = priced.experts
     else:
         keep = _ranked_counts(geometry, settings.expert_ratio, layer_scores)
+    removed_layers, removed_sublayers = priced.removed_layers, priced.removed_sublayers
     kept = tuple(
         top_units(layer_scores[layer], keep[layer]) if layer in keep else () for layer in range(geometry.num_layers)
     )
     channels = None
     if settings.channel_ratio > 0:
         whole = {*removed_layers, *(layer for layer, name in removed_sublayers if name == "mlp")}
-        channels = _kept_channels(scores, kept, settings, whole, priced_widths)
+        channels = _kept_channels(scores, kept, settings, whole, priced.widths)
     groups = shared = None
-    if settings.width_ratio > 0 and priced_groups is not None:
-        groups = _top_per_layer(scores, GROUP_STAT, priced_groups)
-        shared = _top_per_layer(scores, SHARED_STAT, priced_shared) if priced_shared else None
+    if settings.width_ratio > 0 and priced.groups is not None:
+        groups = _top_per_layer(scores, GROUP_STAT, priced.groups)
+        shared = _top_per_layer(scores, SHARED_STAT, priced.shared) if priced.shared else None
     elif settings.width_ratio > 0:
         groups = _kept_groups(scores, settings.width_ratio)
         shared = _kept_shared_channels(scores, settings.width_ratio, settings.channel_multiple)
@@ -530,7 +528,20 @@ def _uniform_counts(geometry: ExpertGeometry, ratio: float) -> dict[int, int]:
     return counts
 
 
-def _priced_counts(scores: ExpertScores, settings: ExpertPlanSettings) -> tuple:
+@dataclass(frozen=True)
+class PricedCounts:
+    """What ``--experts per-layer`` keeps: experts per MoE layer, and per layer the GQA groups, shared-MLP
+    channels and channels per expert of the kinds that took part (None for the others); what it removes whole."""
+
+    experts: dict[int, int]
+    groups: dict[int, int] | None = None
+    shared: dict[int, int] | None = None
+    widths: dict[int, int] | None = None
+    removed_layers: tuple[int, ...] = ()
+    removed_sublayers: tuple[tuple[int, str], ...] = ()
+
+
+def _priced_counts(scores: ExpertScores, settings: ExpertPlanSettings) -> PricedCounts:
     """``--experts per-layer``: the parameters the ratios remove (``expert_ratio`` of the expert parameters; with
     ``width_ratio`` that share of the GQA groups' and shared-MLP channels' parameters; with ``channel_ratio``
     that share of the expert channels' parameters) go one unit at a time from the layer and kind whose measured
@@ -538,8 +549,7 @@ def _priced_counts(scores: ExpertScores, settings: ExpertPlanSettings) -> tuple:
     what its curve measured; an MoE layer keeps top-k experts, an attention layer one group, a shared MLP and
     every expert ``channel_multiple`` channels (kept widths stay multiples of it). With ``whole_layers`` every
     decoder layer and its single blocks are candidates too, priced by what removing them adds to what their
-    units gave so far. Returns kept experts per MoE layer; kept groups / shared channels / channels per expert
-    per layer of the kinds that take part (None for the others); the removed layers and sublayers."""
+    units gave so far."""
     geometry = scores.geometry
     if any(layer not in scores.curves for layer in geometry.moe_layers):
         raise GqaPruneError(
@@ -609,10 +619,14 @@ def _priced_counts(scores: ExpertScores, settings: ExpertPlanSettings) -> tuple:
         for layer, size in enumerate(per_layer):
             if size:
                 kept[kind][layer] = size - _units_taken(geometry, steps, taken, kind, layer)
-    return (
-        experts, kept.get(GROUP_STAT, {}), kept.get(SHARED_STAT, {}), kept.get(CHANNEL_STAT),
-        tuple(sorted(removed_layers)), removed_sublayers,
-    )  # fmt: skip
+    return PricedCounts(
+        experts,
+        kept.get(GROUP_STAT),
+        kept.get(SHARED_STAT),
+        kept.get(CHANNEL_STAT),
+        tuple(sorted(removed_layers)),
+        removed_sublayers,
+    )
 
 
 _KIND_NAMES = {GROUP_STAT: "GQA groups", SHARED_STAT: "shared-MLP channels", CHANNEL_STAT: "expert channels"}

@@ -53,10 +53,16 @@ def check_plan_fits(plan: PruningPlan, model: nn.Module) -> Geometry:
     return geometry
 
 
+def mixes_attention_types(config) -> bool:
+    """Whether the layers of a model differ in attention type (``layer_types``: sliding and full, or attention
+    and state-space): then single attention sublayers cannot go (the KV cache is renumbered over the layers
+    that keep one)."""
+    return len(set(getattr(config, "layer_types", None) or ["full_attention"])) > 1
+
+
 def check_attention_removable(config, instead: str = "--mode depth") -> None:
-    """Single attention sublayers can go only where every layer has the same attention type (the KV cache is
-    renumbered over the layers that keep one)."""
-    if len(set(getattr(config, "layer_types", None) or ["full_attention"])) > 1:
+    """Refuse removing single attention sublayers of a model that mixes attention types."""
+    if mixes_attention_types(config):
         raise GqaPruneError(
             "this model mixes attention types across layers (layer_types); removing single attention sublayers "
             f"is supported only when every layer has the same type (remove whole layers instead: {instead})"
