@@ -277,22 +277,18 @@ def expert_channel_loss_curves(
     kept), masked as an expert plan's reference masks them: (parameters removed, nats). One forward each; a
     layer stops once its loss rose by ``CURVE_CEILING``."""
     geometry = scores.geometry
-    every_expert = tuple(tuple(range(count)) for count in geometry.experts)
     curves = {}
     for layer in tqdm(geometry.moe_layers, desc="expert channel loss curves", unit="layer", leave=False):
         width, experts = geometry.widths[layer], geometry.experts[layer]
         points: list[tuple[int, float]] = []
         for removed in _removal_counts(width, 1):
-            channels = [tuple(tuple(range(w)) for _ in kept) for w, kept in zip(geometry.widths, every_expert)]
+            channels = [
+                tuple(tuple(range(w)) for _ in range(count)) for w, count in zip(geometry.widths, geometry.experts)
+            ]
             channels[layer] = tuple(
                 top_units(scores.stats[CHANNEL_STAT][layer][expert], width - removed) for expert in range(experts)
             )
-            probe = ExpertPlan(
-                geometry, 0.0, DEFAULT_EXPERT_CRITERION, every_expert, int(scores.info["parameters"]),
-                allocation="per-layer", channels=tuple(channels),
-            )  # fmt: skip
-            with masked_experts(model, probe):
-                increase = mean_loss(model, batches, device) - base_loss
+            increase = _removal_loss(model, scores, batches, device, base_loss, channels=tuple(channels))
             points.append((removed * experts * geometry.params_per_channel, increase))
             logger.info(
                 "expert channel loss curve, layer %d: %d of %d removed, loss +%.4f", layer, removed, width, increase
@@ -323,7 +319,6 @@ def width_loss_curves(
         kinds[GROUP_STAT] = ("groups", geometry.kv_groups, geometry.params_per_group)
     if geometry.shared_widths and family.shared_mlp is not None:
         kinds[SHARED_STAT] = ("shared_channels", geometry.shared_widths, geometry.params_per_shared_channel)
-    every_expert = tuple(tuple(range(count)) for count in geometry.experts)
     curves: dict[str, dict[int, LossCurve]] = {}
     for kind, (field_name, sizes, unit_params) in kinds.items():
         whole = tuple(tuple(range(size)) for size in sizes)
@@ -333,12 +328,7 @@ def width_loss_curves(
             for removed in _removal_counts(sizes[layer], 1):
                 kept = list(whole)
                 kept[layer] = top_units(scores.stats[kind][layer], sizes[layer] - removed)
-                probe = ExpertPlan(
-                    geometry, 0.0, DEFAULT_EXPERT_CRITERION, every_expert, int(scores.info["parameters"]),
-                    allocation="per-layer", **{field_name: tuple(kept)},
-                )  # fmt: skip
-                with masked_experts(model, probe):
-                    increase = mean_loss(model, batches, device) - base_loss
+                increase = _removal_loss(model, scores, batches, device, base_loss, **{field_name: tuple(kept)})
                 points.append((removed * unit_params, increase))
                 logger.info("%s loss curve, layer %d: %d removed, loss +%.4f", kind, layer, removed, increase)
                 if increase > CURVE_CEILING:
@@ -384,7 +374,9 @@ def sublayer_loss_curves(
 
 
 def _removal_loss(model: nn.Module, scores: ExpertScores, batches, device, base_loss: float, **removed) -> float:
-    """The calibration-loss increase of an expert plan that removes only ``removed`` (layers or sublayers)."""
+    """The calibration-loss increase of a probe expert plan that keeps every expert and removes only what
+    ``removed`` names (ExpertPlan fields: kept groups, shared channels or expert channels, removed layers or
+    sublayers), measured on the masked reference."""
     geometry = scores.geometry
     every_expert = tuple(tuple(range(count)) for count in geometry.experts)
     probe = ExpertPlan(
