@@ -38,10 +38,13 @@ from gqa_prune.passes import OUTPUT_ROLE, capture_layer_inputs, run_layer
 from gqa_prune.planning import LayerPlan, PlanSettings, build_plan, top_units
 from gqa_prune.reconstruct import ReconstructionSettings, reconstruct, refit_columns
 from gqa_prune.scores import LossCurve
+from gqa_prune.settings import default_of
 from gqa_prune.surgery import apply_plan
 from gqa_prune.units import ATTN_SUBLAYER, GQA_GROUP, LAYER, MLP_CHANNEL, MLP_SUBLAYER
 
-RIDGE = 0.3
+RIDGE = default_of(ReconstructionSettings, "ridge")  # the defaults' refit, as `prune --calib` runs it
+MULTIPLE = default_of(PlanSettings, "channel_multiple")  # an MLP step of the plans: 128 channels
+MAX_RATE = default_of(PlanSettings, "max_rate")  # the most of a layer's units a plan removes
 
 
 def main() -> None:
@@ -66,19 +69,18 @@ def main() -> None:
     else:
         curves_raw = measure(model, adapter, layers, geometry, bench.blocks, args.curve_blocks)
         args.curves.write_text(json.dumps(curves_raw))
-    keys, curves, steps, wholes = {}, {}, {}, {}
+    curves, steps, wholes = {}, {}, {}
     ppg, ppc = geometry.params_per_group, geometry.params_per_channel
-    for entry in curves_raw:
-        keys[(entry["kind"], entry["layer"])] = entry["points"]
-    for (kind, layer), points in keys.items():
+    for entry in curves_raw:  # per layer: group, mlp, then the wholes that contain them
+        kind, layer = entry["kind"], entry["layer"]
         if kind in args.skip.split(","):
             continue
-        curve = LossCurve(tuple((int(p), float(v)) for p, v in points))
-        curves[kind, layer] = curve.loss
-        if kind == "group":
-            steps[kind, layer] = [k * ppg for k in range(1, 3)]
-        elif kind == "mlp":
-            steps[kind, layer] = [k * 128 * ppc for k in range(1, 10)]
+        curves[kind, layer] = LossCurve(tuple((int(p), float(v)) for p, v in entry["points"])).loss
+        if kind == "group":  # every layer keeps a group
+            steps[kind, layer] = [k * ppg for k in range(1, geometry.kv_groups[layer])]
+        elif kind == "mlp":  # at most MAX_RATE of the channels, in plan steps
+            most = int(MAX_RATE * geometry.intermediate_sizes[layer]) // MULTIPLE
+            steps[kind, layer] = [k * MULTIPLE * ppc for k in range(1, most + 1)]
         elif kind == "attn_sub":
             steps[kind, layer] = [geometry.attention_params(layer)]
             wholes[kind, layer] = [key for key in [("group", layer)] if key in curves]
@@ -103,18 +105,24 @@ def main() -> None:
                 removed.append("mlp_sublayer")
         kept = {}
         if "layer" not in removed and "attn_sublayer" not in removed:
-            kept["gqa_group"] = top_units(scores.units["gqa_group"][index], 3 - taken.get(("group", index), 0))
+            groups = geometry.kv_groups[index] - taken.get(("group", index), 0)
+            kept["gqa_group"] = top_units(scores.units["gqa_group"][index], groups)
         if "layer" not in removed and "mlp_sublayer" not in removed:
-            kept["mlp_channel"] = top_units(
-                scores.units["mlp_channel"][index], 1536 - 128 * taken.get(("mlp", index), 0)
-            )
+            channels = geometry.intermediate_sizes[index] - MULTIPLE * taken.get(("mlp", index), 0)
+            kept["mlp_channel"] = top_units(scores.units["mlp_channel"][index], channels)
         plans.append(LayerPlan(index, 0.0, kept, tuple(removed), {}, ()))
     plan = replace(base, layers=tuple(plans))
-    summary = [(i, p.removed, 3 - len(p.kept.get("gqa_group", ())), 1536 - len(p.kept.get("mlp_channel", ())))
-               for i, p in enumerate(plans)]  # fmt: skip
-    print("plan", summary, "params_after", plan.params_after, "base", base.params_after, flush=True)
-    print("base plan", [(p.layer, p.removed, 3 - len(p.kept.get("gqa_group", ())),
-                         1536 - len(p.kept.get("mlp_channel", ()))) for p in base.layers], flush=True)  # fmt: skip
+
+    def lost(layers) -> list[tuple]:
+        """Per layer: (index, blocks removed, GQA groups lost, MLP channels lost)."""
+        return [
+            (p.layer, p.removed, geometry.kv_groups[p.layer] - len(p.kept.get("gqa_group", ())),
+             geometry.intermediate_sizes[p.layer] - len(p.kept.get("mlp_channel", ())))
+            for p in layers
+        ]  # fmt: skip
+
+    print("plan", lost(plans), "params_after", plan.params_after, "base", base.params_after, flush=True)
+    print("base plan", lost(base.layers), flush=True)
     work = copy.deepcopy(model)
     start = time.perf_counter()
     applied, _ = reconstruct(work, plan, bench.blocks, ReconstructionSettings())
