@@ -974,7 +974,12 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--group-size", type=int, default=64, help="must divide every in_features for torch_aten")
     quantize.add_argument("--desc-act", action="store_true", help="GPTQ act-order")
     quantize.add_argument("--asym", action="store_true", help="asymmetric (default symmetric)")
-    quantize.add_argument("--kernel", default="auto", help="CPU kernel: auto, torch_aten, torch_int8, torch")
+    quantize.add_argument(
+        "--kernel",
+        default="auto",
+        help="CPU kernel: auto (torch_aten for 4 bits, torch_int8 for 8, torch on a mixture of experts), torch_aten, "
+        "torch_int8, torch",
+    )
     quantize.add_argument("--calib", type=Path, default=None, help="calibration blocks (gptq)")
     quantize.add_argument("--n-samples", type=_positive_int, default=128, help="calibration blocks used (gptq)")
     quantize.add_argument("--batch-size", type=_positive_int, default=1, help="calibration blocks per GPTQ forward")

@@ -9,7 +9,9 @@ neither.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -19,81 +21,102 @@ from torch import nn
 from ._quiet import import_quietly
 from .arch import ALL_ROLES
 from .errors import GqaPruneError, require
+from .gptqmodel_layouts import register
 from .quant_settings import KERNELS, kernel_for
 from .remote_code import trust_remote_code
 
 PACKING_BACKEND = "gptq_torch"  # GPTQModel packs with this kernel whatever kernel later runs inference
 
 
-def _decoder_linear_tensors(model_dir: str | os.PathLike) -> dict[str, dict[str, dict]]:
-    """Safetensors header entries of the decoder projections, grouped by layer name (no weights loaded)."""
-    projections = {role.module for role in ALL_ROLES}
-    layers: dict[str, dict[str, dict]] = {}
-    for file in sorted(Path(model_dir).glob("*.safetensors")):
-        header = _safetensors_header(file)
-        header.pop("__metadata__", None)
-        for name, info in header.items():
-            layer, _, part = name.rpartition(".")
-            if ".layers." in layer and layer.rpartition(".")[2] in projections:
-                layers.setdefault(layer, {})[part] = info
-    if not layers:
+ROUTERS = ("gate", "router", "shared_expert_gate")  # decoder matrices GPTQ leaves in float: expert routers
+# fused [experts, ., .] tensors of a mixture of experts: (gate and up, down) by name ending; Granite's stock names
+FUSED_EXPERTS = (("experts.gate_up_proj", "experts.down_proj"), ("input_linear.weight", "output_linear.weight"))
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+_LAYER_EXPERT = re.compile(r"\.layers\.(\d+)\..*\.experts\.(\d+)\.[^.]+\.qweight$")
+
+
+def _decoder_matrices(model_dir: str | os.PathLike) -> dict[str, dict[str, dict]]:
+    """Header entries of what GPTQ quantizes, by module: every decoder layer's linear layer (a quantized one's
+    qweight, scales, zeros, g_idx; a float one's 2-D weight) and fused expert tensors (3-D, keyed by tensor
+    name); routers and a state-space layer's convolution are left out. No weights are loaded."""
+    matrices: dict[str, dict[str, dict]] = {}
+    for name, info in _headers(model_dir).items():
+        module, _, part = name.rpartition(".")
+        if not _LAYER.search(name) or "conv1d" in module:
+            continue
+        if len(info["shape"]) == 3:
+            matrices[name] = {"fused": info}
+        elif part in ("qweight", "qzeros", "scales", "g_idx") or (part == "weight" and len(info["shape"]) == 2):
+            if module.rpartition(".")[2] not in ROUTERS and not module.endswith(".router.layer"):
+                matrices.setdefault(module, {})[part] = info
+    if not matrices:
         raise GqaPruneError(f"no decoder projections (q/k/v/o, gate/up/down) found in {model_dir}")
     order = [role.module for role in ALL_ROLES]
 
-    def natural(name: str) -> tuple[int, int]:  # layer index, then q, k, v, o, gate, up, down
-        index = int(name.split(".layers.")[1].split(".")[0])
-        return index, order.index(name.rpartition(".")[2])
+    def natural(module: str) -> tuple[int, int, str]:  # layer index, then q, k, v, o, gate, up, down, others
+        last = module.rpartition(".")[2]
+        return int(_LAYER.search(module)[1]), order.index(last) if last in order else len(order), module
 
-    return {name: layers[name] for name in sorted(layers, key=natural)}
-
-
-FUSED_EXPERTS = ("experts.gate_up_proj", "experts.down_proj")  # [experts, ., .] tensors of a mixture of experts
+    return {module: matrices[module] for module in sorted(matrices, key=natural)}
 
 
 def projection_in_features(model_dir: str | os.PathLike) -> dict[str, int]:
-    """in_features of every decoder projection of an unquantized checkpoint, from the headers; a mixture of
-    experts' fused expert tensors count as their per-expert projections (gate/up read the hidden size, down
-    the expert width, whichever way the family lays them out)."""
-    widths = {layer: parts["weight"]["shape"][1] for layer, parts in _decoder_linear_tensors(model_dir).items()}
-    return {**widths, **_fused_expert_in_features(model_dir)}
-
-
-def _fused_expert_in_features(model_dir: str | os.PathLike) -> dict[str, int]:
-    shapes = {}
-    for file in sorted(Path(model_dir).glob("*.safetensors")):
-        for name, info in _safetensors_header(file).items():
-            if name.endswith(FUSED_EXPERTS) and len(info.get("shape", ())) == 3:
-                shapes[name] = info["shape"][1:]
-    widths = {}
-    for name, down in shapes.items():
-        if not name.endswith(FUSED_EXPERTS[1]):
-            continue
-        block = name.removesuffix(FUSED_EXPERTS[1])
-        gate_up = shapes.get(block + FUSED_EXPERTS[0], down)
-        hidden = (set(gate_up) & set(down) or set(down)).pop()  # the dimension both read or write
-        width = down[1] if down[0] == hidden else down[0]
-        widths[block + "experts.gate_up_proj"], widths[name] = hidden, width
+    """in_features of every linear layer GPTQ quantizes in an unquantized checkpoint, from the headers; a
+    mixture of experts' fused expert tensors count as their per-expert projections (gate/up read the hidden
+    size, down the expert width, whichever way the family lays them out)."""
+    matrices = _decoder_matrices(model_dir)
+    widths = {module: parts["weight"]["shape"][1] for module, parts in matrices.items() if "weight" in parts}
+    fused = {name: parts["fused"]["shape"][1:] for name, parts in matrices.items() if "fused" in parts}
+    for gate_up_name, down_name in FUSED_EXPERTS:
+        for name, down in fused.items():
+            if not name.endswith(down_name):
+                continue
+            gate_up_key = name.removesuffix(down_name) + gate_up_name
+            gate_up = fused.get(gate_up_key, down)
+            hidden = (set(gate_up) & set(down) or set(down)).pop()  # the dimension both read or write
+            widths[gate_up_key], widths[name] = hidden, down[1] if down[0] == hidden else down[0]
     return widths
 
 
-def _register_pruned_types() -> None:
-    """GPTQModel picks its layer map by model_type: give the gqa_pruned_* types their family's map."""
-    from gptqmodel.models import auto
+def unquantized_projections(source_dir: str | os.PathLike, quantized_dir: str | os.PathLike) -> list[str]:
+    """What GPTQModel should have quantized but did not, from the headers: every linear layer or fused expert
+    tensor still in float in ``quantized_dir``, and every layer that has fewer quantized experts than the
+    fused tensors of ``source_dir`` hold."""
+    problems, quantized_experts = [], {}
+    for module, parts in _decoder_matrices(quantized_dir).items():
+        unquantized = parts.get("weight", parts.get("fused"))  # a quantized layer's float part is its scales
+        if unquantized is not None and unquantized["dtype"] in _FLOAT_DTYPES:
+            problems.append(f"{module} {unquantized['shape']} is still in float")
+        if match := _LAYER_EXPERT.search(module + ".qweight"):
+            quantized_experts.setdefault(match[1], set()).add(match[2])
+    for name, parts in _decoder_matrices(source_dir).items():
+        if "fused" in parts:
+            experts, layer = parts["fused"]["shape"][0], _LAYER.search(name)[1]
+            quantized = len(quantized_experts.get(layer, ()))
+            if quantized != experts:
+                problems.append(f"layer {layer} has {experts} experts but {quantized} were quantized")
+    return list(dict.fromkeys(problems))
 
-    from .modeling_gqa_prune import PRUNED_CLASSES
 
-    for family, (config_class, _) in PRUNED_CLASSES.items():
-        if config_class.model_type not in auto.MODEL_MAP:
-            auto.MODEL_MAP[config_class.model_type] = auto.MODEL_MAP[family]
-            auto.SUPPORTED_MODELS.append(config_class.model_type)
+def _headers(model_dir: str | os.PathLike) -> dict[str, dict]:
+    """Every tensor's header entry in a folder's safetensors files (no weights loaded)."""
+    entries = {}
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        header = _safetensors_header(file)
+        header.pop("__metadata__", None)
+        entries.update(header)
+    return entries
 
 
 def load_gptqmodel():
-    """GPTQModel, imported without its banner and with gqa-prune's pruned model types registered."""
+    """GPTQModel, imported without its banner, with gqa-prune's layer maps (``gptqmodel_layouts``) registered."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, torch.get_num_threads())))
     import_quietly("gptqmodel")  # its banner; require() then finds it imported, or names the extra
     gptqmodel = require("gptqmodel", "quantize", "quantization")
-    _register_pruned_types()
+    from defuser.model_registry import MODEL_CONFIG  # installed with GPTQModel
+    from gptqmodel.models import auto
+
+    register(auto, MODEL_CONFIG)
     return gptqmodel
 
 
@@ -132,6 +155,7 @@ def _safetensors_header(path: Path) -> dict:
         raise GqaPruneError(f"{path}: not a readable safetensors file ({error})") from error
 
 
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 _DTYPE_BITS = {
     "F64": 64,
     "F32": 32,
@@ -153,20 +177,18 @@ def linear_bits_per_parameter(model_dir: str | os.PathLike) -> float:
     in x out weights (g_idx has one entry per input feature); an unquantized one counts its weight's dtype.
     """
     stored_bits, weights = 0, 0
-    for parts in _decoder_linear_tensors(model_dir).values():
+    for parts in _decoder_matrices(model_dir).values():
         if "qweight" in parts:
             weights += parts["g_idx"]["shape"][0] * parts["qweight"]["shape"][1]
             stored_bits += sum(
                 _tensor_bits(parts[key]) for key in ("qweight", "qzeros", "scales", "g_idx") if key in parts
             )
         else:
-            weights += parts["weight"]["shape"][0] * parts["weight"]["shape"][1]
-            stored_bits += _tensor_bits(parts["weight"])
+            (info,) = parts.values()  # a float weight or fused expert tensor
+            weights += math.prod(info["shape"])
+            stored_bits += _tensor_bits(info)
     return stored_bits / weights
 
 
 def _tensor_bits(info: dict) -> int:
-    count = 1
-    for size in info["shape"]:
-        count *= size
-    return count * _DTYPE_BITS[info["dtype"]]
+    return math.prod(info["shape"]) * _DTYPE_BITS[info["dtype"]]

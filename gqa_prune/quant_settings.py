@@ -47,7 +47,7 @@ class QuantSettings:
     group_size: int = 64
     desc_act: bool = False
     sym: bool = True
-    kernel: str = "auto"  # CPU kernel for inference: auto picks torch_aten for 4 bits, torch_int8 for 8
+    kernel: str = "auto"  # CPU kernel for inference: auto picks torch_aten for 4 bits, torch_int8 for 8 (torch: MoE)
 
     @property
     def id(self) -> str:

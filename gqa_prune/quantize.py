@@ -1,10 +1,12 @@
 """INT4/INT8 weight quantization through GPTQModel: GPTQ (calibrated) and round-to-nearest (no calibration).
 
-Mixtures of experts: GPTQModel de-fuses the experts into one quantized linear layer per expert projection.
-Measured with gptqmodel 7.6 and transformers 5.23 on tiny models of every supported family: it quantizes and
-runs Mixtral, Qwen3-MoE, OLMoE and gpt-oss with its generic ``torch`` kernel; its ``torch_int8`` kernel
-crashed (a segmentation fault) and ``torch_aten`` needs expert widths in multiples of 16, so expert
-checkpoints take ``--kernel torch``; Qwen2-MoE and GraniteMoeHybrid fail inside GPTQModel and are refused.
+Mixtures of experts: GPTQModel de-fuses the experts into one quantized linear layer per expert projection, with
+the layer maps of ``gptqmodel_layouts`` (GPTQModel's own, corrected for Qwen2-MoE and GraniteMoeHybrid, and
+extended to the project's per-layer classes). Measured with gptqmodel 7.6 and transformers 5.23 on tiny models
+of every supported family, uniform and per-layer plans: its generic ``torch`` kernel quantizes and runs them
+all; its ``torch_int8`` kernel crashed (a segmentation fault) and ``torch_aten`` needs expert widths in
+multiples of 16, so expert checkpoints take ``--kernel torch``. What GPTQModel wrote is checked against the
+source afterwards: a projection left in float or an expert missing fails in one line and nothing is written.
 
 Both write the GPTQ checkpoint format (packed int32 ``qweight``, ``qzeros``, fp16 ``scales``, ``g_idx``), so
 either loads with the same kernels. Settings are checked against the chosen CPU kernel and the model's
@@ -20,15 +22,21 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from .atomic import atomic_dir
 from .errors import GqaPruneError
-from .gptq_format import PACKING_BACKEND, linear_bits_per_parameter, load_gptqmodel, projection_in_features
-from .moe import PRUNED_PREFIX, is_moe_type
+from .gptq_format import (
+    PACKING_BACKEND,
+    linear_bits_per_parameter,
+    load_gptqmodel,
+    projection_in_features,
+    unquantized_projections,
+)
+from .moe import is_moe_type
 from .quant_settings import CpuKernel, QuantSettings
 from .remote_code import trust_remote_code
 from .sources import PROVENANCE_FILE, read_provenance, require_model_dir
@@ -36,31 +44,23 @@ from .sources import PROVENANCE_FILE, read_provenance, require_model_dir
 logger = logging.getLogger(__name__)
 
 MOE_KERNEL = "torch"  # the only GPTQModel CPU kernel that ran quantized experts here
-# MoE families GPTQModel 7.6 cannot quantize on transformers 5 here, and what it did
-GPTQMODEL_MOE_FAILURES = {
-    "qwen2_moe": "GPTQModel does not find its shared expert (`mlp.shared_expert.gate_proj`) in this layout",
-    "granitemoehybrid": "GPTQModel calls a Mamba `torch_forward` that transformers 5 no longer has",
-}
 
 
-def check_experts(model_dir: str | os.PathLike, settings: QuantSettings) -> None:
-    """One line, before any work, for a mixture of experts GPTQModel cannot quantize or run here."""
+def settings_for(model_dir: str | os.PathLike, settings: QuantSettings) -> QuantSettings:
+    """The settings a model folder takes: ``--kernel auto`` means the torch kernel on a mixture of experts (the
+    only one that ran quantized experts here); any other kernel there is refused in one line, before any work."""
     model_type = json.loads((require_model_dir(model_dir) / "config.json").read_text()).get("model_type")
     if not is_moe_type(model_type):
-        return
-    where = f"quantize: {str(model_dir)!r} is a mixture of experts ({model_type})"
-    if model_type.startswith(PRUNED_PREFIX):
-        raise GqaPruneError(
-            f"{where} with per-layer expert counts or widths; GPTQModel knows only stock layouts (plan with "
-            "--experts uniform)"
-        )
-    if model_type in GPTQMODEL_MOE_FAILURES:
-        raise GqaPruneError(f"{where}: {GPTQMODEL_MOE_FAILURES[model_type]}, so it is not quantized")
+        return settings
+    if settings.kernel == "auto":
+        return replace(settings, kernel=MOE_KERNEL)
     if settings.resolved_kernel() != MOE_KERNEL:
         raise GqaPruneError(
-            f"{where}: kernel {settings.resolved_kernel()} does not run quantized experts here (torch_int8 crashed, "
-            f"torch_aten needs expert widths in multiples of 16); use --kernel {MOE_KERNEL}"
+            f"quantize: {str(model_dir)!r} is a mixture of experts ({model_type}): kernel "
+            f"{settings.resolved_kernel()} does not run quantized experts here (torch_int8 crashed, torch_aten needs "
+            f"expert widths in multiples of 16); use --kernel {MOE_KERNEL} (or auto)"
         )
+    return settings
 
 
 def check_settings(settings: QuantSettings, in_features: dict[str, int]) -> CpuKernel:
@@ -142,11 +142,17 @@ def quantize_checkpoint(
     batch_size: int = 1,
 ) -> dict:
     """Check, quantize, and write ``out_dir`` atomically with provenance, model card and the plan (if any)."""
-    check_experts(model_dir, settings)
+    settings = settings_for(model_dir, settings)
     kernel = check_settings(settings, projection_in_features(model_dir))
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     with atomic_dir(out_dir, "quantize") as temporary:
         quantize(model_dir, temporary, settings, calibration, batch_size)
+        left = unquantized_projections(model_dir, temporary)
+        if left:
+            raise GqaPruneError(
+                f"quantize: GPTQModel did not quantize all of {str(model_dir)!r} ({len(left)} problems, first: "
+                f"{left[0]}); nothing written"
+            )
         for name in ("pruning_plan.json",):
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, temporary / name)

@@ -69,6 +69,8 @@ def workspace(tmp_path_factory, tiny_tokenizer) -> Path:
     moe = tiny_moe("mixtral", vocab_size=len(tiny_tokenizer))  # experts: 3 MoE layers of 6, top-2
     moe.save_pretrained(root / "moe")
     tiny_tokenizer.save_pretrained(root / "moe")
+    tiny_moe("gpt_oss", vocab_size=len(tiny_tokenizer)).save_pretrained(root / "gpt-oss")
+    tiny_tokenizer.save_pretrained(root / "gpt-oss")
     moe_scores = score_experts(copy.deepcopy(moe), blocks[:2])
     expert_scores.save(moe_scores, root / "moe-importance")
     build_expert_plan(moe_scores, ExpertPlanSettings(0.5)).save(root / "moe-plan.json")
@@ -307,8 +309,8 @@ CASES = [
     ("expert plan on a dense model", lambda w, o: ["prune", "--model", w / "model", "--plan", w / "moe-plan.json", "--out", o], "'llama' has no mixture-of-experts layers"),
     ("dense plan on a MoE model", lambda w, o: ["prune", "--model", w / "moe", "--plan", w / "plan.json", "--out", o], "'mixtral' is a mixture of experts"),
     ("expert plan with --calib", lambda w, o: ["prune", "--model", w / "moe", "--plan", w / "moe-plan.json", "--calib", w / "calib.safetensors", "--out", o], "--calib: an expert plan removes whole experts"),
-    ("quantize a mixture of experts with a kernel that crashed on experts", lambda w, o: ["quantize", "--model", w / "moe", "--method", "rtn", "--bits", "8", "--group-size", "16", "--out", o], "kernel torch_int8 does not run quantized experts here"),
-    ("export-gguf a mixture of experts", lambda w, o: ["export-gguf", "--model", w / "moe", "--out", str(o) + ".gguf"], "GGUF export writes dense models only"),
+    ("quantize a mixture of experts with a kernel that crashed on experts", lambda w, o: ["quantize", "--model", w / "moe", "--method", "rtn", "--bits", "8", "--group-size", "16", "--kernel", "torch_int8", "--out", o], "kernel torch_int8 does not run quantized experts here"),
+    ("export-gguf a mixture of experts llama.cpp's graphs do not cover", lambda w, o: ["export-gguf", "--model", w / "gpt-oss", "--out", str(o) + ".gguf"], "GGUF export of gpt_oss mixtures of experts is not written yet; exportable: mixtral, qwen2_moe, qwen3_moe, olmoe"),
     ("aggregate manifest without variants", lambda w, o: ["aggregate", "--manifest", '{"model": "tiny"}', "--csv", o], "must be a JSON object with 'model' and a list of 'variants'"),
 ]  # fmt: skip
 

@@ -10,21 +10,27 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from helpers import FAMILIES, calibration_ids, parameter_count, plan_for, tiny_model
+from helpers import FAMILIES, calibration_ids, parameter_count, plan_for, tiny_model, tiny_moe
 
 from gqa_prune.arch import geometry_of
 from gqa_prune.checkpoint import save_pruned
 from gqa_prune.cli import main
 from gqa_prune.errors import GqaPruneError
+from gqa_prune.expert_importance import score_experts
+from gqa_prune.expert_plan import build_expert_plan
+from gqa_prune.expert_surgery import apply_expert_plan
 from gqa_prune.export import llama_cpp
 from gqa_prune.export.gguf import export_gguf
 from gqa_prune.export.gguf_file import read_metadata
-from gqa_prune.export.layout import ZERO_MLP_WIDTH, layout_for
+from gqa_prune.export.layout import MOE_ARCHITECTURES, ZERO_MLP_WIDTH, Experts, expert_layout_for, layout_for
+from gqa_prune.moe import expert_geometry_of
 from gqa_prune.planning import LayerPlan, PlanSettings, PruningPlan
+from gqa_prune.settings import ExpertPlanSettings
 from gqa_prune.sources import load_model
 from gqa_prune.surgery import apply_plan
 
@@ -190,6 +196,62 @@ def test_heterogeneous_qwen3_is_refused_in_one_line_and_nothing_is_written(bpe_t
     with pytest.raises(GqaPruneError, match="heterogeneous qwen3 model cannot be exported to GGUF"):
         export_gguf(folder, tmp_path / "out.gguf", "f32")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["pruned"]
+
+
+@pytest.mark.parametrize("family", list(MOE_ARCHITECTURES))
+def test_uniform_expert_plans_run_in_llama_cpp_with_the_hf_logits(family, bpe_tokenizer, tmp_path):
+    """Half the experts, a quarter of every expert's channels and (where llama.cpp's graph allows: not qwen2moe
+    or olmoe, which build q as hidden x hidden) half the GQA groups removed: llama.cpp's native MoE
+    architecture computes the Hugging Face model's logits, shared expert and its gate included."""
+    # llama.cpp's qwen2moe has experts in every layer, its olmoe multi-head attention (k norms of hidden size)
+    extra = {"qwen2_moe": {"mlp_only_layers": []}, "olmoe": {"num_key_value_heads": 4}}.get(family, {})
+    model = tiny_moe(family, vocab_size=len(bpe_tokenizer) + 16, **extra)
+    scores = score_experts(copy.deepcopy(model), calibration_ids(len(bpe_tokenizer), blocks=4, length=16))
+    groups = 0.0 if MOE_ARCHITECTURES[family][2] else 0.5  # q of hidden x hidden: no group may go
+    plan = build_expert_plan(
+        scores, ExpertPlanSettings(0.5, channel_ratio=0.25, channel_multiple=4, width_ratio=groups)
+    )
+    apply_expert_plan(model, plan)
+    save_pruned(model, bpe_tokenizer, plan, tmp_path / "pruned", source="tiny")
+    out = tmp_path / "pruned.gguf"
+    summary = export_gguf(tmp_path / "pruned", out, "f32")
+    architecture = MOE_ARCHITECTURES[family][0]
+    metadata = read_metadata(out)
+    assert summary["architecture"] == architecture and metadata[f"{architecture}.expert_count"] == 3
+    assert metadata[f"{architecture}.expert_used_count"] == 2
+    assert metadata[f"{architecture}.attention.head_count_kv"] == model.config.num_key_value_heads
+    # a decode step reads the top-2 of the 3 experts: a third of the expert tensors less than every tensor
+    experts = sum(info["bytes"] for name, info in metadata["_tensors"].items() if name.endswith("_exps.weight"))
+    every_tensor = {key: value for key, value in metadata.items() if not key.endswith(".expert_count")}
+    read_less = llama_cpp.decode_bytes_per_token(every_tensor, 0) - llama_cpp.decode_bytes_per_token(metadata, 0)
+    assert read_less == pytest.approx(experts / 3, abs=1)
+    reference = hf_logits(tmp_path / "pruned", TOKENS)
+    assert relative_error(reference, llama_cpp.logits(out, TOKENS)) <= F32_TOLERANCE
+
+
+def test_expert_layouts_llama_cpp_cannot_run_are_refused_in_one_line():
+    """Per-layer expert counts, a routing rule the graph does not compute, removed groups where q must be
+    hidden x hidden, a layer without experts, and families whose graphs are not written: one line each."""
+    uniform = expert_geometry_of(tiny_moe("qwen3_moe"))
+    assert expert_layout_for(uniform, 32, renormalises=True).experts == Experts(6, 2, 16, 0)
+    refusals = {
+        "takes the same experts in every layer, this model has \\[6, 4, 6\\]": (
+            replace(uniform, experts=(6, 4, 6)), True),
+        "takes the same expert widths in every layer, this model has \\[16, 8, 16\\]": (
+            replace(uniform, widths=(16, 8, 16)), True),
+        "takes the same experts in every layer, this model has \\[6, 0, 6\\]": (
+            replace(uniform, experts=(6, 0, 6), widths=(16, 0, 16)), True),
+        "qwen3moe renormalises the top-k gates, but this qwen3_moe model's router does not": (uniform, False),
+        "qwen2moe builds q_proj with as many rows as hidden dimensions \\(32\\), this model's has 16 \\(GQA": (
+            replace(uniform, family="qwen2_moe", kv_groups=(1, 1, 1)), False),
+        "olmoe builds k_proj with as many rows as hidden dimensions \\(32\\), this model's has 16 \\(grouped": (
+            replace(uniform, family="olmoe"), False),
+        "GGUF export of granitemoehybrid mixtures of experts is not written yet": (
+            replace(uniform, family="granitemoehybrid"), True),
+    }  # fmt: skip
+    for message, (geometry, renormalises) in refusals.items():
+        with pytest.raises(GqaPruneError, match=message):
+            expert_layout_for(geometry, 32, renormalises)
 
 
 def test_smollm2_tokenizes_wikitext_exactly_as_hf(smollm2_dir, data_dir, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,14 +20,15 @@ import torch
 from helpers import calibration_ids, logits_in_fresh_process, plan_for, quantizable_model, tiny_moe
 from safetensors.torch import load_file, save_file
 
+from gqa_prune import quantize as quantize_module
 from gqa_prune.checkpoint import save_pruned
 from gqa_prune.cli import main
-from gqa_prune.efficiency import parameter_counts
+from gqa_prune.efficiency import kv_cache_bytes_per_token, parameter_counts
 from gqa_prune.errors import GqaPruneError
 from gqa_prune.expert_importance import score_experts
 from gqa_prune.expert_plan import build_expert_plan
 from gqa_prune.expert_surgery import apply_expert_plan
-from gqa_prune.gptq_format import linear_bits_per_parameter, projection_in_features
+from gqa_prune.gptq_format import linear_bits_per_parameter, projection_in_features, unquantized_projections
 from gqa_prune.quantize import QuantSettings, check_settings, quantize_checkpoint
 from gqa_prune.settings import ExpertPlanSettings
 from gqa_prune.sources import load_model
@@ -107,11 +109,11 @@ from gqa_prune.quantize import QuantSettings, quantize_checkpoint
 from gqa_prune.sources import load_model
 pruned, out, inputs = sys.argv[1:4]
 try:
-    quantize_checkpoint(pruned, out + "-int8", QuantSettings("rtn", 8, 16), None)  # kernel auto: torch_int8
+    quantize_checkpoint(pruned, out + "-int8", QuantSettings("rtn", 8, 16, kernel="torch_int8"), None)
     refused = ""
 except GqaPruneError as error:
     refused = str(error)
-record = quantize_checkpoint(pruned, out, QuantSettings("rtn", 8, 16, kernel="torch"), None)
+record = quantize_checkpoint(pruned, out, QuantSettings("rtn", 8, 16), None)  # auto: torch on experts
 model = load_model(out, device="cpu")
 with torch.no_grad():
     logits = model(input_ids=load_file(inputs)["input_ids"]).logits.float().contiguous()
@@ -125,17 +127,28 @@ print(json.dumps({
 """
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
-def test_an_expert_pruned_mixture_of_experts_quantizes_and_runs_with_the_torch_kernel(family, tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize(
+    ("family", "allocation"),
+    [("qwen2_moe", "uniform"), ("gpt_oss", "uniform"), ("granitemoehybrid", "ranked")],
+)
+def test_an_expert_pruned_mixture_of_experts_quantizes_and_runs_with_the_torch_kernel(
+    family, allocation, tmp_path, tiny_tokenizer
+):
     """GPTQModel de-fuses the experts into one quantized layer per expert projection: the checkpoint loads
     through load_model with the kernel quantize recorded, stays close to the float model, and counts the same
-    logical parameters; the kernels that failed on experts are refused. In a process of its own: loading a
-    MoE through GPTQModel changes how that process's transformers loads stock MoE checkpoints afterwards."""
+    logical parameters; the kernels that failed on experts are refused. The cases GPTQModel's own layer maps
+    fail on: Qwen2-MoE's shared expert beside a dense layer (mlp_only_layers), GraniteMoeHybrid's Mamba layers
+    and transformers 5 expert layout, and per-layer expert counts (the project's classes). In a process of its
+    own: loading a MoE through GPTQModel changes how that process's transformers loads stock MoE checkpoints."""
     model = tiny_moe(family, vocab_size=len(tiny_tokenizer), intermediate_size=16, moe_intermediate_size=16)
     scores = score_experts(copy.deepcopy(model), calibration_ids(len(tiny_tokenizer), blocks=4, length=16))
-    plan = build_expert_plan(scores, ExpertPlanSettings(0.5, channel_multiple=1, width_ratio=0.5))
+    plan = build_expert_plan(
+        scores, ExpertPlanSettings(0.4, allocation=allocation, channel_multiple=1, width_ratio=0.5)
+    )
     apply_expert_plan(model, plan)
     save_pruned(model, tiny_tokenizer, plan, tmp_path / "pruned", source="org/tiny-moe")
+    model_type = json.loads((tmp_path / "pruned" / "config.json").read_text())["model_type"]
+    assert model_type == (family if allocation == "uniform" else f"gqa_pruned_{family}")
     with torch.no_grad():
         float_logits = model(INPUTS).logits
     save_file({"input_ids": INPUTS.contiguous()}, str(tmp_path / "inputs.safetensors"))
@@ -150,17 +163,79 @@ def test_an_expert_pruned_mixture_of_experts_quantizes_and_runs_with_the_torch_k
     assert not (tmp_path / "rtn-int8").exists()
     assert result["quantization"]["kernel"] == "torch" and 8 < result["quantization"]["bits_per_parameter"] < 16
     assert result["defused"] and result["parameters"] == parameter_counts(model)
-    assert result["kv_elements"] == 2 * 3 * 1 * 8  # 3 attention layers x key and value x 1 KV head x head_dim 8
+    assert result["kv_elements"] == kv_cache_bytes_per_token(model) // 4  # float32 here
     error = (load_file(str(tmp_path / "rtn-logits.safetensors"))["logits"] - float_logits).abs()
-    # GPTQModel runs it in bfloat16, which can flip a near-tie routing choice: close on average, bounded at worst
-    assert error.mean() < 0.02 * float_logits.abs().max() and error.max() < 0.15 * float_logits.abs().max()
+    # GPTQModel runs it in bfloat16, which can flip a near-tie routing choice and with it one token's logits:
+    # close on average, and within 15 % of the logit range at all but at most 2 of the 24 token positions
+    scale = float_logits.abs().max()
+    assert error.mean() < 0.02 * scale
+    assert int((error.amax(dim=-1) > 0.15 * scale).sum()) <= 2, error.amax(dim=-1)
 
 
-def test_mixtures_of_experts_gptqmodel_cannot_quantize_are_refused(tmp_path, tiny_tokenizer):
-    tiny_moe("qwen2_moe", vocab_size=len(tiny_tokenizer)).save_pretrained(tmp_path / "qwen2-moe")
-    with pytest.raises(GqaPruneError, match="GPTQModel does not find its shared expert"):
-        quantize_checkpoint(tmp_path / "qwen2-moe", tmp_path / "out", QuantSettings("rtn", 8, 16, kernel="torch"), None)
-    assert not (tmp_path / "out").exists()
+def _write_header_only(folder: Path, tensors: dict[str, tuple[str, list[int]]]) -> Path:
+    """A safetensors file of the given (dtype, shape) tensors, zeros: what the header readers see."""
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "I32": torch.int32}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({name: torch.zeros(shape, dtype=dtypes[dtype]) for name, (dtype, shape) in tensors.items()},
+              str(folder / "model.safetensors"))  # fmt: skip
+    return folder
+
+
+def _quantized(module: str, in_features: int, out_features: int) -> dict[str, tuple[str, list[int]]]:
+    return {
+        f"{module}.qweight": ("I32", [in_features // 4, out_features]),
+        f"{module}.g_idx": ("I32", [in_features]),
+        f"{module}.scales": ("F16", [1, out_features]),
+        f"{module}.qzeros": ("I32", [1, out_features // 4]),
+    }
+
+
+def test_what_gptqmodel_left_unquantized_is_found_from_the_headers(tmp_path):
+    """A float projection and an expert missing from the quantized folder are both named; routers, norms and
+    state-space convolutions stay float by design and are not."""
+    layer = "model.layers.0"
+    source = _write_header_only(
+        tmp_path / "source",
+        {
+            f"{layer}.self_attn.q_proj.weight": ("F32", [16, 16]),
+            f"{layer}.mlp.gate.weight": ("F32", [3, 16]),
+            f"{layer}.mlp.experts.gate_up_proj": ("F32", [3, 16, 16]),
+            f"{layer}.mlp.experts.down_proj": ("F32", [3, 16, 8]),
+        },
+    )
+    kept = {
+        f"{layer}.mlp.gate.weight": ("F32", [3, 16]),
+        f"{layer}.input_layernorm.weight": ("F32", [16]),
+        f"{layer}.mamba.conv1d.weight": ("F32", [8, 1, 4]),
+        **_quantized(f"{layer}.self_attn.q_proj", 16, 16),
+    }
+    for expert in range(3):
+        for name, (in_features, out_features) in {
+            "gate_proj": (16, 8),
+            "up_proj": (16, 8),
+            "down_proj": (8, 16),
+        }.items():
+            kept.update(_quantized(f"{layer}.mlp.experts.{expert}.{name}", in_features, out_features))
+    assert unquantized_projections(source, _write_header_only(tmp_path / "complete", kept)) == []
+
+    broken = {name: value for name, value in kept.items() if ".experts.2." not in name and "q_proj" not in name}
+    broken[f"{layer}.self_attn.q_proj.weight"] = ("F32", [16, 16])
+    assert unquantized_projections(source, _write_header_only(tmp_path / "broken", broken)) == [
+        "model.layers.0.self_attn.q_proj [16, 16] is still in float",
+        "layer 0 has 3 experts but 2 were quantized",
+    ]
+
+
+def test_a_quantization_that_left_projections_in_float_writes_nothing(pruned, tmp_path, monkeypatch):
+    """If GPTQModel writes a folder with projections still in float (here: it copied the float checkpoint),
+    quantize says so in one line and the output does not appear."""
+    monkeypatch.setattr(
+        quantize_module, "quantize", lambda source, out, *_: shutil.copytree(source, out, dirs_exist_ok=True)
+    )
+    left = r"\(\d+ problems, first: model.layers.0.self_attn.q_proj \[\d+, \d+\] is still in float\); nothing written"
+    with pytest.raises(GqaPruneError, match=r"GPTQModel did not quantize all of .* " + left):
+        quantize_checkpoint(pruned[0], tmp_path / "q", QuantSettings("rtn", 8, 32, kernel="torch"), None)
+    assert not (tmp_path / "q").exists()
 
 
 def test_bits_per_parameter_of_a_float_checkpoint_is_its_dtype(pruned):

@@ -1,6 +1,7 @@
 """The workflow on a mixture of experts, run for real on a tiny Qwen2-MoE (a shared expert, a dense MLP layer):
 one importance pass for every expert criterion, expert plans (with half the GQA groups and shared-expert
-channels) in the grid, prune without a refit, LoRA recovery of the experts, evaluation and the table."""
+channels) in the grid, prune without a refit, LoRA recovery of the experts, INT8 quantization (kernel auto:
+torch on experts), evaluation and the table."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def test_the_workflow_prunes_recovers_and_tabulates_experts(tmp_path, bpe_tokeni
         "plans.experts": {"ratios": [0.5], "criteria": ["reap", "frequency"], "channel_ratio": 0.25,
                           "width_ratio": 0.5},
         "recovery.methods": ["lm"], "recovery.apply_to": ["reap-experts-r0.50"], "recovery.router": "trainable",
-        "quantization.methods": [], "gguf.types": [],
+        "quantization.methods": [{"method": "rtn", "bits": 8, "group_size": 16}],
+        "quantization.apply_to": ["reap-experts-r0.50"], "gguf.types": [],
         "eval.apply_to": ["reap-experts-r0.50-lora-lm"], "eval.tasks": {"arc_easy": 2, "piqa": 2},
         "eval.max_length": 128,  # the tiny model's positions
     })  # fmt: skip
@@ -52,7 +54,11 @@ def test_the_workflow_prunes_recovers_and_tabulates_experts(tmp_path, bpe_tokeni
     assert "removed_experts" in rows[0].split(",") and ",reap,experts uniform," in rows[2]
     header = rows[0].split(",")
     assert float(rows[2].split(",")[header.index("removed_experts")]) == 0.5
-    assert variants == ["dense", "reap-experts-r0.50", "reap-experts-r0.50-lora-lm"], done.stderr[-2000:]
+    assert variants == ["dense", "reap-experts-r0.50", "reap-experts-r0.50-lora-lm", "reap-experts-r0.50-rtn-w8g16"], (
+        done.stderr[-2000:]
+    )
+    quantized = rows[variants.index("reap-experts-r0.50-rtn-w8g16") + 1].split(",")
+    assert 8 < float(quantized[header.index("linear_bits")]) < 16, rows
     for variant in ["reap-experts-r0.50"]:
         pruned = json.loads((results / f"pruned/{variant}/config.json").read_text())
         assert pruned["num_experts"] == 3 and pruned["moe_intermediate_size"] == 8 and "auto_map" not in pruned

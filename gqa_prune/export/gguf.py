@@ -29,10 +29,11 @@ from ..atomic import MARKER, atomic_file, check_output
 from ..choices import GGUF_TYPES
 from ..errors import GqaPruneError
 from ..gptq_format import is_quantized
-from ..sources import load_model, load_tokenizer, read_provenance, refuse_experts, require_model_dir
+from ..moe import attention_block, expert_geometry_of, moe_family_for
+from ..sources import load_model, load_tokenizer, read_provenance, require_model_dir
 from .gguf_file import MARKER_KEY
 from .gguf_vocab import add_vocab
-from .layout import Block, Layout, layout_for
+from .layout import Block, Layout, expert_layout_for, layout_for
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def rope_theta(config) -> float:
     return float(parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
-def rope_frequency_factors(model: nn.Module) -> torch.Tensor | None:
+def rope_frequency_factors(model: nn.Module, head_dim: int) -> torch.Tensor | None:
     """llama.cpp's ``rope_freqs`` (each dimension's frequency divisor), or None when RoPE is unscaled."""
     config = model.config
     rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
@@ -82,7 +83,6 @@ def rope_frequency_factors(model: nn.Module) -> torch.Tensor | None:
     rotary = model.get_submodule("model.rotary_emb")
     if float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
         raise GqaPruneError(f"RoPE scaling {rope_type!r} scales attention; llama.cpp's rope_freqs cannot carry that")
-    head_dim = geometry_of(model).head_dim
     base = 1.0 / rope_theta(config) ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     factors = (base / rotary.inv_freq.double()).float()
     return None if torch.allclose(factors, torch.ones_like(factors), rtol=0, atol=1e-6) else factors
@@ -116,6 +116,28 @@ class _TensorSink:
             self.writer.add_tensor(name, gguf.quants.quantize(array, self.float_type), raw_dtype=self.float_type)
 
 
+def add_attention_tensors(
+    sink: _TensorSink, prefix: str, attention: nn.Module, norm: nn.Module, block: Block, interleave: bool
+) -> None:
+    """A block's attention norm, q/k/v/o weights and biases (q and k rows interleaved for llama.cpp's RoPE
+    where ``interleave``), and Qwen3's / OLMoE's q and k norms."""
+    sink.add(f"{prefix}.attn_norm.weight", norm.weight)
+    heads = {"q_proj": block.head_count, "k_proj": block.head_count_kv}
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}
+    for role in ATTENTION_ROLES:
+        projection = getattr(attention, role.module)
+        for kind in ("weight", "bias"):
+            tensor = getattr(projection, kind)
+            if tensor is None:
+                continue
+            if interleave and role.module in heads:
+                tensor = _interleave_rope_rows(tensor, heads[role.module])
+            sink.add(f"{prefix}.{names[role.module]}.{kind}", tensor)
+    for norm_name, name in (("q_norm", "attn_q_norm"), ("k_norm", "attn_k_norm")):
+        if getattr(attention, norm_name, None) is not None:
+            sink.add(f"{prefix}.{name}.weight", getattr(attention, norm_name).weight)
+
+
 def _add_block_tensors(sink: _TensorSink, model: nn.Module, layout: Layout, block_index: int, block: Block) -> None:
     adapter = adapter_for(model.config)
     layer = adapter.decoder_layers(model)[block.layer]
@@ -123,22 +145,8 @@ def _add_block_tensors(sink: _TensorSink, model: nn.Module, layout: Layout, bloc
     prefix = f"blk.{block_index}"
     interleave = layout.architecture in _INTERLEAVED_ROPE
     if block.attention == "full":
-        attention = adapter.sublayer(layer, "attn")
-        sink.add(f"{prefix}.attn_norm.weight", getattr(layer, adapter.norm_attr("attn")).weight)
-        heads = {"q_proj": block.head_count, "k_proj": block.head_count_kv}
-        names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}
-        for role in ATTENTION_ROLES:
-            projection = getattr(attention, role.module)
-            for kind in ("weight", "bias"):
-                tensor = getattr(projection, kind)
-                if tensor is None:
-                    continue
-                if interleave and role.module in heads:
-                    tensor = _interleave_rope_rows(tensor, heads[role.module])
-                sink.add(f"{prefix}.{names[role.module]}.{kind}", tensor)
-        for norm, name in (("q_norm", "attn_q_norm"), ("k_norm", "attn_k_norm")):  # Qwen3 (native qwen3 only)
-            if getattr(attention, norm, None) is not None:
-                sink.add(f"{prefix}.{name}.weight", getattr(attention, norm).weight)
+        norm = getattr(layer, adapter.norm_attr("attn"))
+        add_attention_tensors(sink, prefix, adapter.sublayer(layer, "attn"), norm, block, interleave)
     elif block.attention == "zero":
         sink.add(f"{prefix}.attn_norm.weight", torch.ones(hidden))
         sink.add(f"{prefix}.attn_output.weight", torch.zeros(hidden, hidden))
@@ -159,13 +167,50 @@ def _add_block_tensors(sink: _TensorSink, model: nn.Module, layout: Layout, bloc
         sink.add(f"{prefix}.ffn_down.weight", torch.zeros(hidden, width))
 
 
+def _add_expert_block_tensors(sink: _TensorSink, model: nn.Module, layout: Layout, block: Block) -> None:
+    """One block of a mixture of experts: attention, then the router, the experts' fused [E, ., .] tensors as
+    llama.cpp's ``*_exps`` (gate and up split) and any shared expert with its sigmoid gate."""
+    family = moe_family_for(model.config)
+    layer = family.decoder_layers(model)[block.layer]
+    prefix = f"blk.{block.layer}"
+    interleave = layout.architecture in _INTERLEAVED_ROPE
+    add_attention_tensors(sink, prefix, attention_block(layer), layer.input_layernorm, block, interleave)
+    sink.add(f"{prefix}.ffn_norm.weight", layer.post_attention_layernorm.weight)
+    sparse = family.sparse_block(layer)
+    sink.add(f"{prefix}.ffn_gate_inp.weight", family.router(sparse).weight)
+    gate, up = sparse.experts.gate_up_proj.chunk(2, dim=1)  # [E, 2I, H]: the I gate rows, then the I up rows
+    sink.add(f"{prefix}.ffn_gate_exps.weight", gate)
+    sink.add(f"{prefix}.ffn_up_exps.weight", up)
+    sink.add(f"{prefix}.ffn_down_exps.weight", sparse.experts.down_proj)  # [E, H, I]
+    if layout.experts.shared_width:
+        shared = family.shared_mlp.module(layer)
+        for role, name in (
+            ("gate_proj", "ffn_gate_shexp"),
+            ("up_proj", "ffn_up_shexp"),
+            ("down_proj", "ffn_down_shexp"),
+        ):
+            sink.add(f"{prefix}.{name}.weight", getattr(shared, role).weight)
+        sink.add(f"{prefix}.ffn_gate_inp_shexp.weight", sparse.shared_expert_gate.weight.flatten())
+
+
+def _layout_of(model: nn.Module) -> tuple[Layout, int, int]:
+    """The model's layout, hidden size and head_dim (a mixture of experts reads them from its experts)."""
+    family = moe_family_for(model.config)
+    if family is None:
+        geometry = geometry_of(model)
+        return layout_for(geometry), geometry.hidden_size, geometry.head_dim
+    geometry = expert_geometry_of(model)
+    hidden_size = int(model.config.hidden_size)
+    layout = expert_layout_for(geometry, hidden_size, family.routing(model.config).renormalize)
+    return layout, hidden_size, geometry.head_dim
+
+
 def write_gguf(model: nn.Module, tokenizer, path: Path, float_type: str, metadata: dict[str, str]) -> Layout:
     """Write ``model`` (in memory, float) with its tokenizer as a float GGUF at ``path``; returns its layout."""
     config = model.config
-    geometry = geometry_of(model)
-    layout = layout_for(geometry)
+    layout, hidden_size, head_dim = _layout_of(model)
     tensor_type, file_type = FLOAT_TYPES[float_type]
-    rope_factors = rope_frequency_factors(model)
+    rope_factors = rope_frequency_factors(model, head_dim)
     writer = gguf.GGUFWriter(str(path), layout.architecture)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(metadata.get("name", "gqa-prune model"))
@@ -175,14 +220,20 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, float_type: str, metadat
     writer.add_string(MARKER_KEY, __version__)
     writer.add_string(MARKER, KIND)
     writer.add_context_length(context_length(config))
-    writer.add_embedding_length(geometry.hidden_size)
+    writer.add_embedding_length(hidden_size)
     writer.add_block_count(len(layout.blocks))
     writer.add_feed_forward_length(layout.per_layer("feed_forward_length"))
     writer.add_head_count(layout.per_layer("head_count"))
     writer.add_head_count_kv(layout.per_layer("head_count_kv"))
-    writer.add_key_length(geometry.head_dim)
-    writer.add_value_length(geometry.head_dim)
-    writer.add_rope_dimension_count(geometry.head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    if layout.experts is not None:
+        writer.add_expert_count(layout.experts.count)
+        writer.add_expert_used_count(layout.experts.used)
+        writer.add_expert_feed_forward_length(layout.experts.width)
+        if layout.experts.shared_width:
+            writer.add_expert_shared_feed_forward_length(layout.experts.shared_width)
     writer.add_rope_freq_base(rope_theta(config))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     vocab_size = model.get_input_embeddings().num_embeddings
@@ -199,7 +250,10 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, float_type: str, metadat
     if rope_factors is not None:
         sink.add("rope_freqs.weight", rope_factors)
     for block_index, block in enumerate(layout.blocks):
-        _add_block_tensors(sink, model, layout, block_index, block)
+        if layout.experts is None:
+            _add_block_tensors(sink, model, layout, block_index, block)
+        else:
+            _add_expert_block_tensors(sink, model, layout, block)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=True)
@@ -214,11 +268,6 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, gguf_type:
         raise GqaPruneError(f"output {str(out)!r} must end in .gguf (ppl and efficiency recognise GGUF files by it)")
     folder = require_model_dir(model_dir)
     check_output(out, is_dir=False, kind=KIND)  # before the work, not after it
-    refuse_experts(
-        folder,
-        "export-gguf",
-        "GGUF export writes dense models only so far (ppl, evaluate and efficiency run the Hugging Face checkpoint)",
-    )
     if is_quantized(folder):
         raise GqaPruneError(
             f"model folder {str(folder)!r} is a GPTQ checkpoint; export the float model it was quantized from "

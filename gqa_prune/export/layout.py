@@ -15,6 +15,11 @@ engine by the tests:
   becomes deci's "linear attention" (query heads but no KV heads: ``attn_output`` applied to the normed
   input) with an all-zero ``attn_output``, which adds exactly 0.
 
+Mixtures of experts go to llama.cpp's native MoE architectures (``expert_layout_for``), which take one
+expert count, expert width and head count for every layer: uniform expert plans export, per-layer ones are
+refused in one line, and so is a routing rule the architecture's graph does not compute (llama.cpp's
+``llama`` and ``qwen3moe`` renormalise the top-k gates, ``qwen2moe`` and ``olmoe`` do not).
+
 Pure: no I/O, no llama.cpp; the writer and the tests read the same layout.
 """
 
@@ -25,6 +30,7 @@ from typing import Literal
 
 from ..arch import Geometry
 from ..errors import GqaPruneError
+from ..moe import ExpertGeometry
 
 ZERO_MLP_WIDTH = 32  # channels of the all-zero MLP of a block that lost its MLP (a whole quantization block)
 NATIVE_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -47,9 +53,20 @@ class Block:
 
 
 @dataclass(frozen=True)
+class Experts:
+    """The routed experts of every block of a mixture of experts, and its shared expert (0 = none)."""
+
+    count: int
+    used: int  # top-k
+    width: int
+    shared_width: int = 0
+
+
+@dataclass(frozen=True)
 class Layout:
     architecture: str
     blocks: tuple[Block, ...]
+    experts: Experts | None = None
 
     @property
     def uniform(self) -> bool:
@@ -102,3 +119,55 @@ def layout_for(geometry: Geometry) -> Layout:
     if not blocks:
         raise GqaPruneError("the model has no layer left with attention or an MLP; there is nothing to export")
     return Layout(HETEROGENEOUS_ARCHITECTURE, tuple(blocks))
+
+
+# MoE family -> (llama.cpp architecture, whether its graph renormalises the top-k gates, the projections it
+# builds hidden x hidden: "q" (so no GQA group may be removed), "k" too (multi-head attention only))
+MOE_ARCHITECTURES = {
+    "mixtral": ("llama", True, ()),
+    "qwen2_moe": ("qwen2moe", False, ("q",)),
+    "qwen3_moe": ("qwen3moe", True, ()),
+    "olmoe": ("olmoe", False, ("q", "k")),
+}
+
+
+def expert_layout_for(geometry: ExpertGeometry, hidden_size: int, renormalises: bool) -> Layout:
+    """The native llama.cpp architecture and blocks of a mixture of experts, or a one-line refusal."""
+    if geometry.family not in MOE_ARCHITECTURES:
+        raise GqaPruneError(
+            f"GGUF export of {geometry.family} mixtures of experts is not written yet; exportable: "
+            f"{', '.join(MOE_ARCHITECTURES)} (ppl, evaluate and efficiency run the Hugging Face checkpoint)"
+        )
+    architecture, graph_renormalises, hidden_projections = MOE_ARCHITECTURES[geometry.family]
+    shared = geometry.shared_widths or (0,) * geometry.num_layers
+    shapes = {
+        "experts": geometry.experts, "expert widths": geometry.widths, "KV heads": geometry.kv_groups,
+        "shared-expert widths": shared,
+    }  # fmt: skip
+    for what, values in shapes.items():
+        if len(set(values)) != 1 or (what != "shared-expert widths" and 0 in values):
+            raise GqaPruneError(
+                f"llama.cpp's {architecture} takes the same {what} in every layer, this model has {list(values)}; "
+                "only uniform expert plans (plan --experts uniform, no layer or block removed) export to GGUF"
+            )
+    if renormalises != graph_renormalises:
+        raise GqaPruneError(
+            f"llama.cpp's {architecture} {'renormalises' if graph_renormalises else 'does not renormalise'} the "
+            f"top-k gates, but this {geometry.family} model's router {'does' if renormalises else 'does not'} "
+            "(norm_topk_prob); its GGUF would route differently, so it is not exported"
+        )
+    heads = geometry.kv_groups[0] * geometry.heads_per_group
+    rows = {"q": heads * geometry.head_dim, "k": geometry.kv_groups[0] * geometry.head_dim}
+    for projection in hidden_projections:
+        if rows[projection] != hidden_size:
+            raise GqaPruneError(
+                f"llama.cpp's {architecture} builds {projection}_proj with as many rows as hidden dimensions "
+                f"({hidden_size}), this model's has {rows[projection]}"
+                + (" (GQA groups removed)" if projection == "q" else " (grouped-query attention)")
+            )
+    experts = Experts(geometry.experts[0], geometry.top_k, geometry.widths[0], shared[0])
+    blocks = tuple(
+        Block(layer, "full", "full", heads, geometry.kv_groups[0], experts.width)
+        for layer in range(geometry.num_layers)
+    )
+    return Layout(architecture, blocks, experts)

@@ -136,10 +136,17 @@ def read_bandwidth(threads: int, megabytes: int = 1024, repeats: int = 10) -> fl
 
 def decode_bytes_per_token(metadata: dict, context: int) -> int:
     """Bytes one batch-1 decode step reads at least: every tensor once (one row of an input embedding that is
-    not also the output head) and the f16 KV cache of ``context`` tokens."""
+    not also the output head; of a mixture of experts' ``*_exps`` tensors, the top-k experts' share) and the
+    f16 KV cache of ``context`` tokens."""
     tensors = metadata["_tensors"]
     architecture = metadata["general.architecture"]
-    total = sum(info["bytes"] for name, info in tensors.items() if name != "token_embd.weight")
+    experts = int(metadata.get(f"{architecture}.expert_count") or 0)
+    routed = int(metadata.get(f"{architecture}.expert_used_count") or 0) / experts if experts else 1.0
+    total = sum(
+        info["bytes"] * (routed if name.endswith("_exps.weight") else 1.0)
+        for name, info in tensors.items()
+        if name != "token_embd.weight"
+    )
     embedding = tensors["token_embd.weight"]
     tied = "output.weight" not in tensors
     vocab = int(metadata.get(f"{architecture}.vocab_size") or 0) or 1
