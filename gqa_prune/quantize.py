@@ -187,7 +187,22 @@ Linear layers store {quantization["bits_per_parameter"]:.3f} bits per weight (sc
 Source: `{record.get("source", "?")}`. GPTQ checkpoint format; on CPU it runs with GPTQModel's
 `{kernel.backend}` kernel ({kernel.note}).
 {note}
+{_load_snippet(model_dir)}"""
+
+
+def _load_snippet(model_dir: Path) -> str:
+    """How the card says to load the checkpoint: a mixture of experts needs the layer maps it was quantized with."""
+    model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    if is_moe_type(model_type):
+        return f"""A mixture of experts: GPTQModel loads it with the layer maps gqa-prune quantized it with
+(`gqa_prune.gptqmodel_layouts`), and the kernel recorded in `{PROVENANCE_FILE}`:
+
 ```python
+from gqa_prune.sources import load_model
+model = load_model(path)
+```
+"""
+    return """```python
 from gptqmodel import GPTQModel
 model = GPTQModel.load(path, trust_remote_code=True)
 ```

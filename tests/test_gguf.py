@@ -198,13 +198,19 @@ def test_heterogeneous_qwen3_is_refused_in_one_line_and_nothing_is_written(bpe_t
     assert sorted(path.name for path in tmp_path.iterdir()) == ["pruned"]
 
 
-@pytest.mark.parametrize("family", list(MOE_ARCHITECTURES))
+@pytest.mark.parametrize("family", [*MOE_ARCHITECTURES, "granitemoehybrid-rope"])
 def test_uniform_expert_plans_run_in_llama_cpp_with_the_hf_logits(family, bpe_tokenizer, tmp_path):
     """Half the experts, a quarter of every expert's channels and (where llama.cpp's graph allows: not qwen2moe
     or olmoe, which build q as hidden x hidden) half the GQA groups removed: llama.cpp's native MoE
-    architecture computes the Hugging Face model's logits, shared expert and its gate included."""
+    architecture computes the Hugging Face model's logits, shared experts, Qwen2-MoE's shared-expert gate and
+    GraniteMoeHybrid's Mamba-2 layers and multipliers included."""
     # llama.cpp's qwen2moe has experts in every layer, its olmoe multi-head attention (k norms of hidden size)
     extra = {"qwen2_moe": {"mlp_only_layers": []}, "olmoe": {"num_key_value_heads": 4}}.get(family, {})
+    if family.startswith("granitemoehybrid"):  # Mamba layers 0 and 2, multipliers other than 1 as Granite 4.0-H
+        extra = {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.015625,
+                 "logits_scaling": 6.0}  # fmt: skip
+        if family.endswith("-rope"):  # Granite 4.0-H has no position embeddings; the family allows RoPE
+            family, extra["position_embedding_type"] = "granitemoehybrid", "rope"
     model = tiny_moe(family, vocab_size=len(bpe_tokenizer) + 16, **extra)
     scores = score_experts(copy.deepcopy(model), calibration_ids(len(bpe_tokenizer), blocks=4, length=16))
     groups = 0.0 if MOE_ARCHITECTURES[family][2] else 0.5  # q of hidden x hidden: no group may go
@@ -219,7 +225,9 @@ def test_uniform_expert_plans_run_in_llama_cpp_with_the_hf_logits(family, bpe_to
     metadata = read_metadata(out)
     assert summary["architecture"] == architecture and metadata[f"{architecture}.expert_count"] == 3
     assert metadata[f"{architecture}.expert_used_count"] == 2
-    assert metadata[f"{architecture}.attention.head_count_kv"] == model.config.num_key_value_heads
+    kv_heads = model.config.num_key_value_heads
+    expected_kv = [0, kv_heads, 0] if family == "granitemoehybrid" else kv_heads  # Mamba layers have none
+    assert metadata[f"{architecture}.attention.head_count_kv"] == expected_kv
     # a decode step reads the top-2 of the 3 experts: a third of the expert tensors less than every tensor
     experts = sum(info["bytes"] for name, info in metadata["_tensors"].items() if name.endswith("_exps.weight"))
     every_tensor = {key: value for key, value in metadata.items() if not key.endswith(".expert_count")}
@@ -246,8 +254,7 @@ def test_expert_layouts_llama_cpp_cannot_run_are_refused_in_one_line():
             replace(uniform, family="qwen2_moe", kv_groups=(1, 1, 1)), False),
         "olmoe builds k_proj with as many rows as hidden dimensions \\(32\\), this model's has 16 \\(grouped": (
             replace(uniform, family="olmoe"), False),
-        "GGUF export of granitemoehybrid mixtures of experts is not written yet": (
-            replace(uniform, family="granitemoehybrid"), True),
+        "GGUF export of gpt_oss mixtures of experts is not written yet": (replace(uniform, family="gpt_oss"), True),
     }  # fmt: skip
     for message, (geometry, renormalises) in refusals.items():
         with pytest.raises(GqaPruneError, match=message):

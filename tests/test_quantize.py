@@ -161,6 +161,7 @@ def test_an_expert_pruned_mixture_of_experts_quantizes_and_runs_with_the_torch_k
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert "kernel torch_int8 does not run quantized experts here" in result["refused"]
     assert not (tmp_path / "rtn-int8").exists()
+    assert "from gqa_prune.sources import load_model" in (tmp_path / "rtn" / "README.md").read_text()
     assert result["quantization"]["kernel"] == "torch" and 8 < result["quantization"]["bits_per_parameter"] < 16
     assert result["defused"] and result["parameters"] == parameter_counts(model)
     assert result["kv_elements"] == kv_cache_bytes_per_token(model) // 4  # float32 here

@@ -9,6 +9,8 @@ Weights go in llama.cpp's layout: Q and K rows of each head are permuted from Hu
 RoPE to llama.cpp's interleaved one where the architecture uses it (llama, deci), 1-D tensors (norms,
 biases) stay f32, a tied output head is not written twice, and RoPE frequency scaling (Llama-3.1's
 ``llama3``, ``linear``) becomes the ``rope_freqs`` factors, read from the model's own rotary embedding.
+Mixtures of experts with uniform expert plans go to llama.cpp's native MoE architectures (``layout``): the
+fused expert tensors as its ``*_exps`` tensors, shared experts, and GraniteMoeHybrid's Mamba-2 layers.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from ..moe import attention_block, expert_geometry_of, moe_family_for
 from ..sources import load_model, load_tokenizer, read_provenance, require_model_dir
 from .gguf_file import MARKER_KEY
 from .gguf_vocab import add_vocab
-from .layout import Block, Layout, expert_layout_for, layout_for
+from .layout import HYBRID_ARCHITECTURE, Block, Layout, expert_layout_for, layout_for
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,9 @@ QUANTIZED_TYPES = {  # --type -> llama.cpp's file type (llama_ftype), made by it
     "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
 }
 _ROPE_TYPES = ("default", "linear", "llama3")  # frequency scalings llama.cpp's rope_freqs reproduces exactly
-_INTERLEAVED_ROPE = ("llama", "deci")  # llama.cpp architectures whose RoPE pairs adjacent dimensions
+# llama.cpp architectures whose RoPE pairs adjacent dimensions (permuting q and k alike where a model has no
+# RoPE, as Granite 4.0-H, changes no attention score)
+_INTERLEAVED_ROPE = ("llama", "deci", HYBRID_ARCHITECTURE)
 
 
 def check_gguf_type(name: str) -> str:
@@ -73,8 +77,11 @@ def rope_theta(config) -> float:
 
 
 def rope_frequency_factors(model: nn.Module, head_dim: int) -> torch.Tensor | None:
-    """llama.cpp's ``rope_freqs`` (each dimension's frequency divisor), or None when RoPE is unscaled."""
+    """llama.cpp's ``rope_freqs`` (each dimension's frequency divisor), or None when RoPE is unscaled or absent
+    (a GraniteMoeHybrid without position embeddings)."""
     config = model.config
+    if getattr(model.get_submodule("model"), "rotary_emb", None) is None:
+        return None
     rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
     if rope_type not in _ROPE_TYPES:
         raise GqaPruneError(
@@ -174,7 +181,11 @@ def _add_expert_block_tensors(sink: _TensorSink, model: nn.Module, layout: Layou
     layer = family.decoder_layers(model)[block.layer]
     prefix = f"blk.{block.layer}"
     interleave = layout.architecture in _INTERLEAVED_ROPE
-    add_attention_tensors(sink, prefix, attention_block(layer), layer.input_layernorm, block, interleave)
+    if block.attention == "full":
+        add_attention_tensors(sink, prefix, attention_block(layer), layer.input_layernorm, block, interleave)
+    else:
+        sink.add(f"{prefix}.attn_norm.weight", layer.input_layernorm.weight)
+        _add_mamba_tensors(sink, prefix, layer.mamba)
     sink.add(f"{prefix}.ffn_norm.weight", layer.post_attention_layernorm.weight)
     sparse = family.sparse_block(layer)
     sink.add(f"{prefix}.ffn_gate_inp.weight", family.router(sparse).weight)
@@ -184,13 +195,43 @@ def _add_expert_block_tensors(sink: _TensorSink, model: nn.Module, layout: Layou
     sink.add(f"{prefix}.ffn_down_exps.weight", sparse.experts.down_proj)  # [E, H, I]
     if layout.experts.shared_width:
         shared = family.shared_mlp.module(layer)
-        for role, name in (
-            ("gate_proj", "ffn_gate_shexp"),
-            ("up_proj", "ffn_up_shexp"),
-            ("down_proj", "ffn_down_shexp"),
-        ):
-            sink.add(f"{prefix}.{name}.weight", getattr(shared, role).weight)
-        sink.add(f"{prefix}.ffn_gate_inp_shexp.weight", sparse.shared_expert_gate.weight.flatten())
+        if family.shared_mlp.fused:  # Granite's shared MLP: input_linear holds the gate rows, then the up rows
+            gate, up = shared.input_linear.weight.chunk(2, dim=0)
+            down = shared.output_linear.weight
+        else:  # Qwen2-MoE's shared expert, with its own sigmoid gate
+            gate, up, down = shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight
+            sink.add(f"{prefix}.ffn_gate_inp_shexp.weight", sparse.shared_expert_gate.weight.flatten())
+        for name, tensor in (("ffn_gate_shexp", gate), ("ffn_up_shexp", up), ("ffn_down_shexp", down)):
+            sink.add(f"{prefix}.{name}.weight", tensor)
+
+
+def _add_mamba_tensors(sink: _TensorSink, prefix: str, mamba: nn.Module) -> None:
+    """A Mamba-2 mixer in llama.cpp's layout: A as -exp(A_log), A and D as [heads, 1], the convolution without
+    its channel axis, the gated norm's weight per group."""
+    sink.add(f"{prefix}.ssm_in.weight", mamba.in_proj.weight)
+    sink.add(f"{prefix}.ssm_conv1d.weight", mamba.conv1d.weight.squeeze(1))
+    if mamba.conv1d.bias is not None:
+        sink.add(f"{prefix}.ssm_conv1d.bias", mamba.conv1d.bias)
+    sink.add(f"{prefix}.ssm_dt.bias", mamba.dt_bias)
+    sink.add(f"{prefix}.ssm_a", -torch.exp(mamba.A_log.float()).unsqueeze(1))
+    sink.add(f"{prefix}.ssm_d", mamba.D.unsqueeze(1))
+    sink.add(f"{prefix}.ssm_norm.weight", mamba.norm.weight.reshape(mamba.n_groups, -1))
+    sink.add(f"{prefix}.ssm_out.weight", mamba.out_proj.weight)
+
+
+def _add_hybrid_keys(writer: gguf.GGUFWriter, config) -> None:
+    """GraniteMoeHybrid's Mamba-2 sizes, its multipliers, and whether its attention uses RoPE (llama.cpp reads
+    rope_scaling.finetuned as that switch for granitehybrid)."""
+    writer.add_ssm_conv_kernel(int(config.mamba_d_conv))
+    writer.add_ssm_state_size(int(config.mamba_d_state))
+    writer.add_ssm_group_count(int(config.mamba_n_groups))
+    writer.add_ssm_inner_size(int(config.mamba_expand) * int(config.hidden_size))
+    writer.add_ssm_time_step_rank(int(config.mamba_n_heads))
+    writer.add_embedding_scale(float(config.embedding_multiplier))
+    writer.add_residual_scale(float(config.residual_multiplier))
+    writer.add_attention_scale(float(config.attention_multiplier))
+    writer.add_logit_scale(float(config.logits_scaling))
+    writer.add_rope_scaling_finetuned(config.position_embedding_type == "rope")
 
 
 def _layout_of(model: nn.Module) -> tuple[Layout, int, int]:
@@ -201,7 +242,9 @@ def _layout_of(model: nn.Module) -> tuple[Layout, int, int]:
         return layout_for(geometry), geometry.hidden_size, geometry.head_dim
     geometry = expert_geometry_of(model)
     hidden_size = int(model.config.hidden_size)
-    layout = expert_layout_for(geometry, hidden_size, family.routing(model.config).renormalize)
+    layers = family.decoder_layers(model)
+    state_space = tuple(family.state_space and getattr(layer, "mamba", None) is not None for layer in layers)
+    layout = expert_layout_for(geometry, hidden_size, family.routing(model.config).renormalize, state_space)
     return layout, hidden_size, geometry.head_dim
 
 
@@ -223,7 +266,8 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, float_type: str, metadat
     writer.add_embedding_length(hidden_size)
     writer.add_block_count(len(layout.blocks))
     writer.add_feed_forward_length(layout.per_layer("feed_forward_length"))
-    writer.add_head_count(layout.per_layer("head_count"))
+    heads = layout.per_layer("head_count")  # granitehybrid: one count (its Mamba layers say 0 KV heads)
+    writer.add_head_count(max(heads) if layout.architecture == HYBRID_ARCHITECTURE else heads)
     writer.add_head_count_kv(layout.per_layer("head_count_kv"))
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
@@ -234,6 +278,8 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, float_type: str, metadat
         writer.add_expert_feed_forward_length(layout.experts.width)
         if layout.experts.shared_width:
             writer.add_expert_shared_feed_forward_length(layout.experts.shared_width)
+    if layout.architecture == HYBRID_ARCHITECTURE:
+        _add_hybrid_keys(writer, config)
     writer.add_rope_freq_base(rope_theta(config))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     vocab_size = model.get_input_embeddings().num_embeddings

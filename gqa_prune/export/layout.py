@@ -18,7 +18,8 @@ engine by the tests:
 Mixtures of experts go to llama.cpp's native MoE architectures (``expert_layout_for``), which take one
 expert count, expert width and head count for every layer: uniform expert plans export, per-layer ones are
 refused in one line, and so is a routing rule the architecture's graph does not compute (llama.cpp's
-``llama`` and ``qwen3moe`` renormalise the top-k gates, ``qwen2moe`` and ``olmoe`` do not).
+``llama``, ``qwen3moe`` and ``granitehybrid`` renormalise the top-k gates, ``qwen2moe`` and ``olmoe`` do not).
+GraniteMoeHybrid's Mamba-2 layers are blocks without attention (0 KV heads in ``granitehybrid``'s arrays).
 
 Pure: no I/O, no llama.cpp; the writer and the tests read the same layout.
 """
@@ -35,8 +36,10 @@ from ..moe import ExpertGeometry
 ZERO_MLP_WIDTH = 32  # channels of the all-zero MLP of a block that lost its MLP (a whole quantization block)
 NATIVE_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 HETEROGENEOUS_ARCHITECTURE = "deci"
+HYBRID_ARCHITECTURE = "granitehybrid"  # Mamba-2 and attention layers: per-layer head arrays, 0 KV heads = Mamba
 
-Attention = Literal["full", "none", "zero"]  # zero: deci's linear attention with an all-zero output projection
+# zero: deci's linear attention with an all-zero output projection; none: no attention (a hybrid's Mamba layer)
+Attention = Literal["full", "none", "zero"]
 Mlp = Literal["full", "zero"]  # zero: ZERO_MLP_WIDTH channels of zeros
 
 
@@ -70,7 +73,7 @@ class Layout:
 
     @property
     def uniform(self) -> bool:
-        return self.architecture != HETEROGENEOUS_ARCHITECTURE
+        return self.architecture not in (HETEROGENEOUS_ARCHITECTURE, HYBRID_ARCHITECTURE)
 
     def per_layer(self, field: str) -> int | list[int]:
         """A per-block size as the GGUF key holds it: one integer for a native architecture, else a list."""
@@ -128,11 +131,15 @@ MOE_ARCHITECTURES = {
     "qwen2_moe": ("qwen2moe", False, ("q",)),
     "qwen3_moe": ("qwen3moe", True, ()),
     "olmoe": ("olmoe", False, ("q", "k")),
+    "granitemoehybrid": (HYBRID_ARCHITECTURE, True, ()),
 }
 
 
-def expert_layout_for(geometry: ExpertGeometry, hidden_size: int, renormalises: bool) -> Layout:
-    """The native llama.cpp architecture and blocks of a mixture of experts, or a one-line refusal."""
+def expert_layout_for(
+    geometry: ExpertGeometry, hidden_size: int, renormalises: bool, state_space: tuple[bool, ...] = ()
+) -> Layout:
+    """The native llama.cpp architecture and blocks of a mixture of experts, or a one-line refusal;
+    ``state_space`` says per layer whether it is a Mamba layer (a hybrid's), whose block has no attention."""
     if geometry.family not in MOE_ARCHITECTURES:
         raise GqaPruneError(
             f"GGUF export of {geometry.family} mixtures of experts is not written yet; exportable: "
@@ -140,8 +147,10 @@ def expert_layout_for(geometry: ExpertGeometry, hidden_size: int, renormalises: 
         )
     architecture, graph_renormalises, hidden_projections = MOE_ARCHITECTURES[geometry.family]
     shared = geometry.shared_widths or (0,) * geometry.num_layers
+    mamba = state_space or (False,) * geometry.num_layers
+    attention_layers = tuple(groups for groups, recurrent in zip(geometry.kv_groups, mamba) if not recurrent)
     shapes = {
-        "experts": geometry.experts, "expert widths": geometry.widths, "KV heads": geometry.kv_groups,
+        "experts": geometry.experts, "expert widths": geometry.widths, "KV heads": attention_layers,
         "shared-expert widths": shared,
     }  # fmt: skip
     for what, values in shapes.items():
@@ -156,8 +165,9 @@ def expert_layout_for(geometry: ExpertGeometry, hidden_size: int, renormalises: 
             f"top-k gates, but this {geometry.family} model's router {'does' if renormalises else 'does not'} "
             "(norm_topk_prob); its GGUF would route differently, so it is not exported"
         )
-    heads = geometry.kv_groups[0] * geometry.heads_per_group
-    rows = {"q": heads * geometry.head_dim, "k": geometry.kv_groups[0] * geometry.head_dim}
+    kv_heads = attention_layers[0]
+    heads = kv_heads * geometry.heads_per_group
+    rows = {"q": heads * geometry.head_dim, "k": kv_heads * geometry.head_dim}
     for projection in hidden_projections:
         if rows[projection] != hidden_size:
             raise GqaPruneError(
@@ -167,7 +177,9 @@ def expert_layout_for(geometry: ExpertGeometry, hidden_size: int, renormalises: 
             )
     experts = Experts(geometry.experts[0], geometry.top_k, geometry.widths[0], shared[0])
     blocks = tuple(
-        Block(layer, "full", "full", heads, geometry.kv_groups[0], experts.width)
-        for layer in range(geometry.num_layers)
+        Block(layer, "none", "full", 0, 0, experts.width)
+        if recurrent
+        else Block(layer, "full", "full", heads, kv_heads, experts.width)
+        for layer, recurrent in enumerate(mamba)
     )
     return Layout(architecture, blocks, experts)
