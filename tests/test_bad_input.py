@@ -310,7 +310,7 @@ CASES = [
     ("dense plan on a MoE model", lambda w, o: ["prune", "--model", w / "moe", "--plan", w / "plan.json", "--out", o], "'mixtral' is a mixture of experts"),
     ("expert plan with --calib", lambda w, o: ["prune", "--model", w / "moe", "--plan", w / "moe-plan.json", "--calib", w / "calib.safetensors", "--out", o], "--calib: an expert plan removes whole experts"),
     ("quantize a mixture of experts with a kernel that crashed on experts", lambda w, o: ["quantize", "--model", w / "moe", "--method", "rtn", "--bits", "8", "--group-size", "16", "--kernel", "torch_int8", "--out", o], "kernel torch_int8 does not run quantized experts here"),
-    ("export-gguf a mixture of experts llama.cpp's graphs do not cover", lambda w, o: ["export-gguf", "--model", w / "gpt-oss", "--out", str(o) + ".gguf"], "GGUF export of gpt_oss mixtures of experts is not written yet; exportable: mixtral, qwen2_moe, qwen3_moe, olmoe, granitemoehybrid"),
+    ("export-gguf a mixture of experts llama.cpp's graphs do not cover", lambda w, o: ["export-gguf", "--model", w / "gpt-oss", "--out", str(o) + ".gguf"], "GGUF export of gpt_oss mixtures of experts is refused: llama.cpp's gpt-oss rounds YaRN's correction range to whole dimensions, the Hugging Face model does not (rope_parameters.truncate: false), so every position's rotation and the logits would differ; exportable: mixtral, qwen2_moe, qwen3_moe, olmoe, granitemoehybrid"),
     ("aggregate manifest without variants", lambda w, o: ["aggregate", "--manifest", '{"model": "tiny"}', "--csv", o], "must be a JSON object with 'model' and a list of 'variants'"),
 ]  # fmt: skip
 

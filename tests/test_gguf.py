@@ -254,7 +254,8 @@ def test_expert_layouts_llama_cpp_cannot_run_are_refused_in_one_line():
             replace(uniform, family="qwen2_moe", kv_groups=(1, 1, 1)), False),
         "olmoe builds k_proj with as many rows as hidden dimensions \\(32\\), this model's has 16 \\(grouped": (
             replace(uniform, family="olmoe"), False),
-        "GGUF export of gpt_oss mixtures of experts is not written yet": (replace(uniform, family="gpt_oss"), True),
+        "GGUF export of gpt_oss mixtures of experts is refused: llama.cpp's gpt-oss rounds YaRN": (
+            replace(uniform, family="gpt_oss"), True),
     }  # fmt: skip
     for message, (geometry, renormalises) in refusals.items():
         with pytest.raises(GqaPruneError, match=message):

@@ -135,14 +135,22 @@ MOE_ARCHITECTURES = {
 }
 
 
+# MoE families llama.cpp cannot run exactly, and why (checked against llama.cpp's source)
+UNEXPORTABLE_MOE = {
+    "gpt_oss": "llama.cpp's gpt-oss rounds YaRN's correction range to whole dimensions, the Hugging Face model "
+    "does not (rope_parameters.truncate: false), so every position's rotation and the logits would differ",
+}
+
+
 def expert_layout_for(
     geometry: ExpertGeometry, hidden_size: int, renormalises: bool, state_space: tuple[bool, ...] = ()
 ) -> Layout:
     """The native llama.cpp architecture and blocks of a mixture of experts, or a one-line refusal;
     ``state_space`` says per layer whether it is a Mamba layer (a hybrid's), whose block has no attention."""
     if geometry.family not in MOE_ARCHITECTURES:
+        why = UNEXPORTABLE_MOE.get(geometry.family, "its GGUF layout is not written")
         raise GqaPruneError(
-            f"GGUF export of {geometry.family} mixtures of experts is not written yet; exportable: "
+            f"GGUF export of {geometry.family} mixtures of experts is refused: {why}; exportable: "
             f"{', '.join(MOE_ARCHITECTURES)} (ppl, evaluate and efficiency run the Hugging Face checkpoint)"
         )
     architecture, graph_renormalises, hidden_projections = MOE_ARCHITECTURES[geometry.family]
