@@ -50,11 +50,12 @@ from gqa_prune.expert_importance import (
     width_loss_curves,
 )
 from gqa_prune.expert_plan import build_expert_plan
+from gqa_prune.expert_reconstruct import refit_expert_plan
 from gqa_prune.expert_scores import LAYER_KIND
 from gqa_prune.expert_surgery import apply_expert_plan
 from gqa_prune.moe import expert_geometry_of
 from gqa_prune.passes import frozen, mean_loss
-from gqa_prune.settings import ExpertPlanSettings
+from gqa_prune.settings import ExpertPlanSettings, ReconstructionSettings
 
 
 def main() -> None:
@@ -76,6 +77,10 @@ def main() -> None:
     parser.add_argument(
         "--expert-channel-ratio", type=float, default=0.0,
         help="with --width-per-layer: also rows removing this share of expert channels, uniform and priced per layer",
+    )  # fmt: skip
+    parser.add_argument(
+        "--refit", action="store_true",
+        help="also every uniform width row with the least-squares refit of what the plan cut (prune --calib)",
     )  # fmt: skip
     parser.add_argument("--channel-multiple", type=int, default=16, help="kept expert widths in multiples of this")
     parser.add_argument("--curve-blocks", type=int, default=2, help="of those blocks, how many the loss curves use")
@@ -152,8 +157,10 @@ def main() -> None:
         expert_scores.save(cached, folder)
         print(f"{label} loss curves: {time.perf_counter() - started:.0f} s")
 
+    with_curves = bool(args.per_layer or args.width_per_layer)  # only per-layer allocation reads loss curves
+
     def scores():
-        folder = cache / f"importance-{args.blocks}x2048-c{args.curve_blocks}"
+        folder = cache / f"importance-{args.blocks}x2048-c{args.curve_blocks if with_curves else 0}"
         if not statistics and expert_scores.is_expert_folder(folder):
             statistics["scores"] = expert_scores.load(folder)
             missing = "shared" not in statistics["scores"].statistics  # cached before shared channels were recorded
@@ -170,13 +177,18 @@ def main() -> None:
             width_loss_curves, lambda *inputs: {LAYER_KIND: layer_loss_curves(*inputs)},
         ])  # fmt: skip
         top_up(args.width_per_layer, "mlp", "attention-block and MoE-block", folder, [sublayer_loss_curves])
-        top_up(args.expert_channel_ratio > 0, "channel", "expert-channel", folder, [
+        top_up(args.expert_channel_ratio > 0 and args.width_per_layer, "channel", "expert-channel", folder, [
             lambda *inputs: {"channel": expert_channel_loss_curves(*inputs)},
         ])  # fmt: skip
         if not statistics:
             started = time.perf_counter()
             statistics["scores"] = score_experts(
-                testbed, bench.blocks, batch_size=1, curve_blocks=args.curve_blocks, gradients=gradients
+                testbed,
+                bench.blocks,
+                batch_size=1,
+                curves=with_curves,
+                curve_blocks=args.curve_blocks,
+                gradients=gradients,
             )
             expert_scores.save(statistics["scores"], folder)
             print(
@@ -185,9 +197,14 @@ def main() -> None:
             )
         return statistics["scores"]
 
-    def pruned(ratio: float, criterion: str, allocation: str, width_ratio: float = 0.0, **options):
+    def pruned(ratio: float, criterion: str, allocation: str, width_ratio: float = 0.0, refit=False, **options):
         settings = ExpertPlanSettings(ratio, criterion, allocation, width_ratio=width_ratio, **options)
-        return apply_expert_plan(copy.deepcopy(testbed), build_expert_plan(scores(), settings))
+        plan, model = build_expert_plan(scores(), settings), copy.deepcopy(testbed)
+        if refit:
+            started = time.perf_counter()
+            refit_expert_plan(model, plan, bench.blocks, ReconstructionSettings().ridge)
+            print(f"refit: {time.perf_counter() - started:.0f} s", flush=True)
+        return apply_expert_plan(model, plan)
 
     runs = [(criterion, "uniform") for criterion in args.criteria.split(",") if criterion]
     runs += [(criterion, "per-layer") for criterion in args.per_layer.split(",") if criterion]
@@ -204,11 +221,13 @@ def main() -> None:
     for width in (float(w) for w in args.width_ratios.split(",") if w):
         for ratio in (0.0, *(float(r) for r in args.ratios.split(","))):
             kept = args.experts - round(ratio * args.experts)
-            add(
-                f"reap (uniform), {ratio:.0%} of experts + {width:.0%} of GQA groups and shared channels removed",
-                lambda: pruned(ratio, "reap", "uniform", width),
-                str(kept),
-            )
+            for refit in (False, True) if args.refit else (False,):
+                add(
+                    f"reap (uniform), {ratio:.0%} of experts + {width:.0%} of GQA groups and shared channels removed"
+                    + (", refit" if refit else ""),
+                    lambda: pruned(ratio, "reap", "uniform", width, refit),
+                    str(kept),
+                )
             for whole_layers in (False, True) if args.width_per_layer else ():
                 layers = ", layers and sublayers" if whole_layers else ""
                 add(
@@ -218,14 +237,24 @@ def main() -> None:
                     None,
                 )
             channel = args.expert_channel_ratio
+            if channel and not args.width_per_layer:
+                options = {"channel_ratio": channel, "channel_multiple": args.channel_multiple}
+                for refit in (False, True) if args.refit else (False,):
+                    add(
+                        f"reap (uniform), {ratio:.0%} of experts + {width:.0%} of GQA groups and shared channels + "
+                        f"{channel:.0%} of expert channels removed" + (", refit" if refit else ""),
+                        lambda: pruned(ratio, "reap", "uniform", width, refit, **options),
+                        str(kept),
+                    )
             if channel and args.width_per_layer:
                 options = {"channel_ratio": channel, "channel_multiple": args.channel_multiple}
-                add(
-                    f"reap (uniform), {ratio:.0%} of experts + {width:.0%} of GQA groups and shared channels + "
-                    f"{channel:.0%} of expert channels removed",
-                    lambda: pruned(ratio, "reap", "uniform", width, **options),
-                    str(kept),
-                )
+                for refit in (False, True) if args.refit else (False,):
+                    add(
+                        f"reap (uniform), {ratio:.0%} of experts + {width:.0%} of GQA groups and shared channels + "
+                        f"{channel:.0%} of expert channels removed" + (", refit" if refit else ""),
+                        lambda: pruned(ratio, "reap", "uniform", width, refit, **options),
+                        str(kept),
+                    )
                 add(
                     f"reap (per-layer: experts, expert channels, groups, shared channels, layers and sublayers priced "
                     f"together), as much removed as {ratio:.0%} of experts + {width:.0%} of GQA groups and shared "

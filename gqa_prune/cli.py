@@ -307,17 +307,35 @@ def _expert_prune(args: argparse.Namespace, plan) -> None:
     from .expert_surgery import apply_expert_plan
     from .sources import load_model, load_tokenizer, read_provenance
 
-    if args.calib is not None:
-        raise GqaPruneError("--calib: an expert plan removes whole experts and refits nothing; leave --calib out")
-    model = load_model(args.model, dtype=args.dtype, device="cpu")
+    refit = args.calib is not None and not args.no_reconstruct and plan.cuts_columns
+    if refit:
+        if args.refit_inputs or args.reconstruct_target != "own":
+            raise GqaPruneError(
+                "--refit-inputs and --reconstruct-target dense apply to dense plans; an expert plan's refit fits "
+                "each cut projection to its own unpruned output"
+            )
+    model = load_model(args.model, dtype=args.dtype, device=args.device if refit else "cpu")
     tokenizer = load_tokenizer(args.model)
+    provenance, sections = {"reconstruction": None}, []
+    if refit:
+        from .data import load_calibration
+        from .expert_reconstruct import refit_expert_plan, summary_line
+
+        blocks, calibration = load_calibration(args.calib)
+        report = refit_expert_plan(model, plan, blocks, args.ridge, args.batch_size)
+        provenance["reconstruction"] = {**report, "calibration": calibration}
+        sections.append(f"## Reconstruction\n\n{summary_line(report)}")
     apply_expert_plan(model, plan)
     source = read_provenance(args.model).get("source", str(args.model))
-    save_pruned(model, tokenizer, plan, args.out, source=source)
+    save_pruned(model.cpu(), tokenizer, plan, args.out, source=source, provenance=provenance, card_sections=sections)
     summary = plan.summary()
+    reconstruction = "refitted by least squares" if refit else "no reconstruction"
+    if args.calib is not None and not plan.cuts_columns:
+        reconstruction += ": the plan cuts no projection's inputs"
     print(
         f"pruned: {plan.params_before:,} -> {plan.params_after:,} parameters ({summary['experts_before']} -> "
-        f"{summary['experts_after']} experts; {'stock' if plan.is_uniform else 'per-layer'} config) -> {args.out}"
+        f"{summary['experts_after']} experts; {'stock' if plan.is_uniform else 'per-layer'} config; "
+        f"{reconstruction}) -> {args.out}"
     )
 
 
@@ -881,7 +899,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--out", required=True, type=Path, help="output folder: the pruned checkpoint")
     prune.add_argument(
         "--calib", type=Path, default=None,
-        help="calibration blocks (from `calib`): refit the kept columns of o_proj/down_proj by least squares",
+        help="calibration blocks (from `calib`): refit the kept columns of o_proj/down_proj by least squares (expert "
+        "plans: o_proj, the shared MLP's output and each expert's down_proj, where the plan cut their inputs)",
     )  # fmt: skip
     prune.add_argument("--no-reconstruct", action="store_true", help="slice only, even with --calib")
     prune.add_argument(

@@ -244,6 +244,29 @@ class ExpertPlan:
             for name in per_layer
         })  # fmt: skip
 
+    def cut_groups(self, layer: int) -> bool:
+        """Whether ``layer`` loses GQA groups (its o_proj loses inputs)."""
+        return self.groups is not None and 0 < len(self.groups[layer]) < self.geometry.kv_groups[layer]
+
+    def cut_shared_channels(self, layer: int) -> bool:
+        """Whether ``layer``'s shared MLP loses channels (its output projection loses inputs)."""
+        shared = self.shared_channels
+        return shared is not None and 0 < len(shared[layer]) < self.geometry.shared_widths[layer]
+
+    def cut_expert_channels(self, layer: int) -> bool:
+        """Whether the kept experts of ``layer`` lose channels (their down_proj loses inputs)."""
+        width = self.geometry.widths[layer]
+        return self.channels is not None and any(len(kept) < width for kept in self.channels[layer])
+
+    @property
+    def cuts_columns(self) -> bool:
+        """Whether any layer the plan keeps loses inputs of an output projection (what a refit can make up for)."""
+        return any(
+            self.cut_groups(layer) or self.cut_shared_channels(layer) or self.cut_expert_channels(layer)
+            for layer in range(self.geometry.num_layers)
+            if layer not in self.removed_layers
+        )
+
     @property
     def is_uniform(self) -> bool:
         """One expert count and width for every MoE layer, one GQA group count for every attention layer and one

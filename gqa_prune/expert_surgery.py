@@ -68,7 +68,7 @@ def _blocks(model: nn.Module, family: MoeFamily, plan: ExpertPlan):
             yield index, family.sparse_block(layer), kept
 
 
-def _group_surgery(model: nn.Module, plan: ExpertPlan) -> tuple[FamilyAdapter, Geometry]:
+def attention_view(model: nn.Module, plan: ExpertPlan) -> tuple[FamilyAdapter, Geometry]:
     """The dense machinery's view of the attention layers, so GQA groups are sliced and masked by the same
     ``gqa_group`` unit kind as in a dense model (a Geometry with no MLP channels: experts are not its units)."""
     geometry = plan.geometry
@@ -118,7 +118,7 @@ def apply_expert_plan(model: nn.Module, plan: ExpertPlan) -> nn.Module:
             if plan.channels is not None:
                 EXPERT_CHANNEL.slice(block, family, plan.channels[index])
         if plan.groups is not None:
-            adapter, attention = _group_surgery(model, plan)
+            adapter, attention = attention_view(model, plan)
             for index, layer, kept in _width_layers(model, plan, plan.groups):
                 GQA_GROUP.slice(layer, adapter, attention, index, kept)
                 _slice_sinks(attention_block(layer), kept, attention.heads_per_group)
@@ -214,16 +214,15 @@ def _silence(block: nn.Module, args, output):
     return torch.zeros_like(output)
 
 
-@contextlib.contextmanager
-def masked_experts(model: nn.Module, plan: ExpertPlan) -> Iterator[nn.Module]:
-    """Reference: within the block, no token of ``model`` is routed to an expert the plan removes, the
-    channels, GQA groups and shared-MLP channels it removes add nothing (their output projections' columns
-    are zeroed, and restored on exit), every sublayer it removes adds nothing (its blocks' outputs are zero)
-    and every layer it removes passes its input on unchanged."""
-    check_expert_plan_fits(plan, model)
+def mask_expert_layer(model: nn.Module, plan: ExpertPlan, index: int) -> tuple[list, list]:
+    """Mask decoder layer ``index`` as ``masked_experts`` does (in place); returns the hook handles to remove
+    and the (parameter, original) pairs whose columns were zeroed."""
     family = moe_family_for(model.config)
+    layer = family.decoder_layers(model)[index]
     handles, saved = [], []
-    for index, block, kept in _blocks(model, family, plan):
+    kept = plan.kept[index]
+    if kept:
+        block = family.sparse_block(layer)
         handles.append(EXPERT.mask(block, family, model.config, kept))
         if plan.channels is not None:
             saved.append((block.experts.down_proj, block.experts.down_proj.detach().clone()))
@@ -233,24 +232,37 @@ def masked_experts(model: nn.Module, plan: ExpertPlan) -> Iterator[nn.Module]:
                 per_expert[expert] = channels
             with torch.no_grad():
                 EXPERT_CHANNEL.mask(block, family, per_expert)
-    if plan.groups is not None:
-        adapter, attention = _group_surgery(model, plan)
-        for _, layer, kept in _width_layers(model, plan, plan.groups):
-            o_proj = attention_block(layer).o_proj.weight
-            saved.append((o_proj, o_proj.detach().clone()))
-            with torch.no_grad():
-                GQA_GROUP.mask(layer, adapter, attention, kept)
-    for _, layer, kept in _width_layers(model, plan, plan.shared_channels):
+    if plan.groups is not None and plan.groups[index]:
+        adapter, attention = attention_view(model, plan)
+        o_proj = attention_block(layer).o_proj.weight
+        saved.append((o_proj, o_proj.detach().clone()))
+        with torch.no_grad():
+            GQA_GROUP.mask(layer, adapter, attention, plan.groups[index])
+    if plan.shared_channels is not None and plan.shared_channels[index]:
         output = family.shared_mlp.output(family.shared_mlp.module(layer)).weight
         saved.append((output, output.detach().clone()))
         with torch.no_grad():
-            SHARED_CHANNEL.mask(layer, family, kept)
-    for index in plan.removed_layers:
-        handles.append(family.decoder_layers(model)[index].register_forward_hook(_bypass, with_kwargs=True))
-    for index, name in plan.removed_sublayers:
-        layer = family.decoder_layers(model)[index]
+            SHARED_CHANNEL.mask(layer, family, plan.shared_channels[index])
+    if index in plan.removed_layers:
+        handles.append(layer.register_forward_hook(_bypass, with_kwargs=True))
+    for _, name in (removed for removed in plan.removed_sublayers if removed[0] == index):
         blocks = [getattr(layer, attribute) for attribute in sublayer_parts(family, name)[:-1]]  # the norm stays
         handles += [block.register_forward_hook(_silence) for block in blocks if block is not None]
+    return handles, saved
+
+
+@contextlib.contextmanager
+def masked_experts(model: nn.Module, plan: ExpertPlan) -> Iterator[nn.Module]:
+    """Reference: within the block, no token of ``model`` is routed to an expert the plan removes, the
+    channels, GQA groups and shared-MLP channels it removes add nothing (their output projections' columns
+    are zeroed, and restored on exit), every sublayer it removes adds nothing (its blocks' outputs are zero)
+    and every layer it removes passes its input on unchanged."""
+    check_expert_plan_fits(plan, model)
+    handles, saved = [], []
+    for index in range(plan.geometry.num_layers):
+        layer_handles, layer_saved = mask_expert_layer(model, plan, index)
+        handles += layer_handles
+        saved += layer_saved
     try:
         yield model
     finally:

@@ -74,6 +74,7 @@ def workspace(tmp_path_factory, tiny_tokenizer) -> Path:
     moe_scores = score_experts(copy.deepcopy(moe), blocks[:2])
     expert_scores.save(moe_scores, root / "moe-importance")
     build_expert_plan(moe_scores, ExpertPlanSettings(0.5)).save(root / "moe-plan.json")
+    build_expert_plan(moe_scores, ExpertPlanSettings(0.5, width_ratio=0.5)).save(root / "moe-width-plan.json")
     PhimoeForCausalLM(PhimoeConfig(**_TINY_PHIMOE, vocab_size=len(tiny_tokenizer))).save_pretrained(root / "phimoe")
     tiny_tokenizer.save_pretrained(root / "phimoe")
     (root / "bad-utf8.txt").write_bytes(b"caf\xe9 au lait\n\nsecond document\n")
@@ -308,7 +309,7 @@ CASES = [
     ("expert plan with an expert out of range", lambda w, o: ["prune", "--model", w / "moe", "--plan", _plan_with(w, "e2.json", lambda d: d["kept_experts"].__setitem__(2, [0, 1, 9]), "moe-plan.json"), "--out", o], "layer 2: kept experts must be sorted, unique indices in 0..5"),
     ("expert plan on a dense model", lambda w, o: ["prune", "--model", w / "model", "--plan", w / "moe-plan.json", "--out", o], "'llama' has no mixture-of-experts layers"),
     ("dense plan on a MoE model", lambda w, o: ["prune", "--model", w / "moe", "--plan", w / "plan.json", "--out", o], "'mixtral' is a mixture of experts"),
-    ("expert plan with --calib", lambda w, o: ["prune", "--model", w / "moe", "--plan", w / "moe-plan.json", "--calib", w / "calib.safetensors", "--out", o], "--calib: an expert plan removes whole experts"),
+    ("the full sequential refit on an expert plan", lambda w, o: ["prune", "--model", w / "moe", "--plan", w / "moe-width-plan.json", "--calib", w / "calib.safetensors", "--refit-inputs", "--out", o], "--refit-inputs and --reconstruct-target dense apply to dense plans"),
     ("quantize a mixture of experts with a kernel that crashed on experts", lambda w, o: ["quantize", "--model", w / "moe", "--method", "rtn", "--bits", "8", "--group-size", "16", "--kernel", "torch_int8", "--out", o], "kernel torch_int8 does not run quantized experts here"),
     ("export-gguf a mixture of experts llama.cpp's graphs do not cover", lambda w, o: ["export-gguf", "--model", w / "gpt-oss", "--out", str(o) + ".gguf"], "GGUF export of gpt_oss mixtures of experts is refused: llama.cpp's gpt-oss rounds YaRN's correction range to whole dimensions, the Hugging Face model does not (rope_parameters.truncate: false), so every position's rotation and the logits would differ; exportable: mixtral, qwen2_moe, qwen3_moe, olmoe, granitemoehybrid"),
     ("aggregate manifest without variants", lambda w, o: ["aggregate", "--manifest", '{"model": "tiny"}', "--csv", o], "must be a JSON object with 'model' and a list of 'variants'"),

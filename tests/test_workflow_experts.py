@@ -1,7 +1,7 @@
 """The workflow on a mixture of experts, run for real on a tiny Qwen2-MoE (a shared expert, a dense MLP layer):
 one importance pass for every expert criterion, expert plans (with half the GQA groups and shared-expert
-channels) in the grid, prune without a refit, LoRA recovery of the experts, INT8 quantization (kernel auto:
-torch on experts), evaluation and the table."""
+channels) in the grid, prune with the least-squares refit of what they cut, LoRA recovery of the experts, INT8
+quantization (kernel auto: torch on experts), evaluation and the table."""
 
 from __future__ import annotations
 
@@ -43,7 +43,9 @@ def test_the_workflow_prunes_recovers_and_tabulates_experts(tmp_path, bpe_tokeni
         "--expert-ratio 0.5 --expert-criterion reap --experts uniform --expert-channel-ratio 0.25 --ratio 0.5" in plan
     )
     prune = [line for line in dry.splitlines() if " prune --model " in line]
-    assert len(prune) == 2 and not any("--calib" in line for line in prune)
+    # the plans cut GQA groups and channels: refit, with the ridge and batch size only
+    assert len(prune) == 2 and all("--calib" in line and "--ridge 0.3" in line for line in prune), prune
+    assert not any("--select" in line or "--reconstruct-target" in line for line in prune)
     assert "--router trainable" in next(line for line in dry.splitlines() if " recover --model " in line)
 
     config["plans"]["experts"]["criteria"] = ["reap"]  # the real run: one criterion (the dry run showed the sharing)

@@ -346,8 +346,23 @@ def importance_dir(model: str, variant: str) -> str:
 
 
 def refits(variant: str) -> bool:
-    """Whether prune refits the variant by least squares (reconstruction on; expert plans have nothing to refit)."""
-    return RECONSTRUCTION["enabled"] and parse_variant(variant)["mode"] != EXPERTS_MODE
+    """Whether prune refits the variant by least squares: reconstruction on, and for an expert plan only where
+    its settings cut inputs of output projections (GQA groups, shared or expert channels)."""
+    if parse_variant(variant)["mode"] == EXPERTS_MODE:
+        cuts = EXPERT_PLANS["width_ratio"] > 0 or EXPERT_PLANS["channel_ratio"] > 0
+        return RECONSTRUCTION["enabled"] and cuts
+    return RECONSTRUCTION["enabled"]
+
+
+def prune_refit_args(variant: str) -> str:
+    """The refit's flags for one variant's prune: an expert plan's refit takes only the ridge and batch size
+    (it fits each cut projection to its own unpruned output, keeping the plan's units)."""
+    if not refits(variant):
+        return ""
+    if parse_variant(variant)["mode"] == EXPERTS_MODE:
+        settings = reconstruction_settings()
+        return cli_flags({"--ridge": settings.ridge, "--batch-size": settings.batch_size})
+    return reconstruction_args()
 
 
 # ------------------------------------------------------------------------------------------ job settings

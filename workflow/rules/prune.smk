@@ -1,6 +1,6 @@
 # dense model + plan -> pruned/<variant>/: an HF checkpoint, physically smaller, its surviving output
 # projections refit by least squares on the calibration blocks (reconstruction; on the GPU with cuda). Expert
-# plans remove whole experts and channels: nothing to refit, no calibration blocks.
+# plans are refit where they cut GQA groups or channels; whole experts leave nothing to refit.
 rule prune:
     input:
         model=STAGED,
@@ -11,7 +11,7 @@ rule prune:
     params:
         dtype=config["model"]["dtype"],
         device=config["device"],
-        reconstruction=lambda wildcards: reconstruction_args() if refits(wildcards.variant) else "",
+        reconstruction=lambda wildcards: prune_refit_args(wildcards.variant),
         calib=lambda wildcards, input: f"--calib {input.calib}" if refits(wildcards.variant) else "",
     log:
         f"{RESULTS}/logs/prune/{{variant}}.log",

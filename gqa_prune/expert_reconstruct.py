@@ -1,0 +1,194 @@
+"""Least-squares refit after an expert plan's width removals: what ``reconstruct`` does for dense models, for
+the output projections of a mixture of experts whose inputs the plan cut.
+
+Layer by layer, on the activations of the model masked and refit so far, each projection's kept columns are
+refit by ridge least squares (``reconstruct.refit_columns``) so that it reproduces the unpruned projection's
+output on the same inputs:
+
+- ``o_proj`` after GQA groups went (its inputs: every query head's output);
+- the shared expert's / shared MLP's output projection after shared channels went;
+- each kept expert's down columns after expert channels went, on the tokens routed to that expert, each
+  weighted by its squared gate (the layer adds ``gate x expert output``, so that is the layer's own error).
+
+Whole experts are not refit (the router renormalises over the kept ones); a plan without groups or channels
+changes nothing. The weights stay in the model's own tensors (removed columns zero), so ``apply_expert_plan``
+afterwards slices refit weights. Grams are float64; one layer's exist at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .blocks import check_blocks
+from .errors import GqaPruneError
+from .expert_plan import ExpertPlan
+from .expert_surgery import attention_view, check_expert_plan_fits, mask_expert_layer
+from .moe import MoeFamily, attention_block, moe_family_for
+from .passes import OUTPUT_ROLE, capture_layer_inputs, run_layer
+from .reconstruct import output_error, refit_columns
+from .units.gqa_group import GQA_GROUP
+
+logger = logging.getLogger(__name__)
+
+
+class _Statistics:
+    """Input Grams of one layer's refit projections, accumulated over the calibration batches by hooks."""
+
+    def __init__(self, experts: dict[int, tuple[int, ...]], family: MoeFamily):
+        self.grams: dict[str, torch.Tensor] = {}
+        self.expert_grams: dict[int, torch.Tensor] = {}
+        self.experts, self.family = experts, family
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        x = x.detach().flatten(0, -2).to(torch.float64)
+        self.grams[name] = self.grams.get(name, 0) + x.T @ x
+
+    def add_experts(self, module: nn.Module, args) -> None:
+        """Pre-hook on the experts module: (hidden states, top-k expert indices, their gates)."""
+        hidden, indices, gates = (arg.detach() for arg in args[:3])
+        hidden, indices, gates = hidden.flatten(0, -2), indices.flatten(0, -2), gates.flatten(0, -2)
+        for expert in self.experts:
+            tokens, slot = (indices == expert).nonzero(as_tuple=True)
+            if not len(tokens):
+                continue
+            activation = self.family.layout.activation(module, expert, hidden[tokens]).to(torch.float64)
+            weighted = activation * gates[tokens, slot].to(torch.float64)[:, None]
+            self.expert_grams[expert] = self.expert_grams.get(expert, 0) + weighted.T @ weighted
+
+
+def _refit_targets(model: nn.Module, plan: ExpertPlan, index: int, layer: nn.Module) -> dict:
+    """What this layer refits: name -> (weight [out, in] view, kept input columns)."""
+    family = moe_family_for(model.config)
+    targets = {}
+    if plan.cut_groups(index):
+        _, attention = attention_view(model, plan)
+        o_proj = attention_block(layer).o_proj
+        kept = GQA_GROUP.kept_indices(OUTPUT_ROLE["attn"], attention, plan.groups[index])
+        targets["o_proj"] = (o_proj.weight, kept)
+    if plan.cut_shared_channels(index):
+        output = family.shared_mlp.output(family.shared_mlp.module(layer))
+        targets["shared_output"] = (output.weight, torch.as_tensor(plan.shared_channels[index]))
+    return targets
+
+
+def _expert_channels(plan: ExpertPlan, index: int) -> dict[int, tuple[int, ...]]:
+    """Kept expert -> its kept channels, where the plan removes channels in this layer."""
+    if not plan.cut_expert_channels(index):
+        return {}
+    width = plan.geometry.widths[index]
+    return {
+        expert: channels for expert, channels in zip(plan.kept[index], plan.channels[index]) if len(channels) < width
+    }
+
+
+def refit_expert_plan(model: nn.Module, plan: ExpertPlan, blocks: torch.Tensor, ridge: float, batch_size: int = 1):
+    """Mask ``plan`` in ``model`` layer by layer and refit the kept columns of the projections it cut (in place);
+    returns a report with each projection's calibration error sliced and refit. Slice afterwards with
+    ``apply_expert_plan``."""
+    check_expert_plan_fits(plan, model)
+    check_blocks(model, blocks)
+    if not ridge > 0:
+        raise GqaPruneError(f"--ridge must be > 0, got {ridge}")
+    family = moe_family_for(model.config)
+    layers = family.decoder_layers(model)
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    captured = capture_layer_inputs(model, layers, list(blocks.split(batch_size)), device)
+    report, handles = [], []
+    try:
+        for index, layer in enumerate(tqdm(layers, desc="refit experts", unit="layer")):
+            targets = _refit_targets(model, plan, index, layer)
+            channels = _expert_channels(plan, index)
+            originals = {name: weight.detach().clone() for name, (weight, _) in targets.items()}
+            block = family.sparse_block(layer)
+            expert_originals = {e: family.layout.down_columns(block.experts, e).detach().clone() for e in channels}
+            layer_handles, _ = mask_expert_layer(model, plan, index)
+            handles += layer_handles
+            entry = {"layer": index}
+            if (targets or channels) and index not in plan.removed_layers:
+                statistics = _Statistics(channels, family)
+                hooks = [
+                    weight_owner.register_forward_pre_hook(lambda m, args, name=name: statistics.add(name, args[0]))
+                    for name, weight_owner in _owners(layer, family, targets).items()
+                ]
+                if channels:
+                    hooks.append(block.experts.register_forward_pre_hook(statistics.add_experts))
+                try:
+                    with torch.no_grad():
+                        for hidden, kwargs in zip(captured.hidden, captured.kwargs):
+                            run_layer(layer, hidden, kwargs)
+                finally:
+                    for hook in hooks:
+                        hook.remove()
+                for name, (weight, kept) in targets.items():
+                    entry[name] = _refit(weight, originals[name], statistics.grams[name], kept, ridge, index, name)
+                for expert, kept_channels in channels.items():
+                    gram = statistics.expert_grams.get(expert)
+                    if gram is None:  # no calibration token reached it: its kept columns stay as they were
+                        continue
+                    columns = family.layout.down_columns(block.experts, expert)
+                    entry[f"expert {expert}"] = _refit(
+                        columns, expert_originals[expert], gram, torch.as_tensor(kept_channels), ridge, index, "expert"
+                    )
+            with torch.no_grad():
+                captured.hidden = [run_layer(layer, h, k) for h, k in zip(captured.hidden, captured.kwargs)]
+            report.append(entry)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {"ridge": ridge, "calibration_tokens": int(blocks.numel()), "seconds": time.perf_counter() - start,
+            "layers": report}  # fmt: skip
+
+
+def _owners(layer: nn.Module, family: MoeFamily, targets: dict) -> dict[str, nn.Module]:
+    owners = {}
+    if "o_proj" in targets:
+        owners["o_proj"] = attention_block(layer).o_proj
+    if "shared_output" in targets:
+        owners["shared_output"] = family.shared_mlp.output(family.shared_mlp.module(layer))
+    return owners
+
+
+def _refit(
+    weight: torch.Tensor, original: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, ridge: float, index, name
+) -> dict:
+    """Write the ridge refit of ``original``'s kept columns into ``weight`` (a view; removed columns stay zero)."""
+    kept = kept.to(gram.device)
+    original = original.to(torch.float64)
+    try:
+        refit = refit_columns(original, gram, kept, ridge)
+    except torch.linalg.LinAlgError as error:
+        raise GqaPruneError(f"layer {index} {name}: the refit failed ({error}); try a larger --ridge") from error
+    with torch.no_grad():
+        weight[:, kept] = refit.to(weight.dtype)
+    return {
+        "sliced_error": output_error(original, original[:, kept], gram, kept),
+        "refit_error": output_error(original, refit, gram, kept),
+    }
+
+
+def summary_line(report: dict) -> str:
+    """One paragraph for a model card: what was refit and how much the calibration error fell."""
+    totals: dict[str, list[float]] = {}
+    for entry in report["layers"]:
+        for name, errors in entry.items():
+            if name == "layer":
+                continue
+            kind = "expert down_proj" if name.startswith("expert ") else name
+            total = totals.setdefault(kind, [0.0, 0.0])
+            total[0] += errors["sliced_error"]
+            total[1] += errors["refit_error"]
+    parts = [
+        f"{name}: {after / before:.1%} of the sliced model's output error"
+        for name, (before, after) in totals.items()
+        if before > 0
+    ]
+    return (
+        f"The projections whose inputs the plan cut were refit by ridge least squares (ridge {report['ridge']}) on "
+        f"{report['calibration_tokens']:,} calibration tokens, layer by layer: {'; '.join(parts) or 'nothing cut'}."
+    )
