@@ -237,24 +237,15 @@ def main() -> None:
                     None,
                 )
             channel = args.expert_channel_ratio
-            if channel and not args.width_per_layer:
-                options = {"channel_ratio": channel, "channel_multiple": args.channel_multiple}
-                for refit in (False, True) if args.refit else (False,):
-                    add(
-                        f"reap (uniform), {ratio:.0%} of experts + {width:.0%} of GQA groups and shared channels + "
-                        f"{channel:.0%} of expert channels removed" + (", refit" if refit else ""),
-                        lambda: pruned(ratio, "reap", "uniform", width, refit, **options),
-                        str(kept),
-                    )
+            options = {"channel_ratio": channel, "channel_multiple": args.channel_multiple}
+            for refit in (False, True) if channel and args.refit else (False,) if channel else ():
+                add(
+                    f"reap (uniform), {ratio:.0%} of experts + {width:.0%} of GQA groups and shared channels + "
+                    f"{channel:.0%} of expert channels removed" + (", refit" if refit else ""),
+                    lambda: pruned(ratio, "reap", "uniform", width, refit, **options),
+                    str(kept),
+                )
             if channel and args.width_per_layer:
-                options = {"channel_ratio": channel, "channel_multiple": args.channel_multiple}
-                for refit in (False, True) if args.refit else (False,):
-                    add(
-                        f"reap (uniform), {ratio:.0%} of experts + {width:.0%} of GQA groups and shared channels + "
-                        f"{channel:.0%} of expert channels removed" + (", refit" if refit else ""),
-                        lambda: pruned(ratio, "reap", "uniform", width, refit, **options),
-                        str(kept),
-                    )
                 add(
                     f"reap (per-layer: experts, expert channels, groups, shared channels, layers and sublayers priced "
                     f"together), as much removed as {ratio:.0%} of experts + {width:.0%} of GQA groups and shared "
