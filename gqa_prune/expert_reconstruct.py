@@ -62,17 +62,16 @@ class _Statistics:
 
 
 def _refit_targets(model: nn.Module, plan: ExpertPlan, index: int, layer: nn.Module) -> dict:
-    """What this layer refits: name -> (weight [out, in] view, kept input columns)."""
+    """What this layer refits: name -> (the linear layer, its kept input columns)."""
     family = moe_family_for(model.config)
     targets = {}
     if plan.cut_groups(index):
         _, attention = attention_view(model, plan)
-        o_proj = attention_block(layer).o_proj
         kept = GQA_GROUP.kept_indices(OUTPUT_ROLE["attn"], attention, plan.groups[index])
-        targets["o_proj"] = (o_proj.weight, kept)
+        targets["o_proj"] = (attention_block(layer).o_proj, kept)
     if plan.cut_shared_channels(index):
         output = family.shared_mlp.output(family.shared_mlp.module(layer))
-        targets["shared_output"] = (output.weight, torch.as_tensor(plan.shared_channels[index]))
+        targets["shared_output"] = (output, torch.as_tensor(plan.shared_channels[index]))
     return targets
 
 
@@ -104,7 +103,7 @@ def refit_expert_plan(model: nn.Module, plan: ExpertPlan, blocks: torch.Tensor, 
         for index, layer in enumerate(tqdm(layers, desc="refit experts", unit="layer")):
             targets = _refit_targets(model, plan, index, layer)
             channels = _expert_channels(plan, index)
-            originals = {name: weight.detach().clone() for name, (weight, _) in targets.items()}
+            originals = {name: linear.weight.detach().clone() for name, (linear, _) in targets.items()}
             block = family.sparse_block(layer)
             expert_originals = {e: family.layout.down_columns(block.experts, e).detach().clone() for e in channels}
             layer_handles, _ = mask_expert_layer(model, plan, index)
@@ -113,8 +112,8 @@ def refit_expert_plan(model: nn.Module, plan: ExpertPlan, blocks: torch.Tensor, 
             if (targets or channels) and index not in plan.removed_layers:
                 statistics = _Statistics(channels, family)
                 hooks = [
-                    weight_owner.register_forward_pre_hook(lambda m, args, name=name: statistics.add(name, args[0]))
-                    for name, weight_owner in _owners(layer, family, targets).items()
+                    linear.register_forward_pre_hook(lambda m, args, name=name: statistics.add(name, args[0]))
+                    for name, (linear, _) in targets.items()
                 ]
                 if channels:
                     hooks.append(block.experts.register_forward_pre_hook(statistics.add_experts))
@@ -125,8 +124,10 @@ def refit_expert_plan(model: nn.Module, plan: ExpertPlan, blocks: torch.Tensor, 
                 finally:
                     for hook in hooks:
                         hook.remove()
-                for name, (weight, kept) in targets.items():
-                    entry[name] = _refit(weight, originals[name], statistics.grams[name], kept, ridge, index, name)
+                for name, (linear, kept) in targets.items():
+                    entry[name] = _refit(
+                        linear.weight, originals[name], statistics.grams[name], kept, ridge, index, name
+                    )
                 for expert, kept_channels in channels.items():
                     gram = statistics.expert_grams.get(expert)
                     if gram is None:  # no calibration token reached it: its kept columns stay as they were
@@ -143,15 +144,6 @@ def refit_expert_plan(model: nn.Module, plan: ExpertPlan, blocks: torch.Tensor, 
             handle.remove()
     return {"ridge": ridge, "calibration_tokens": int(blocks.numel()), "seconds": time.perf_counter() - start,
             "layers": report}  # fmt: skip
-
-
-def _owners(layer: nn.Module, family: MoeFamily, targets: dict) -> dict[str, nn.Module]:
-    owners = {}
-    if "o_proj" in targets:
-        owners["o_proj"] = attention_block(layer).o_proj
-    if "shared_output" in targets:
-        owners["shared_output"] = family.shared_mlp.output(family.shared_mlp.module(layer))
-    return owners
 
 
 def _refit(

@@ -32,7 +32,7 @@ ROUTERS = ("gate", "router", "shared_expert_gate")  # decoder matrices GPTQ leav
 # fused [experts, ., .] tensors of a mixture of experts: (gate and up, down) by name ending; Granite's stock names
 FUSED_EXPERTS = (("experts.gate_up_proj", "experts.down_proj"), ("input_linear.weight", "output_linear.weight"))
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
-_LAYER_EXPERT = re.compile(r"\.layers\.(\d+)\..*\.experts\.(\d+)\.[^.]+\.qweight$")
+_LAYER_EXPERT = re.compile(r"\.layers\.(\d+)\..*\.experts\.(\d+)\.")  # a per-expert module: layer, expert
 
 
 def _decoder_matrices(model_dir: str | os.PathLike) -> dict[str, dict[str, dict]]:
@@ -87,7 +87,7 @@ def unquantized_projections(source_dir: str | os.PathLike, quantized_dir: str | 
         unquantized = parts.get("weight", parts.get("fused"))  # a quantized layer's float part is its scales
         if unquantized is not None and unquantized["dtype"] in _FLOAT_DTYPES:
             problems.append(f"{module} {unquantized['shape']} is still in float")
-        if match := _LAYER_EXPERT.search(module + ".qweight"):
+        if "qweight" in parts and (match := _LAYER_EXPERT.search(module)):
             quantized_experts.setdefault(match[1], set()).add(match[2])
     for name, parts in _decoder_matrices(source_dir).items():
         if "fused" in parts:
