@@ -204,8 +204,10 @@ def test_uniform_expert_plans_run_in_llama_cpp_with_the_hf_logits(family, bpe_to
     or olmoe, which build q as hidden x hidden) half the GQA groups removed: llama.cpp's native MoE
     architecture computes the Hugging Face model's logits, shared experts, Qwen2-MoE's shared-expert gate and
     GraniteMoeHybrid's Mamba-2 layers and multipliers included."""
-    # llama.cpp's qwen2moe has experts in every layer, its olmoe multi-head attention (k norms of hidden size)
-    extra = {"qwen2_moe": {"mlp_only_layers": []}, "olmoe": {"num_key_value_heads": 4}}.get(family, {})
+    # llama.cpp's qwen2moe has experts in every layer (here with a tied head, which it needs written out), its
+    # olmoe multi-head attention (k norms of hidden size)
+    extra = {"qwen2_moe": {"mlp_only_layers": [], "tie_word_embeddings": True}, "olmoe": {"num_key_value_heads": 4}}
+    extra = extra.get(family, {})
     if family.startswith("granitemoehybrid"):  # Mamba layers 0 and 2, multipliers other than 1 as Granite 4.0-H
         extra = {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.015625,
                  "logits_scaling": 6.0}  # fmt: skip

@@ -35,7 +35,7 @@ from ..moe import attention_block, expert_geometry_of, moe_family_for
 from ..sources import load_model, load_tokenizer, read_provenance, require_model_dir
 from .gguf_file import MARKER_KEY
 from .gguf_vocab import add_vocab
-from .layout import HYBRID_ARCHITECTURE, Block, Layout, expert_layout_for, layout_for
+from .layout import HYBRID_ARCHITECTURE, OUTPUT_REQUIRED, Block, Layout, expert_layout_for, layout_for
 
 logger = logging.getLogger(__name__)
 
@@ -291,7 +291,8 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, float_type: str, metadat
     sink.add("token_embd.weight", model.get_input_embeddings().weight)
     sink.add("output_norm.weight", model.get_submodule("model.norm").weight)
     output = model.get_output_embeddings()
-    if output.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+    tied = output.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    if not tied or layout.architecture in OUTPUT_REQUIRED:  # these llama.cpp graphs have no tied output head
         sink.add("output.weight", output.weight)
     if rope_factors is not None:
         sink.add("rope_freqs.weight", rope_factors)

@@ -135,6 +135,8 @@ MOE_ARCHITECTURES = {
 }
 
 
+# llama.cpp architectures that require an ``output`` tensor (a tied head is written twice for them)
+OUTPUT_REQUIRED = ("qwen2moe", "olmoe")
 # MoE families llama.cpp cannot run exactly, and why (checked against llama.cpp's source)
 UNEXPORTABLE_MOE = {
     "gpt_oss": "llama.cpp's gpt-oss rounds YaRN's correction range to whole dimensions, the Hugging Face model "
