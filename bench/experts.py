@@ -57,6 +57,9 @@ from gqa_prune.moe import expert_geometry_of
 from gqa_prune.passes import frozen, mean_loss
 from gqa_prune.settings import ExpertPlanSettings, ReconstructionSettings
 
+# --refit rows: none, the plan's units refit, units re-chosen by OBS and refit (row label suffixes)
+REFITS = {False: "", "plan": ", refit", "obs": ", refit with units chosen by OBS"}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -80,7 +83,8 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--refit", action="store_true",
-        help="also every uniform width row with the least-squares refit of what the plan cut (prune --calib)",
+        help="also every uniform width row with the least-squares refit of what the plan cut (prune --calib), of "
+        "the plan's units and of units re-chosen by OBS",
     )  # fmt: skip
     parser.add_argument("--channel-multiple", type=int, default=16, help="kept expert widths in multiples of this")
     parser.add_argument("--curve-blocks", type=int, default=2, help="of those blocks, how many the loss curves use")
@@ -202,7 +206,7 @@ def main() -> None:
         plan, model = build_expert_plan(scores(), settings), copy.deepcopy(testbed)
         if refit:
             started = time.perf_counter()
-            refit_expert_plan(model, plan, bench.blocks, ReconstructionSettings().ridge)
+            plan, _ = refit_expert_plan(model, plan, bench.blocks, ReconstructionSettings().ridge, select=refit)
             print(f"refit: {time.perf_counter() - started:.0f} s", flush=True)
         return apply_expert_plan(model, plan)
 
@@ -221,10 +225,10 @@ def main() -> None:
     for width in (float(w) for w in args.width_ratios.split(",") if w):
         for ratio in (0.0, *(float(r) for r in args.ratios.split(","))):
             kept = args.experts - round(ratio * args.experts)
-            for refit in (False, True) if args.refit else (False,):
+            for refit in REFITS if args.refit else (False,):
                 add(
                     f"reap (uniform), {ratio:.0%} of experts + {width:.0%} of GQA groups and shared channels removed"
-                    + (", refit" if refit else ""),
+                    + REFITS[refit],
                     lambda: pruned(ratio, "reap", "uniform", width, refit),
                     str(kept),
                 )
@@ -238,10 +242,10 @@ def main() -> None:
                 )
             channel = args.expert_channel_ratio
             options = {"channel_ratio": channel, "channel_multiple": args.channel_multiple}
-            for refit in (False, True) if channel and args.refit else (False,) if channel else ():
+            for refit in REFITS if channel and args.refit else (False,) if channel else ():
                 add(
                     f"reap (uniform), {ratio:.0%} of experts + {width:.0%} of GQA groups and shared channels + "
-                    f"{channel:.0%} of expert channels removed" + (", refit" if refit else ""),
+                    f"{channel:.0%} of expert channels removed" + REFITS[refit],
                     lambda: pruned(ratio, "reap", "uniform", width, refit, **options),
                     str(kept),
                 )

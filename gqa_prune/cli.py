@@ -322,7 +322,7 @@ def _expert_prune(args: argparse.Namespace, plan) -> None:
         from .expert_reconstruct import refit_expert_plan, summary_line
 
         blocks, calibration = load_calibration(args.calib)
-        report = refit_expert_plan(model, plan, blocks, args.ridge, args.batch_size)
+        plan, report = refit_expert_plan(model, plan, blocks, args.ridge, args.batch_size, args.select)
         provenance["reconstruction"] = {**report, "calibration": calibration}
         sections.append(f"## Reconstruction\n\n{summary_line(report)}")
     apply_expert_plan(model, plan)

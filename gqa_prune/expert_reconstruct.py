@@ -19,19 +19,20 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .blocks import check_blocks
+from .criteria.obs import greedy_obs_keep
 from .errors import GqaPruneError
 from .expert_plan import ExpertPlan
-from .expert_surgery import attention_view, check_expert_plan_fits, mask_expert_layer
+from .expert_surgery import check_expert_plan_fits, mask_expert_layer
 from .moe import MoeFamily, attention_block, moe_family_for
-from .passes import OUTPUT_ROLE, capture_layer_inputs, run_layer
+from .passes import capture_layer_inputs, run_layer
 from .reconstruct import output_error, refit_columns
-from .units.gqa_group import GQA_GROUP
 
 logger = logging.getLogger(__name__)
 
@@ -62,16 +63,16 @@ class _Statistics:
 
 
 def _refit_targets(model: nn.Module, plan: ExpertPlan, index: int, layer: nn.Module) -> dict:
-    """What this layer refits: name -> (the linear layer, its kept input columns)."""
+    """What this layer refits: name -> (the linear layer, its kept units, input columns per unit, units)."""
     family = moe_family_for(model.config)
     targets = {}
     if plan.cut_groups(index):
-        _, attention = attention_view(model, plan)
-        kept = GQA_GROUP.kept_indices(OUTPUT_ROLE["attn"], attention, plan.groups[index])
-        targets["o_proj"] = (attention_block(layer).o_proj, kept)
+        geometry = plan.geometry
+        width = geometry.heads_per_group * geometry.head_dim  # a group's query heads: contiguous o_proj columns
+        targets["o_proj"] = (attention_block(layer).o_proj, plan.groups[index], width, geometry.kv_groups[index])
     if plan.cut_shared_channels(index):
         output = family.shared_mlp.output(family.shared_mlp.module(layer))
-        targets["shared_output"] = (output, torch.as_tensor(plan.shared_channels[index]))
+        targets["shared_output"] = (output, plan.shared_channels[index], 1, plan.geometry.shared_widths[index])
     return targets
 
 
@@ -85,10 +86,14 @@ def _expert_channels(plan: ExpertPlan, index: int) -> dict[int, tuple[int, ...]]
     }
 
 
-def refit_expert_plan(model: nn.Module, plan: ExpertPlan, blocks: torch.Tensor, ridge: float, batch_size: int = 1):
-    """Mask ``plan`` in ``model`` layer by layer and refit the kept columns of the projections it cut (in place);
-    returns a report with each projection's calibration error sliced and refit. Slice afterwards with
-    ``apply_expert_plan``."""
+def refit_expert_plan(
+    model: nn.Module, plan: ExpertPlan, blocks: torch.Tensor, ridge: float, batch_size: int = 1, select: str = "obs"
+) -> tuple[ExpertPlan, dict]:
+    """Mask ``plan`` in ``model`` layer by layer and refit the kept columns of the projections it cut (in place).
+    With ``select="obs"`` each cut projection keeps as many units (GQA groups, shared or expert channels) as the
+    plan says, chosen by greedy structured OBS on the same Gram, as the dense refit does; "plan" keeps the
+    plan's. Returns the plan as applied (slice with ``apply_expert_plan``) and a report with each projection's
+    calibration error sliced and refit."""
     check_expert_plan_fits(plan, model)
     check_blocks(model, blocks)
     if not ridge > 0:
@@ -99,11 +104,14 @@ def refit_expert_plan(model: nn.Module, plan: ExpertPlan, blocks: torch.Tensor, 
     start = time.perf_counter()
     captured = capture_layer_inputs(model, layers, list(blocks.split(batch_size)), device)
     report, handles = [], []
+    groups = list(plan.groups) if plan.groups is not None else None
+    shared = list(plan.shared_channels) if plan.shared_channels is not None else None
+    channels_kept = [list(layer) for layer in plan.channels] if plan.channels is not None else None
     try:
         for index, layer in enumerate(tqdm(layers, desc="refit experts", unit="layer")):
             targets = _refit_targets(model, plan, index, layer)
             channels = _expert_channels(plan, index)
-            originals = {name: linear.weight.detach().clone() for name, (linear, _) in targets.items()}
+            originals = {name: target[0].weight.detach().clone() for name, target in targets.items()}
             block = family.sparse_block(layer)
             expert_originals = {e: family.layout.down_columns(block.experts, e).detach().clone() for e in channels}
             layer_handles, _ = mask_expert_layer(model, plan, index)
@@ -112,8 +120,8 @@ def refit_expert_plan(model: nn.Module, plan: ExpertPlan, blocks: torch.Tensor, 
             if (targets or channels) and index not in plan.removed_layers:
                 statistics = _Statistics(channels, family)
                 hooks = [
-                    linear.register_forward_pre_hook(lambda m, args, name=name: statistics.add(name, args[0]))
-                    for name, (linear, _) in targets.items()
+                    target[0].register_forward_pre_hook(lambda m, args, name=name: statistics.add(name, args[0]))
+                    for name, target in targets.items()
                 ]
                 if channels:
                     hooks.append(block.experts.register_forward_pre_hook(statistics.add_experts))
@@ -124,44 +132,71 @@ def refit_expert_plan(model: nn.Module, plan: ExpertPlan, blocks: torch.Tensor, 
                 finally:
                     for hook in hooks:
                         hook.remove()
-                for name, (linear, kept) in targets.items():
-                    entry[name] = _refit(
-                        linear.weight, originals[name], statistics.grams[name], kept, ridge, index, name
-                    )
+                for name, (linear, units, width, total) in targets.items():
+                    fit = _Fit(originals[name], statistics.grams[name], ridge, index, name)
+                    kept_units, entry[name] = fit.write(linear.weight, fit.choose(units, width, total, select), width)
+                    if name == "o_proj":
+                        groups[index] = kept_units
+                    else:
+                        shared[index] = kept_units
                 for expert, kept_channels in channels.items():
                     gram = statistics.expert_grams.get(expert)
                     if gram is None:  # no calibration token reached it: its kept columns stay as they were
                         continue
+                    fit = _Fit(expert_originals[expert], gram, ridge, index, "expert")
+                    chosen = fit.choose(kept_channels, 1, plan.geometry.widths[index], select)
                     columns = family.layout.down_columns(block.experts, expert)
-                    entry[f"expert {expert}"] = _refit(
-                        columns, expert_originals[expert], gram, torch.as_tensor(kept_channels), ridge, index, "expert"
-                    )
+                    kept_units, entry[f"expert {expert}"] = fit.write(columns, chosen, 1)
+                    channels_kept[index][plan.kept[index].index(expert)] = kept_units
             with torch.no_grad():
                 captured.hidden = [run_layer(layer, h, k) for h, k in zip(captured.hidden, captured.kwargs)]
             report.append(entry)
     finally:
         for handle in handles:
             handle.remove()
-    return {"ridge": ridge, "calibration_tokens": int(blocks.numel()), "seconds": time.perf_counter() - start,
-            "layers": report}  # fmt: skip
+    applied = replace(
+        plan,
+        groups=None if groups is None else tuple(groups),
+        shared_channels=None if shared is None else tuple(shared),
+        channels=None if channels_kept is None else tuple(tuple(layer) for layer in channels_kept),
+    )
+    summary = {"ridge": ridge, "select": select, "calibration_tokens": int(blocks.numel()),
+               "seconds": time.perf_counter() - start, "layers": report}  # fmt: skip
+    return applied, summary
 
 
-def _refit(
-    weight: torch.Tensor, original: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, ridge: float, index, name
-) -> dict:
-    """Write the ridge refit of ``original``'s kept columns into ``weight`` (a view; removed columns stay zero)."""
-    kept = kept.to(gram.device)
-    original = original.to(torch.float64)
-    try:
-        refit = refit_columns(original, gram, kept, ridge)
-    except torch.linalg.LinAlgError as error:
-        raise GqaPruneError(f"layer {index} {name}: the refit failed ({error}); try a larger --ridge") from error
-    with torch.no_grad():
-        weight[:, kept] = refit.to(weight.dtype)
-    return {
-        "sliced_error": output_error(original, original[:, kept], gram, kept),
-        "refit_error": output_error(original, refit, gram, kept),
-    }
+class _Fit:
+    """One projection's refit: its original weight [out, in] and input Gram (float64)."""
+
+    def __init__(self, original: torch.Tensor, gram: torch.Tensor, ridge: float, index: int, name: str):
+        self.original, self.gram = original.to(gram.device, torch.float64), gram
+        self.ridge, self.where = ridge, f"layer {index} {name}"
+
+    def choose(self, units: tuple[int, ...], width: int, total: int, select: str) -> tuple[int, ...]:
+        """The units to keep: the plan's, or as many chosen by greedy structured OBS."""
+        if select != "obs":
+            return tuple(units)
+        try:
+            kept = greedy_obs_keep(self.original, self.gram, width, total - len(units), ridge=self.ridge)
+        except torch.linalg.LinAlgError as error:
+            raise GqaPruneError(f"{self.where}: the OBS choice failed ({error}); try --select plan") from error
+        return tuple(int(unit) for unit in kept)
+
+    def write(self, weight: torch.Tensor, units: tuple[int, ...], width: int) -> tuple[tuple[int, ...], dict]:
+        """Write the ridge refit of the kept units' columns into ``weight`` (a view), zero elsewhere."""
+        kept = torch.as_tensor([unit * width + offset for unit in units for offset in range(width)])
+        kept = kept.to(self.gram.device)
+        try:
+            refit = refit_columns(self.original, self.gram, kept, self.ridge)
+        except torch.linalg.LinAlgError as error:
+            raise GqaPruneError(f"{self.where}: the refit failed ({error}); try a larger --ridge") from error
+        with torch.no_grad():
+            weight.zero_()
+            weight[:, kept] = refit.to(weight.dtype)
+        return units, {
+            "sliced_error": output_error(self.original, self.original[:, kept], self.gram, kept),
+            "refit_error": output_error(self.original, refit, self.gram, kept),
+        }
 
 
 def summary_line(report: dict) -> str:

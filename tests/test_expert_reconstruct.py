@@ -33,25 +33,26 @@ def _logits(model) -> torch.Tensor:
         return model(input_ids=INPUTS).logits
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss", "granitemoehybrid"])
-def test_the_refit_never_raises_an_error_and_the_pruned_model_equals_its_masked_reference(family):
+@pytest.mark.parametrize(("family", "select"), [("qwen2_moe", "obs"), ("gpt_oss", "obs"), ("granitemoehybrid", "plan")])
+def test_the_refit_never_raises_an_error_and_the_pruned_model_equals_its_masked_reference(family, select):
     """GQA groups, shared-MLP channels and expert channels cut (gpt-oss: interleaved experts; Granite: a fused
-    shared MLP beside Mamba layers)."""
+    shared MLP beside Mamba layers), the units chosen by OBS or the plan's."""
     model = tiny_moe(family, intermediate_size=32, moe_intermediate_size=32)
     plan = _plan(model, expert_ratio=0.34, channel_ratio=0.25, width_ratio=0.5)
     refit = copy.deepcopy(model)
-    report = refit_expert_plan(refit, plan, CALIB, ridge=0.3)
+    applied, report = refit_expert_plan(refit, plan, CALIB, ridge=0.3, select=select)
+    assert (applied == plan) == (select == "plan")  # OBS re-chose some units here
     errors = [(entry["layer"], name, values) for entry in report["layers"] for name, values in entry.items()
               if name != "layer"]  # fmt: skip
     names = {name.split(" ")[0] for _, name, _ in errors}
     assert names == ({"o_proj", "expert"} | ({"shared_output"} if family != "gpt_oss" else set())), names
     assert all(values["refit_error"] <= values["sliced_error"] * (1 + 1e-9) for _, _, values in errors), errors
     assert any(values["refit_error"] < 0.99 * values["sliced_error"] for _, _, values in errors)
-    with masked_experts(refit, plan):
+    with masked_experts(refit, applied):
         reference = _logits(refit)
-    pruned = apply_expert_plan(copy.deepcopy(refit), plan)
+    pruned = apply_expert_plan(copy.deepcopy(refit), applied)
     torch.testing.assert_close(_logits(pruned), reference, rtol=0, atol=1e-5)
-    with masked_experts(model, plan):  # the refit changed what the pruned model computes
+    with masked_experts(model, applied):  # the refit changed what the pruned model computes
         assert (_logits(model) - reference).abs().max() > 1e-3
 
 
@@ -60,8 +61,8 @@ def test_a_plan_that_cuts_no_inputs_changes_nothing():
     plan = _plan(model, expert_ratio=0.5)
     assert not plan.cuts_columns
     refit = copy.deepcopy(model)
-    report = refit_expert_plan(refit, plan, CALIB, ridge=0.3)
-    assert all(set(entry) == {"layer"} for entry in report["layers"])
+    applied, report = refit_expert_plan(refit, plan, CALIB, ridge=0.3)
+    assert applied == plan and all(set(entry) == {"layer"} for entry in report["layers"])
     for (name, before), after in zip(model.state_dict().items(), refit.state_dict().values()):
         assert torch.equal(before, after), name
 

@@ -43,9 +43,9 @@ def test_the_workflow_prunes_recovers_and_tabulates_experts(tmp_path, bpe_tokeni
         "--expert-ratio 0.5 --expert-criterion reap --experts uniform --expert-channel-ratio 0.25 --ratio 0.5" in plan
     )
     prune = [line for line in dry.splitlines() if " prune --model " in line]
-    # the plans cut GQA groups and channels: refit, with the ridge and batch size only
-    assert len(prune) == 2 and all("--calib" in line and "--ridge 0.3" in line for line in prune), prune
-    assert not any("--select" in line or "--reconstruct-target" in line for line in prune)
+    # the plans cut GQA groups and channels: refit, with the ridge, the choice of units and the batch size only
+    assert len(prune) == 2 and all("--calib" in line and "--ridge 0.3 --select obs" in line for line in prune), prune
+    assert not any("--reconstruct-target" in line or "--refit-inputs" in line for line in prune)
     assert "--router trainable" in next(line for line in dry.splitlines() if " recover --model " in line)
 
     config["plans"]["experts"]["criteria"] = ["reap"]  # the real run: one criterion (the dry run showed the sharing)

@@ -355,13 +355,13 @@ def refits(variant: str) -> bool:
 
 
 def prune_refit_args(variant: str) -> str:
-    """The refit's flags for one variant's prune: an expert plan's refit takes only the ridge and batch size
-    (it fits each cut projection to its own unpruned output, keeping the plan's units)."""
+    """The refit's flags for one variant's prune: an expert plan's refit takes the ridge, the choice of units
+    and the batch size (it fits each cut projection to its own unpruned output)."""
     if not refits(variant):
         return ""
     if parse_variant(variant)["mode"] == EXPERTS_MODE:
         settings = reconstruction_settings()
-        return cli_flags({"--ridge": settings.ridge, "--batch-size": settings.batch_size})
+        return cli_flags({"--ridge": settings.ridge, "--select": settings.select, "--batch-size": settings.batch_size})
     return reconstruction_args()
 
 
