@@ -33,6 +33,7 @@ from .expert_surgery import check_expert_plan_fits, mask_expert_layer
 from .moe import MoeFamily, attention_block, moe_family_for
 from .passes import capture_layer_inputs, run_layer
 from .reconstruct import output_error, refit_columns
+from .settings import ReconstructionSettings
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +97,7 @@ def refit_expert_plan(
     calibration error sliced and refit."""
     check_expert_plan_fits(plan, model)
     check_blocks(model, blocks)
-    if not ridge > 0:
-        raise GqaPruneError(f"--ridge must be > 0, got {ridge}")
+    ReconstructionSettings(ridge=ridge, select=select, batch_size=batch_size).validate()  # the dense refit's rules
     family = moe_family_for(model.config)
     layers = family.decoder_layers(model)
     device = next(model.parameters()).device

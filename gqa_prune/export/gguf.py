@@ -194,13 +194,13 @@ def _add_expert_block_tensors(sink: _TensorSink, model: nn.Module, layout: Layou
     sink.add(f"{prefix}.ffn_up_exps.weight", up)
     sink.add(f"{prefix}.ffn_down_exps.weight", sparse.experts.down_proj)  # [E, H, I]
     if layout.experts.shared_width:
-        shared = family.shared_mlp.module(layer)
-        if family.shared_mlp.fused:  # Granite's shared MLP: input_linear holds the gate rows, then the up rows
-            gate, up = shared.input_linear.weight.chunk(2, dim=0)
-            down = shared.output_linear.weight
-        else:  # Qwen2-MoE's shared expert, with its own sigmoid gate
-            gate, up, down = shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight
+        shared_mlp = family.shared_mlp
+        shared = shared_mlp.module(layer)
+        inputs = [linear.weight for linear in shared_mlp.inputs(shared)]
+        gate, up = inputs[0].chunk(2, dim=0) if shared_mlp.fused else inputs  # fused: the gate rows, then the up rows
+        if not shared_mlp.fused:  # Qwen2-MoE's shared expert has its own sigmoid gate
             sink.add(f"{prefix}.ffn_gate_inp_shexp.weight", sparse.shared_expert_gate.weight.flatten())
+        down = shared_mlp.output(shared).weight
         for name, tensor in (("ffn_gate_shexp", gate), ("ffn_up_shexp", up), ("ffn_down_shexp", down)):
             sink.add(f"{prefix}.{name}.weight", tensor)
 
