@@ -4,7 +4,8 @@ ratio from bench/quality.py's cached scores (8 x 2048 C4 tokens), then the refit
 
     python bench/levers.py [--ratio 0.2] [--settings "recon=0;alpha=0,channel_multiple=32,blocks=32;ridge=0.3"]
 
-A setting is ';'-joined key=value pairs: plan settings (``alpha``, ``strategy``, ``channel_multiple``),
+A setting is ';'-joined key=value pairs: plan settings (``alpha``, ``strategy``, ``channel_multiple``,
+``max_rate``, ``min_rate``, ``layer_criterion``),
 reconstruction settings (``ridge``, ``target``, ``select``; ``recon=0`` slices only) and ``blocks`` (how many
 C4 blocks of 2048 tokens, seed 0, the refit sees; 8 by default, the first 8 are the scores' blocks). The refit
 keeps the plan's units (``select=plan``) unless the setting says ``select=obs`` (the CLI default), at ridge 1.0
@@ -27,7 +28,14 @@ from gqa_prune.planning import PlanSettings, build_plan
 from gqa_prune.reconstruct import ReconstructionSettings, reconstruct
 from gqa_prune.surgery import apply_plan
 
-PLAN_KEYS = {"alpha": float, "strategy": str, "channel_multiple": int}
+PLAN_KEYS = {
+    "alpha": float,
+    "strategy": str,
+    "channel_multiple": int,
+    "max_rate": float,
+    "min_rate": float,
+    "layer_criterion": str,
+}
 REFIT_KEYS = {"ridge": float, "target": str, "select": str}
 DEFAULT_SETTINGS = ",".join(
     ["recon=0", "recon=0;alpha=0", "recon=0;alpha=2", "recon=0;channel_multiple=32", "channel_multiple=32"]
