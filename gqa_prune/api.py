@@ -8,7 +8,7 @@ on folders. Exported from the package (``gqa_prune.score`` ...) lazily, so ``imp
     plan = gqa_prune.plan(scores, ratio=0.2)
     model = gqa_prune.prune(model, plan, calib=calib_blocks)
     model = gqa_prune.recover(model, train_blocks, steps=50)
-    print(gqa_prune.evaluate(model, eval_ids).perplexity)
+    perplexity = gqa_prune.evaluate(model, eval_ids).perplexity
 """
 
 from __future__ import annotations
